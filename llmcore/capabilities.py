@@ -1,0 +1,86 @@
+"""What a device can do, as data.
+
+A plugin's probe answers with a :class:`DeviceProbe` that carries a score and
+:class:`Capabilities`. The engine validates a configuration against the
+capabilities *before* any weight is loaded, so an unsupported combination is
+one clear error instead of a stack trace deep in a vendor SDK.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+KV_PAGED = "paged"  # fixed-size blocks, block tables, any sequence in any slot
+KV_FIXED_SLOTS = "fixed-slots"  # one preallocated region per batch slot (static graphs)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """Static facts about a device that decide what the engine may ask of it.
+
+    Optional members carry a default that states the conservative answer, so a
+    plugin written against an older contract still describes itself correctly.
+    """
+
+    dtypes: tuple[str, ...] = ("float32",)
+    default_dtype: str = "float32"
+    quantization: tuple[str, ...] = ()
+    kv_layout: str = KV_PAGED
+    needs_compile: bool = False
+    static_shapes: bool = False
+    # Bytes usable for weights + KV on one device (one core for Neuron); None = unknown.
+    memory_bytes: int | None = None
+    device_count: int = 1
+    tensor_parallel: bool = False
+    max_batch_size: int | None = None
+    max_seq_len: int | None = None
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kv_layout not in (KV_PAGED, KV_FIXED_SLOTS):
+            raise ValueError(
+                f"kv_layout={self.kv_layout!r} is not one of {KV_PAGED!r}, {KV_FIXED_SLOTS!r}"
+            )
+        if self.default_dtype not in self.dtypes:
+            raise ValueError(
+                f"default_dtype={self.default_dtype!r} is not in dtypes={self.dtypes!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProbe:
+    """A plugin's answer to "can you run here, and how well?".
+
+    ``score`` 0 means unusable; ``reason`` then says why in words a user can act
+    on (driver missing, SDK not installed, no device found) and ``hint`` says
+    what would fix it. Higher scores win automatic selection.
+    """
+
+    name: str
+    score: int
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    reason: str = ""
+    hint: str = ""
+    description: str = ""  # e.g. "NVIDIA H100 80GB (sm_90)", "2-core x86_64 CPU"
+    plugin_version: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.score > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "name": self.name,
+            "score": self.score,
+            "usable": self.usable,
+            "reason": self.reason,
+            "hint": self.hint,
+            "description": self.description,
+            "plugin_version": self.plugin_version,
+        }
+        out["capabilities"] = self.capabilities.to_dict()
+        return out

@@ -1,0 +1,80 @@
+"""Engine configuration: what the user asked for, validated early."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmcore.errors import ConfigError
+
+DTYPE_ALIASES = {
+    "auto": "auto",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
+
+
+def normalize_dtype(dtype: str) -> str:
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in DTYPE_ALIASES:
+        raise ConfigError(
+            "dtype", dtype, "is not a known dtype", "Use one of: auto, float32, bfloat16, float16"
+        )
+    return DTYPE_ALIASES[key]
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Settings for one :class:`~llmcore.Engine`.
+
+    ``None`` means "decide from the model and device" and the decision is
+    logged; nothing the user set explicitly is ever changed silently.
+    """
+
+    model: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    quantization: str | None = None
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None  # bytes for KV; None = device's policy
+    gpu_memory_utilization: float = 0.90
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    compiled: str | None = None  # a compile-cache key or entry path
+    enforce_eager: bool = False
+    num_threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dtype = normalize_dtype(self.dtype)
+        for name in ("max_num_seqs", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(name, value, "must be a positive integer")
+        if self.block_size & (self.block_size - 1):
+            raise ConfigError(
+                "block_size", self.block_size, "must be a power of two", "Use 16 (default) or 32"
+            )
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError("max_model_len", self.max_model_len, "must be a positive integer")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ConfigError("num_kv_blocks", self.num_kv_blocks, "must be a positive integer")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
+            raise ConfigError(
+                "max_num_batched_tokens", self.max_num_batched_tokens, "must be a positive integer"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                "gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]"
+            )

@@ -1,0 +1,73 @@
+"""The device object the engine drives, and the runner protocol.
+
+A plugin's ``llmcore_create_device`` returns a :class:`Device`. The engine asks
+it for a runner (the object that owns the model's tensors and executes a
+:class:`~llmcore.engine.batch.ScheduledBatch`) and for its KV-cache budget.
+Devices built on torch eager (cpu, cuda) reuse
+:class:`~llmcore.runtime.runner.TorchModelRunner` with their own attention
+backend; static-graph devices (neuron, rbln) bring their own runner.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from llmcore.capabilities import Capabilities, DeviceProbe
+
+if TYPE_CHECKING:
+    from llmcore.config import EngineConfig
+    from llmcore.engine.batch import SampleResult, ScheduledBatch
+    from llmcore.models.config import ModelConfig
+
+
+class ModelRunner(Protocol):
+    """What the engine calls on every step. Implemented by each device family."""
+
+    block_size: int
+    num_kv_blocks: int
+
+    def kv_bytes_per_block(self) -> int:
+        """Bytes one KV block takes across all layers (sizes the cache)."""
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Allocate ``num_blocks`` KV blocks; called once before the first step."""
+
+    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
+        """Run one step; return a result per scheduled sequence (None if nothing sampled)."""
+
+
+class Device:
+    """Base class for devices. Subclasses implement :meth:`create_runner`.
+
+    Optional members have defaults that state the conservative answer.
+    """
+
+    def __init__(self, probe: DeviceProbe, config: EngineConfig) -> None:
+        self.probe = probe
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.probe.name
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.probe.capabilities
+
+    def resolve_dtype(self, requested: str) -> str:
+        """Turn ``"auto"`` into a concrete dtype; validation already happened."""
+        return self.capabilities.default_dtype if requested == "auto" else requested
+
+    def create_runner(
+        self, model_config: ModelConfig, folder: Path, dtype: str, eos_token_ids: list[int],
+        max_model_len: int,
+    ) -> ModelRunner:
+        raise NotImplementedError(f"device {self.name!r} does not implement create_runner")
+
+    def kv_cache_bytes(self, runner: ModelRunner) -> int | None:
+        """Bytes to give the KV cache after weights are loaded (None: engine default)."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **self.probe.to_dict()}

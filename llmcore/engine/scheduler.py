@@ -1,0 +1,169 @@
+"""Which sequences run this step, and how many of their tokens. Policy only.
+
+Policy (stated because users depend on it):
+
+* **FCFS by arrival.** Running sequences are served first, oldest first, then
+  waiting ones in arrival order; a waiting request never jumps an older one.
+* **Token budget.** Each step computes at most ``max_num_batched_tokens``
+  tokens. Decodes (1 token each) go first, so a long prompt arriving does not
+  stall them; the prompt is prefilled in chunks with what is left (chunked
+  prefill).
+* **Preemption by recompute.** When blocks run out, the most recently arrived
+  running sequence gives up its blocks and returns to the front of the waiting
+  queue with its generated tokens kept; it recomputes them when resumed, so
+  greedy output is unchanged and nothing is lost. The oldest sequence is never
+  preempted for a younger one, so no request starves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from llmcore.engine.batch import ScheduledBatch, ScheduledSeq
+from llmcore.engine.block_manager import BlockManager
+from llmcore.engine.sequence import Sequence, SeqStatus
+
+log = logging.getLogger("llmcore.scheduler")
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+
+    # ----------------------------------------------------------------- queues
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence, after: Sequence) -> None:
+        """Insert a forked sample right after its parent (same arrival)."""
+        seq.status = SeqStatus.RUNNING
+        self.running.insert(self.running.index(after) + 1, seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and free its blocks at once."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        self.bm.free(seq)
+        self._finished_ids.append(f"{seq.request.request_id}:{seq.index}")
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        log.debug("preempted seq %d (%d tokens) to free KV blocks", seq.seq_id, len(seq.token_ids))
+
+    # ---------------------------------------------------------------- schedule
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        copies: list[tuple[int, int]] = []
+        preempted = False
+
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_uncomputed, budget)
+            if num_new <= 0:
+                continue
+            total = seq.num_computed_tokens + num_new
+            while self.bm.blocks_to_grow(seq, total) > self.bm.num_free_blocks:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            copies += self.bm.ensure_slots(seq, total)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+
+        while self.waiting and budget > 0 and not preempted:
+            seq = self.waiting[0]
+            n_seqs = seq.params.n if not seq.request.forked else 1
+            if len(self.running) + n_seqs > self.max_num_seqs and self.running:
+                break
+            # prompt logprobs need every prompt position computed
+            cached = [] if seq.params.prompt_logprobs is not None else self.bm.match_prefix(seq.token_ids)
+            num_cached = len(cached) * self.bm.block_size
+            remaining = len(seq.token_ids) - num_cached
+            num_new = min(remaining, budget)
+            if num_new < remaining and not self.enable_chunked_prefill and scheduled:
+                break
+            total = num_cached + num_new
+            if not self.bm.can_allocate_prompt(total, cached):
+                break
+            self.waiting.popleft()
+            seq.num_cached_tokens = self.bm.allocate_prompt(seq, cached)
+            seq.num_computed_tokens = num_cached
+            copies += self.bm.ensure_slots(seq, total)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+
+        finished, self._finished_ids = self._finished_ids, []
+        return ScheduledBatch(
+            seqs=[self._entry(seq, n) for seq, n in scheduled],
+            block_copies=copies,
+            finished_rng_keys=finished,
+        )
+
+    @staticmethod
+    def _entry(seq: Sequence, num_new: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        end = start + num_new
+        sample = end == len(seq.token_ids)
+        params = seq.params
+        request = seq.request
+        num_samples = params.n if (sample and not request.forked and params.n > 1) else 1
+        indices = range(num_samples) if num_samples > 1 else [seq.index]
+        # one RNG stream per (request, sample): reproducible whatever else is batched
+        seeds = [None if params.seed is None else params.seed + i for i in indices]
+        rng_keys = [f"{request.request_id}:{i}" for i in indices]
+        return ScheduledSeq(
+            seq_id=seq.seq_id,
+            token_ids=seq.token_ids[start:end],
+            start_pos=start,
+            block_table=seq.block_table,
+            params=params,
+            history=seq.token_ids,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            sample=sample,
+            num_samples=num_samples,
+            seeds=seeds,
+            rng_keys=rng_keys,
+            want_prompt_logprobs=(
+                params.prompt_logprobs is not None and start < seq.num_prompt_tokens
+                and seq.index == 0 and not request.forked
+            ),
+        )

@@ -1,0 +1,103 @@
+"""Requests and their sequences (one per sample), as the scheduler sees them."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from llmcore.outputs import Logprob
+from llmcore.sampling_params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One stream of tokens sharing a request's prompt.
+
+    ``num_computed_tokens`` counts tokens whose KV is in the cache. Everything
+    from there to the end of ``token_ids`` is computed by the next steps, which
+    makes prefill, chunked prefill, decode and resume-after-preemption the same
+    operation.
+    """
+
+    request: "Request"
+    index: int
+    token_ids: list[int]
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    num_prompt_tokens: int = 0
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_preemptions: int = 0
+    # detokenized output
+    text: str = ""
+    emitted_text_len: int = 0
+    emitted_tokens: int = 0
+    prefix_offset: int = 0
+    read_offset: int = 0
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def arrival(self) -> tuple[float, int]:
+        return (self.request.arrival_time, self.seq_id)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence] = field(default_factory=list)
+    forked: bool = False
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    aborted: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.seqs:
+            seq = Sequence(self, 0, list(self.prompt_token_ids))
+            seq.num_prompt_tokens = len(self.prompt_token_ids)
+            self.seqs.append(seq)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def finished(self) -> bool:
+        return (self.forked or self.params.n == 1) and all(s.finished for s in self.seqs)

@@ -1,0 +1,209 @@
+"""The model runner for torch devices: the only code that touches tensors.
+
+One instance per engine. It builds the model on the meta device, streams the
+safetensors weights into place (with a progress bar), owns the paged KV cache,
+turns a :class:`~llmcore.engine.batch.ScheduledBatch` into flat tensors and
+attention metadata, runs the forward pass and samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from llmcore.engine.batch import SampleResult, ScheduledBatch
+from llmcore.errors import ModelLoadError
+from llmcore.models import registry
+from llmcore.models.config import ModelConfig
+from llmcore.models.loader import count_tensors, iter_safetensors
+from llmcore.outputs import Logprob
+from llmcore.runtime.attention import AttentionBackend, AttentionMetadata
+from llmcore.runtime.sampler import Sampler
+
+log = logging.getLogger("llmcore.runner")
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TorchModelRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        folder: Path,
+        device: torch.device,
+        dtype: str,
+        backend: AttentionBackend,
+        block_size: int,
+        max_model_len: int,
+        eos_token_ids: list[int],
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.config = model_config
+        self.device = device
+        self.dtype = TORCH_DTYPES[dtype]
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.backend = backend
+        self.model = self._load(folder, progress)
+        self.sampler = Sampler(eos_token_ids, seed, device)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_kv_blocks = 0
+
+    # ------------------------------------------------------------------ set-up
+
+    def _load(self, folder: Path, progress: bool) -> torch.nn.Module:
+        cls = registry.get_architecture(self.config.architecture)
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            model = cls(self.config)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        total = count_tensors(folder)
+        weights = iter_safetensors(folder)
+        if progress:
+            from tqdm.auto import tqdm
+
+            weights = tqdm(weights, total=total, desc="Loading weights", unit="tensor", leave=False)
+        model.load_weights(weights)
+        model.init_rope(self.max_model_len, self.device, self.dtype)
+        model.backend = self.backend
+        model.eval()
+        log.info(
+            "loaded %s (%.1fM params, %s) in %.1f s",
+            self.config.architecture, self.config.num_params() / 1e6, self.dtype, time.perf_counter() - t0,
+        )
+        return model
+
+    def kv_bytes_per_block(self) -> int:
+        return self.config.kv_bytes_per_token(self.dtype.itemsize) * self.block_size
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        cfg = self.config
+        shape = (num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(cfg.num_layers)
+        ]
+        self.num_kv_blocks = num_blocks
+
+    # ---------------------------------------------------------------- execute
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
+        if batch.finished_rng_keys:
+            self.sampler.release(batch.finished_rng_keys)
+        if batch.block_copies:
+            self._copy_blocks(batch.block_copies)
+        if not batch.seqs:
+            return []
+        input_ids, positions, meta, logit_rows = self._prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        results: list[SampleResult | None] = [None] * len(batch.seqs)
+        sample_idx = [i for i, s in enumerate(batch.seqs) if s.sample]
+        if sample_idx:
+            rows = torch.tensor([logit_rows[i] for i in sample_idx], device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
+            entries = [batch.seqs[i] for i in sample_idx]
+            for i, res in zip(sample_idx, self.sampler(logits, entries)):
+                results[i] = res
+        for i, s in enumerate(batch.seqs):
+            if s.want_prompt_logprobs:
+                self._prompt_logprobs(hidden, meta, i, s, results)
+        return results
+
+    def _prepare(self, batch: ScheduledBatch):
+        bs = self.block_size
+        ids: list[int] = []
+        pos_chunks: list[torch.Tensor] = []
+        slot_chunks: list[torch.Tensor] = []
+        starts, qlens, clens, tables, last_rows = [], [], [], [], []
+        offset = 0
+        for s in batch.seqs:
+            n = len(s.token_ids)
+            ids.extend(s.token_ids)
+            pos = torch.arange(s.start_pos, s.start_pos + n)
+            table = torch.tensor(s.block_table, dtype=torch.long)
+            pos_chunks.append(pos)
+            slot_chunks.append(table[pos // bs] * bs + pos % bs)
+            starts.append(offset)
+            qlens.append(n)
+            clens.append(s.start_pos + n)
+            tables.append(list(s.block_table))
+            offset += n
+            last_rows.append(offset - 1)
+        dev = self.device
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev)
+        positions = torch.cat(pos_chunks).to(dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slot_chunks).to(dev),
+            query_starts=starts,
+            query_lens=qlens,
+            context_lens=clens,
+            block_tables=tables,
+            decode_only=all(q == 1 for q in qlens),
+        )
+        if meta.decode_only:
+            width = max(len(t) for t in tables)
+            padded = [t + [0] * (width - len(t)) for t in tables]
+            meta.block_table_tensor = torch.tensor(padded, dtype=torch.long).to(dev)
+            meta.context_lens_tensor = torch.tensor(clens, dtype=torch.long).to(dev)
+        return input_ids, positions, meta, last_rows
+
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        for k, v in self.kv_caches:
+            k.index_copy_(0, dst, k.index_select(0, src))
+            v.index_copy_(0, dst, v.index_select(0, src))
+
+    def _prompt_logprobs(self, hidden, meta, i, s, results) -> None:
+        """Logprob of each prompt token given the tokens before it (this chunk)."""
+        k = s.params.prompt_logprobs or 0
+        qs, ql = meta.query_starts[i], meta.query_lens[i]
+        # position p predicts token p+1; the last prompt position predicts an output token
+        n_pred = min(ql, s.num_prompt_tokens - 1 - s.start_pos)
+        out: list[dict[int, Logprob]] = []
+        if n_pred > 0:
+            logits = self.model.compute_logits(hidden[qs : qs + n_pred]).float()
+            lps = torch.log_softmax(logits, dim=-1)
+            targets = s.history[s.start_pos + 1 : s.start_pos + 1 + n_pred]
+            top = torch.topk(lps, k, dim=-1) if k > 0 else None
+            for r, t in enumerate(targets):
+                d = {t: Logprob(t, float(lps[r, t]))}
+                if top is not None:
+                    for v, j in zip(top.values[r].tolist(), top.indices[r].tolist()):
+                        d.setdefault(j, Logprob(j, v))
+                out.append(d)
+        res = results[i]
+        if res is None:
+            res = results[i] = SampleResult(token_ids=[])
+        res.prompt_logprobs = out
+
+    # ------------------------------------------------------------- embeddings
+
+    @torch.inference_mode()
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        """Mean-pooled last hidden state of ``token_ids`` (no KV cache kept)."""
+        if not token_ids:
+            raise ModelLoadError("cannot embed an empty input")
+        cfg = self.config
+        n = len(token_ids)
+        nblocks = -(-n // self.block_size)
+        shape = (nblocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        scratch = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(cfg.num_layers)
+        ]
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n, device=self.device),
+            query_starts=[0], query_lens=[n], context_lens=[n],
+            block_tables=[list(range(nblocks))],
+        )
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, torch.arange(n, device=self.device), scratch, meta)
+        return hidden.float().mean(dim=0)

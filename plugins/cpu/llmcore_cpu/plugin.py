@@ -1,0 +1,104 @@
+"""CPU plugin: registered through the ``llmcore.plugins`` entry point like any third party.
+
+The probe reads ``/proc/cpuinfo`` and ``/proc/meminfo`` only (no torch import),
+so ``llmcore devices`` answers instantly.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from llmcore import hookimpl
+from llmcore.capabilities import KV_PAGED, Capabilities, DeviceProbe
+from llmcore.device import Device
+from llmcore_cpu import __version__
+
+LLMCORE_CONTRACT_VERSION = 1
+
+# Low on purpose: any usable accelerator outranks the CPU in automatic selection.
+CPU_SCORE = 10
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def fast_bf16() -> bool:
+    """bf16 matmuls are fast (AVX512-BF16 or AMX); otherwise float32 is the default."""
+    flags = _cpu_flags()
+    return bool({"avx512_bf16", "amx_bf16"} & flags) or platform.machine() == "arm64"
+
+
+def capabilities() -> Capabilities:
+    bf16 = fast_bf16()
+    return Capabilities(
+        dtypes=("float32", "bfloat16"),
+        default_dtype="bfloat16" if bf16 else "float32",
+        quantization=(),
+        kv_layout=KV_PAGED,
+        needs_compile=False,
+        static_shapes=False,
+        memory_bytes=_memory_bytes(),
+        device_count=1,
+        notes=(() if bf16 else ("no AVX512-BF16/AMX: bfloat16 works but float32 is faster",)),
+    )
+
+
+@hookimpl
+def llmcore_probe(config):
+    cores = os.cpu_count() or 1
+    return DeviceProbe(
+        name="cpu",
+        score=CPU_SCORE,
+        capabilities=capabilities(),
+        description=f"{cores}-core {platform.machine()} CPU",
+        plugin_version=__version__,
+    )
+
+
+class CpuDevice(Device):
+    def create_runner(self, model_config, folder, dtype, eos_token_ids, max_model_len):
+        import torch
+
+        from llmcore.runtime.attention import TorchPagedAttention
+        from llmcore.runtime.runner import TorchModelRunner
+
+        threads = self.config.num_threads or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+        return TorchModelRunner(
+            model_config, folder, torch.device("cpu"), dtype, TorchPagedAttention(),
+            block_size=self.config.block_size, max_model_len=max_model_len,
+            eos_token_ids=eos_token_ids, seed=self.config.seed,
+        )
+
+    def kv_cache_bytes(self, runner):
+        avail = _memory_bytes() or (8 << 30)
+        return int(min(2 << 30, avail * 0.25))
+
+
+@hookimpl
+def llmcore_create_device(name, config):
+    if name != "cpu":
+        return None
+    return CpuDevice(llmcore_probe(config={}), config)
