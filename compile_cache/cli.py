@@ -132,29 +132,28 @@ def run_cache_command(args: argparse.Namespace) -> int:
 
 
 def _cmd_ls(cache: CompileCache, args: argparse.Namespace) -> int:
-    rows = cache._ls_rows(verify_hashes=args.verify)
+    rows = cache.ls_details(verify_hashes=args.verify)
     now = time.time()
     if args.json:
-        out = [{"digest": r[0], "short": r[0][:16], "status": r[1], "size_bytes": r[2], "created_at": r[3],
-                "age_seconds": round(now - r[3], 3), "last_used": r[6], "summary": r[4], "path": str(r[5]),
-                "problem": r[7]} for r in rows]
-        print(json.dumps(out, indent=2))
+        for r in rows:
+            r["age_seconds"] = round(now - r["created_at"], 3)
+        print(json.dumps(rows, indent=2, sort_keys=True))
         return 0
     print(f"cache: {cache.root}" + (f"   shared: {cache.shared}" if cache.shared else ""))
     if not rows:
         print("no entries")
         return 0
     table = [("DIGEST", "STATUS", "SIZE", "AGE", "USED", "SUMMARY")]
-    for digest, status, size, created, summary, _p, used, _prob in rows:
-        table.append((digest if digest.startswith(".") else digest[:16], status, human_size(size), human_age(now - created),
-                      human_age(now - used) + " ago", summary))
-    widths = [max(len(r[i]) for r in table) for i in range(5)]
-    for r in table:
-        cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].rjust(widths[2]),
-                 r[3].rjust(widths[3]), r[4].rjust(widths[4]), r[5]]
+    for r in rows:
+        table.append((r["short"], r["status"], human_size(r["size_bytes"]), human_age(now - r["created_at"]),
+                      human_age(now - r["last_used"]) + " ago", r["summary"]))
+    widths = [max(len(t[i]) for t in table) for i in range(5)]
+    for t in table:
+        cells = [t[0].ljust(widths[0]), t[1].ljust(widths[1]), t[2].rjust(widths[2]),
+                 t[3].rjust(widths[3]), t[4].rjust(widths[4]), t[5]]
         print("  ".join(cells).rstrip())
-    bad = sum(1 for r in rows if r[1] != OK)
-    total = sum(r[2] for r in rows)
+    bad = sum(1 for r in rows if r["status"] != OK)
+    total = sum(r["size_bytes"] for r in rows)
     print(f"{len(rows)} item(s), {human_size(total)}" + (f", {bad} not ok (`cache prune` removes them)" if bad else ""))
     return 0
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from llmcore.config import EngineConfig
     from llmcore.engine.batch import SampleResult, ScheduledBatch
     from llmcore.models.config import ModelConfig
+    from llmcore.static_plan import StaticPlan
 
 
 class ModelRunner(Protocol):
@@ -64,6 +65,36 @@ class Device:
         max_model_len: int,
     ) -> ModelRunner:
         raise NotImplementedError(f"device {self.name!r} does not implement create_runner")
+
+    # ------------------------------------------------- ahead-of-time compile
+    # Devices with ``capabilities.needs_compile`` (neuron, rbln) and devices
+    # offering an optional compiled mode (cpu) implement these two.
+
+    def compile_key_inputs(self, plan: StaticPlan) -> dict[str, Any]:
+        """Compiler name/version/flags that go into the compile-cache key."""
+        return {"compiler": "none", "compiler_version": "0", "compiler_flags": {}}
+
+    def compile(
+        self, model_path: Path, model_config: ModelConfig, plan: StaticPlan, out_dir: Path,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Compile the model for ``plan`` into ``out_dir`` (a fresh temp dir of the cache).
+
+        :returns: metadata (json-able) stored in the cache entry's manifest next
+            to ``plan.to_dict()``, e.g. the vendor's own config file contents.
+        """
+        from llmcore.errors import PluginError
+
+        raise PluginError(f"device {self.name!r} has no ahead-of-time compile step")
+
+    def create_static_runner(
+        self, artifact_dir: Path, plan: StaticPlan, model_config: ModelConfig, model_path: Path,
+        eos_token_ids: list[int],
+    ) -> ModelRunner:
+        """A runner serving a compiled artifact with the plan's fixed slots and buckets."""
+        from llmcore.errors import PluginError
+
+        raise PluginError(f"device {self.name!r} cannot serve compiled artifacts")
 
     def kv_cache_bytes(self, runner: ModelRunner) -> int | None:
         """Bytes to give the KV cache after weights are loaded (None: engine default)."""

@@ -17,6 +17,8 @@ from llmcore.sampling_params import SamplingParams
 @dataclass(slots=True)
 class ScheduledSeq:
     seq_id: int
+    # stable across preemption: "request_id:sample_index" (static devices key slots by it)
+    key: str
     # the tokens computed this step, at positions start_pos .. start_pos + len - 1
     token_ids: list[int]
     start_pos: int
@@ -49,8 +51,9 @@ class ScheduledBatch:
     seqs: list[ScheduledSeq]
     # copy-on-write (src_block, dst_block) pairs to apply before the forward pass
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-    # RNG streams of sequences that left the engine since the last step
-    finished_rng_keys: list[str] = field(default_factory=list)
+    # keys ("request_id:index") of sequences that left the engine since the last
+    # step: the runner frees per-sequence state (RNG streams, static slots)
+    finished_keys: list[str] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

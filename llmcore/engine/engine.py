@@ -198,7 +198,7 @@ class Engine:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            if batch.finished_rng_keys or batch.block_copies:
+            if batch.finished_keys or batch.block_copies:
                 self.runner.execute(batch)
             if self.scheduler.waiting and not self.scheduler.running:
                 seq = self.scheduler.waiting[0]

@@ -135,7 +135,7 @@ class Scheduler:
         return ScheduledBatch(
             seqs=[self._entry(seq, n) for seq, n in scheduled],
             block_copies=copies,
-            finished_rng_keys=finished,
+            finished_keys=finished,
         )
 
     @staticmethod
@@ -152,6 +152,7 @@ class Scheduler:
         rng_keys = [f"{request.request_id}:{i}" for i in indices]
         return ScheduledSeq(
             seq_id=seq.seq_id,
+            key=f"{request.request_id}:{seq.index}",
             token_ids=seq.token_ids[start:end],
             start_pos=start,
             block_table=seq.block_table,

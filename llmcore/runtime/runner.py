@@ -94,8 +94,8 @@ class TorchModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
-        if batch.finished_rng_keys:
-            self.sampler.release(batch.finished_rng_keys)
+        if batch.finished_keys:
+            self.sampler.release(batch.finished_keys)
         if batch.block_copies:
             self._copy_blocks(batch.block_copies)
         if not batch.seqs:

@@ -21,6 +21,7 @@ def run(argv, capsys):
     sub = parser.add_subparsers(dest="command")
     add_cache_parser(sub)
     args = parser.parse_args(argv)
+    assert args.func is run_cache_command
     rc = args.func(args)
     out, err = capsys.readouterr()
     return rc, out, err

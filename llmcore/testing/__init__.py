@@ -1,0 +1,1 @@
+"""Test helpers for llmcore and for plugin authors (random models, conformance suite)."""
