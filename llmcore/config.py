@@ -54,6 +54,7 @@ class EngineConfig:
     compiled: str | None = None  # a compile-cache key or entry path
     enforce_eager: bool = False
     num_threads: int | None = None
+    progress: bool = True  # progress bars for weight loading / compile
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -40,7 +40,6 @@ class Engine:
         device: str | None = None,
         dtype: str = "auto",
         *,
-        progress: bool = True,
         plugins: Any = None,
         **kwargs: Any,
     ) -> None:
@@ -121,12 +120,17 @@ class Engine:
             n = max(budget // per_block, 1)
             # never more than every slot at full length could use
             n = min(n, blocks_per_seq * cfg.max_num_seqs)
-        if n < blocks_per_seq and cfg.num_kv_blocks is None:
-            raise ConfigError(
-                "max_model_len", self.max_model_len,
-                f"needs {blocks_per_seq} KV blocks per sequence but only {n} fit in the KV budget",
-                f"Lower max_model_len to <= {n * cfg.block_size} or raise kv_cache_memory",
-            )
+        if n < blocks_per_seq:
+            if cfg.max_model_len is not None:
+                raise ConfigError(
+                    "max_model_len", self.max_model_len,
+                    f"needs {blocks_per_seq} KV blocks per sequence but only {n} fit in the KV cache",
+                    f"Lower max_model_len to <= {n * cfg.block_size} or raise kv_cache_memory/num_kv_blocks",
+                )
+            # not set by the user: fit the default to the cache instead of failing
+            self.max_model_len = n * cfg.block_size
+            log.warning("max_model_len defaults to %d, the most the KV cache holds for one sequence "
+                        "(set max_model_len or kv_cache_memory to change it)", self.max_model_len)
         return n
 
     # ---------------------------------------------------------------- requests

@@ -2,40 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).resolve().parent / "cc_worker.py"
+_HERE = Path(__file__).resolve().parent
+# Works under any --import-mode: make the repo and cc_helpers importable.
+for _p in (str(_HERE.parents[1]), str(_HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
+from cc_helpers import make_key  # noqa: E402
 from compile_cache import CacheKey, CompileCache  # noqa: E402
-
-BASE_KEY = dict(
-    model_fingerprint="sha256:" + "ab" * 32,
-    plugin="cpu",
-    plugin_version="0.1.0",
-    compiler="torch-inductor",
-    compiler_version="2.13.0",
-    compiler_flags={"mode": "max-autotune", "freezing": True},
-    dtype="bfloat16",
-    quantization=None,
-    static_shapes={"batch_sizes": [1, 4], "max_seq_len": 2048, "block_size": 16},
-    tensor_parallel=1,
-    extra={},
-    target=None,
-)
-
-
-def make_key(**overrides) -> CacheKey:
-    kw = dict(BASE_KEY)
-    kw.update(overrides)
-    return CacheKey(**kw)
 
 
 @pytest.fixture(autouse=True)
@@ -54,17 +33,3 @@ def key() -> CacheKey:
 @pytest.fixture
 def cache(tmp_path) -> CompileCache:
     return CompileCache(root=tmp_path / "root")
-
-
-def write_artifacts(tmp: Path, payload: bytes = b"compiled-graph-bytes" * 100) -> dict:
-    """A stand-in build_fn body: two files, one in a subdirectory."""
-    (tmp / "model.pt2").write_bytes(payload)
-    (tmp / "kernels").mkdir()
-    (tmp / "kernels" / "k0.so").write_bytes(b"\x7fELF" + payload[:64])
-    return {"model": "tiny-llama", "compiler_log_lines": 3}
-
-
-def subprocess_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env

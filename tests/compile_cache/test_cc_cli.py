@@ -13,7 +13,7 @@ import pytest
 
 from compile_cache import CompileCache
 from compile_cache.cli import add_cache_parser, parse_duration, run_cache_command
-from conftest import make_key, subprocess_env, write_artifacts
+from cc_helpers import make_key, subprocess_env, write_artifacts
 
 
 def run(argv, capsys):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO_ROOT, subprocess_env
+from cc_helpers import REPO_ROOT, subprocess_env
 
 PKG = REPO_ROOT / "compile_cache"
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal", "joblib"}

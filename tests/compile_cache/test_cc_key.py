@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from compile_cache import CacheKey
-from conftest import BASE_KEY, make_key, subprocess_env
+from cc_helpers import BASE_KEY, make_key, subprocess_env
 
 # One alternative value per field; the parametrisation below fails if a new
 # field is added to CacheKey without being covered here.

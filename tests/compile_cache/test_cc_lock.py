@@ -9,7 +9,7 @@ import time
 import pytest
 
 from compile_cache import KeyLock, LockTimeout
-from conftest import make_key
+from cc_helpers import make_key
 
 
 def test_exclusive_and_try_once(tmp_path):

@@ -10,7 +10,7 @@ import sys
 import time
 
 from compile_cache import CacheKey, CompileCache
-from conftest import WORKER, subprocess_env
+from cc_helpers import WORKER, subprocess_env
 
 
 def _worker_key() -> CacheKey:

@@ -10,7 +10,7 @@ import pytest
 
 from compile_cache import (FORMAT_VERSION, CacheEntry, CacheError, CompileCache, CorruptEntryError,
                            IncompatibleEntryError)
-from conftest import make_key, write_artifacts
+from cc_helpers import make_key, write_artifacts
 
 LOGGER = "llmcore.compile_cache"
 

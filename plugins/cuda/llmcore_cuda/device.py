@@ -19,7 +19,7 @@ class CudaDevice(Device):
         return TorchModelRunner(
             model_config, folder, torch.device("cuda", 0), dtype, TorchPagedAttention(),
             block_size=self.config.block_size, max_model_len=max_model_len,
-            eos_token_ids=eos_token_ids, seed=self.config.seed,
+            eos_token_ids=eos_token_ids, seed=self.config.seed, progress=self.config.progress,
         )
 
     def kv_cache_bytes(self, runner):

@@ -1,0 +1,63 @@
+"""Shared fixtures: the embedded SmolLM2 and small random models, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm_dir():
+    from llmcore.models.loader import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    from llmcore.testing.models import make_random_model
+
+    return make_random_model(tmp_path_factory.mktemp("llama") / "m", arch="llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    from llmcore.testing.models import make_random_model
+
+    return make_random_model(tmp_path_factory.mktemp("qwen2") / "m", arch="qwen2", seed=2)
+
+
+@pytest.fixture(scope="session")
+def smol_engine(smollm_dir):
+    """SmolLM2 in float32 (exact parity with transformers), shared by read-only tests."""
+    from llmcore import Engine
+
+    return Engine(model=str(smollm_dir), device="cpu", dtype="float32", progress=False,
+                  kv_cache_memory=256 << 20)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_llama):
+    from llmcore import Engine
+
+    return Engine(model=str(tiny_llama), device="cpu", dtype="float32", progress=False,
+                  num_kv_blocks=256)
+
+
+def hf_greedy(model_dir, prompt_ids, max_new_tokens, model_cache={}):
+    """Hugging Face transformers' greedy continuation (float32, batch of one, no padding)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    key = str(model_dir)
+    if key not in model_cache:
+        model_cache[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+    model = model_cache[key]
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt_ids):].tolist()
