@@ -1,0 +1,103 @@
+"""The Llama-family forward pass on Triton kernels (fused norms, RoPE + KV write, SiLU).
+
+It reuses the weights of the core :class:`~llmcore.models.llama.LlamaForCausalLM`
+(no copy) and replaces its per-layer Python ops with fewer, fused launches:
+
+    add+RMSNorm -> qkv GEMM -> RoPE+KV write -> paged attention -> o GEMM
+    -> add+RMSNorm -> gate_up GEMM -> SiLU*up -> down GEMM
+
+which matters most for decode, where each launch costs as much as the math.
+Inputs are the same flat token layout as the core model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llmcore_cuda import kernels
+
+
+@dataclass
+class DecodeArgs:
+    """One query per row; tensors may be strided views of the runner's static buffer."""
+
+    block_tables: torch.Tensor  # [B, W] int32
+    context_lens: torch.Tensor  # [B] int32 (0 = padding row)
+    num_splits: int = 1
+    workspace: tuple | None = None
+
+
+@dataclass
+class PrefillArgs:
+    """Variable-length queries (prefill chunks, prefix hits, mixed with decodes)."""
+
+    block_tables: torch.Tensor  # [S, W] int32
+    query_starts: torch.Tensor  # [S+1] int32
+    context_lens: torch.Tensor  # [S] int32
+    tile_seq: torch.Tensor  # [n_tiles] int32
+    tile_m: torch.Tensor  # [n_tiles] int32
+
+
+class _Layer:
+    __slots__ = ("qkv_w", "qkv_b", "o_w", "o_b", "gu_w", "gu_b", "d_w", "d_b", "in_w", "post_w",
+                 "q_norm", "k_norm")
+
+
+class FusedLlama:
+    def __init__(self, model) -> None:
+        cfg = model.config
+        self.model = model
+        self.cfg = cfg
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        self.scale = cfg.head_dim**-0.5
+        self.layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            L = _Layer()
+            L.qkv_w, L.qkv_b = a.qkv_proj.weight, a.qkv_proj.bias
+            L.o_w, L.o_b = a.o_proj.weight, a.o_proj.bias
+            L.gu_w, L.gu_b = m.gate_up_proj.weight, m.gate_up_proj.bias
+            L.d_w, L.d_b = m.down_proj.weight, m.down_proj.bias
+            L.in_w = layer.input_layernorm.weight
+            L.post_w = layer.post_attention_layernorm.weight
+            L.q_norm = a.q_norm.weight if a.q_norm is not None else None
+            L.k_norm = a.k_norm.weight if a.k_norm is not None else None
+            self.layers.append(L)
+        self.embed_w = model.model.embed_tokens.weight
+        self.norm_w = model.model.norm.weight
+        self.lm_w = self.embed_w if model.lm_head is None else model.lm_head.weight
+
+    def forward(self, input_ids, positions, slot_mapping, kv_caches, args) -> torch.Tensor:
+        """Hidden states after the final norm, ``[T, hidden]``."""
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        cos, sin = self.model.rope_cos, self.model.rope_sin
+        x = F.embedding(input_ids, self.embed_w)
+        residual = None
+        decode = isinstance(args, DecodeArgs)
+        t = x.shape[0]
+        for L, (kc, vc) in zip(self.layers, kv_caches):
+            hn, residual = kernels.add_rmsnorm(x, residual, L.in_w, self.eps)
+            qkv = F.linear(hn, L.qkv_w, L.qkv_b)
+            q = kernels.rope_and_cache(qkv, positions, slot_mapping, cos, sin, kc, vc, h, kvh, d,
+                                       q_norm=L.q_norm, k_norm=L.k_norm, eps=self.eps)
+            if decode:
+                o = kernels.decode_attention(q, kc, vc, args.block_tables, args.context_lens, self.scale,
+                                             num_splits=args.num_splits, workspace=args.workspace)
+            else:
+                o = kernels.prefill_attention(q, kc, vc, args.block_tables, args.query_starts,
+                                              args.context_lens, args.tile_seq, args.tile_m, self.scale)
+            x = F.linear(o.view(t, h * d), L.o_w, L.o_b)
+            hn, residual = kernels.add_rmsnorm(x, residual, L.post_w, self.eps)
+            gu = F.linear(hn, L.gu_w, L.gu_b)
+            x = F.linear(kernels.silu_mul(gu), L.d_w, L.d_b)
+        out, _ = kernels.add_rmsnorm(x, residual, self.norm_w, self.eps)
+        return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_w)

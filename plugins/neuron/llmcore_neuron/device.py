@@ -1,0 +1,153 @@
+"""The Neuron device: compile through optimum-neuron's export API, serve the compiled model.
+
+Calls made (optimum-neuron 0.4.5, the NxD backend):
+
+* compile: ``NeuronModelForCausalLM.get_neuron_config(model_dir, config=, instance_type=,
+  batch_size=, sequence_length=, tensor_parallel_size=)``, then
+  ``NeuronModelForCausalLM.export(model_dir, neuron_config=, config=, load_weights=False)``
+  and ``model.save_pretrained(out_dir)`` (writes config.json, neuron_config.json, model.pt
+  and the weights sharded per rank under checkpoint/).
+* serve: ``NeuronModelForCausalLM.from_pretrained(artifact_dir)`` and its
+  ``forward(input_ids, position_ids, seq_ids, sampling_params)``.
+
+The tests in tests/neuron check these calls against a stand-in that records them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from llmcore.device import Device
+from llmcore.errors import ConfigError, PluginError
+from llmcore_neuron import __version__, planning, sdk
+
+log = logging.getLogger("llmcore.neuron")
+
+NEURON_CONFIG_FILE = "neuron_config.json"
+
+
+def import_optimum_neuron():
+    """optimum.neuron's causal-LM class, or a PluginError saying what to install."""
+    try:
+        from optimum.neuron import NeuronModelForCausalLM
+    except ImportError as exc:
+        raise PluginError(
+            f"neuron: optimum-neuron could not be imported ({type(exc).__name__}: {exc}). "
+            f"{sdk.INSTALL_HINT}"
+        ) from exc
+    return NeuronModelForCausalLM
+
+
+class NeuronDevice(Device):
+    """Compiles with optimum-neuron and serves the compiled graphs with fixed slots."""
+
+    @property
+    def target(self) -> str:
+        return sdk.resolve_target((getattr(self.config, "extra", None) or {}).get("neuron_target"))
+
+    def plan(self, model_config, **settings):
+        """The plan for ``settings`` (batch_size, max_seq_len, tensor_parallel, dtype, ...)."""
+        settings.setdefault("num_cores", self.capabilities.device_count)
+        return planning.plan_for(model_config, target=self.target, **settings)
+
+    def describe_plan(self, plan) -> str:
+        return plan.describe() + (
+            f"\nneuron target     {self.target} (optimum-neuron get_neuron_config: batch_size="
+            f"{plan.batch_size}, sequence_length={plan.max_seq_len}, tensor_parallel_size="
+            f"{plan.tensor_parallel}, dtype={plan.dtype}, continuous_batching="
+            f"{plan.batch_size > 1}, on_device_sampling=False)"
+        )
+
+    def create_runner(self, model_config, folder, dtype, eos_token_ids, max_model_len):
+        raise PluginError(
+            "neuron serves compiled artifacts only: compile first with 'llmcore compile --device "
+            "neuron --model MODEL --batch-size N --max-seq-len L', then serve with --compiled KEY"
+        )
+
+    # ------------------------------------------------------------- compile
+
+    def compile_key_inputs(self, plan) -> dict[str, Any]:
+        return {
+            "compiler": "neuronx-cc",
+            "compiler_version": sdk.installed_version("neuronx-cc") or "not installed",
+            "compiler_flags": {
+                "exporter": "optimum-neuron",
+                "exporter_version": sdk.installed_version("optimum-neuron") or "not installed",
+                "target": self.target,
+                "on_device_sampling": False,
+                "plugin_version": __version__,
+            },
+        }
+
+    def compile(self, model_path, model_config, plan, out_dir, progress=True) -> dict[str, Any]:
+        import torch
+        from transformers import AutoConfig
+
+        planning.check_plan(plan)
+        planning.check_model(model_config)
+        neuron_cls = import_optimum_neuron()
+        torch_dtype = getattr(torch, plan.dtype)
+        hf_config = AutoConfig.from_pretrained(str(model_path)).get_text_config()
+        # get_neuron_config takes the export dtype from the model config
+        hf_config.dtype = torch_dtype
+        neuron_config = neuron_cls.get_neuron_config(
+            str(model_path), config=hf_config, instance_type=self.target,
+            batch_size=plan.batch_size, sequence_length=plan.max_seq_len,
+            tensor_parallel_size=plan.tensor_parallel,
+        )
+        # llmcore samples on the host (penalties, logprobs, seeds): the graphs return logits
+        neuron_config.on_device_sampling = False
+        _check_before_export(neuron_config, plan)
+        log.info("neuron: exporting %s for %s (%s)", model_path, self.target, plan.to_dict())
+        model = neuron_cls.export(str(model_path), neuron_config=neuron_config, config=hf_config,
+                                  load_weights=False)
+        out_dir = Path(out_dir)
+        model.save_pretrained(str(out_dir))
+        saved = read_neuron_config(out_dir)
+        planning.reconcile_artifact(saved, plan, where=f"{out_dir.name}/{NEURON_CONFIG_FILE}")
+        return {
+            "neuron_config": saved,
+            "target": self.target,
+            "exporter": "optimum-neuron",
+            "exporter_version": saved.get("optimum_neuron_version") or sdk.installed_version("optimum-neuron"),
+            "files": sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()),
+        }
+
+    # --------------------------------------------------------------- serve
+
+    def create_static_runner(self, artifact_dir, plan, model_config, model_path, eos_token_ids):
+        planning.check_plan(plan)
+        artifact_dir = Path(artifact_dir)
+        planning.reconcile_artifact(read_neuron_config(artifact_dir), plan,
+                                    where=f"{artifact_dir}/{NEURON_CONFIG_FILE}")
+        neuron_cls = import_optimum_neuron()
+        model = neuron_cls.from_pretrained(str(artifact_dir))
+        from llmcore_neuron.runner import NeuronStaticRunner
+
+        return NeuronStaticRunner(model, plan, model_config, eos_token_ids, seed=getattr(self.config, "seed", 0))
+
+
+def read_neuron_config(artifact_dir: Path) -> dict[str, Any]:
+    path = Path(artifact_dir) / NEURON_CONFIG_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("compiled", str(artifact_dir), f"has no {NEURON_CONFIG_FILE}: not a Neuron artifact",
+                          "Compile it with: llmcore compile --device neuron ...") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError("compiled", str(path), f"is not valid JSON ({exc})",
+                          "Recompile: the entry is damaged") from exc
+
+
+def _check_before_export(neuron_config: Any, plan) -> None:
+    """Catch an SDK whose get_neuron_config no longer honours our settings, before a long compile."""
+    have = {
+        name: getattr(neuron_config, name, "<missing>")
+        for name in planning.expected_neuron_config(plan)
+    }
+    dtype = have["torch_dtype"]
+    have["torch_dtype"] = str(dtype).replace("torch.", "") if dtype != "<missing>" else dtype
+    planning.reconcile_artifact(have, plan, where="optimum-neuron get_neuron_config()")

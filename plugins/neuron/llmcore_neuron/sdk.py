@@ -1,0 +1,119 @@
+"""What Neuron hardware and software is on this machine, found without importing any of it.
+
+The probe must stay cheap and side-effect free, so everything here reads
+``/dev``, ``/sys`` and installed-package metadata only. Importing
+``optimum.neuron`` would pull in torch, transformers and the Neuron runtime.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+GIB = 2**30
+
+#: Distributions the compile and serve paths need, and the module each provides.
+SDK_DISTRIBUTIONS = {
+    "optimum-neuron": "optimum",
+    "torch-neuronx": "torch_neuronx",
+    "neuronx-cc": "neuronxcc",
+    "neuronx-distributed": "neuronx_distributed",
+}
+RUNTIME_LIBRARIES = ("/opt/aws/neuron/lib/libnrt.so.1", "/opt/aws/neuron/lib/libnrt.so")
+PRODUCT_NAME_FILE = "/sys/devices/virtual/dmi/id/product_name"
+DEVICE_NAME = re.compile(r"^neuron\d+$")
+
+INSTALL_HINT = (
+    "Serving needs an inf2/trn1/trn2 instance with the Neuron driver and runtime "
+    "(aws-neuronx-dkms, aws-neuronx-runtime-lib from https://apt.repos.neuron.amazonaws.com). "
+    "Compiling needs only the SDK: pip install 'llmcore[neuron]' 'optimum-neuron[neuronx]' "
+    "--extra-index-url https://pip.repos.neuron.amazonaws.com (the neuronx-cc and torch-neuronx "
+    "on pypi.org are placeholders)"
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One Neuron instance family, as far as planning needs to know it."""
+
+    name: str
+    cores_per_device: int  # NeuronCores optimum-neuron uses per /dev/neuronN
+    memory_per_core: int  # device memory (HBM) behind one of those cores
+    max_cores: int  # the largest instance of the family
+    largest_instance: str
+
+
+TARGETS = {
+    # Inferentia2 chip: 32 GiB HBM shared by 2 NeuronCore-v2 -> 16 GiB per core.
+    "inf2": Target("inf2", 2, 16 * GIB, 24, "inf2.48xlarge"),
+    # Trainium chip: 32 GiB HBM, 2 NeuronCore-v2.
+    "trn1": Target("trn1", 2, 16 * GIB, 32, "trn1.32xlarge"),
+    # Trainium2 chip: 96 GiB HBM, 8 physical cores grouped by pairs (logical core size 2)
+    # into the 4 cores optimum-neuron uses -> 24 GiB per logical core.
+    "trn2": Target("trn2", 4, 24 * GIB, 64, "trn2.48xlarge"),
+}
+DEFAULT_TARGET = "inf2"
+
+
+def neuron_devices(dev: str = "/dev") -> list[str]:
+    try:
+        names = os.listdir(dev)
+    except OSError:
+        return []
+    return sorted((n for n in names if DEVICE_NAME.match(n)), key=lambda n: int(n[6:]))
+
+
+def instance_family() -> str | None:
+    """``inf2`` for an inf2.xlarge, from DMI; None off AWS or when unreadable."""
+    try:
+        product = Path(PRODUCT_NAME_FILE).read_text().strip()
+    except OSError:
+        return None
+    family = product.split(".")[0]
+    if family == "trn1n":
+        return "trn1"
+    return family if family in TARGETS else None
+
+
+def resolve_target(requested: str | None = None) -> str:
+    """The instance family to plan and compile for: asked > $LLMCORE_NEURON_TARGET > detected > inf2."""
+    name = requested or os.environ.get("LLMCORE_NEURON_TARGET") or instance_family() or DEFAULT_TARGET
+    if name == "trn1n":
+        name = "trn1"
+    if name not in TARGETS:
+        from llmcore.errors import ConfigError
+
+        raise ConfigError("neuron_target", name, "is not a Neuron instance family",
+                          f"Use one of: {', '.join(TARGETS)}")
+    return name
+
+
+def installed_version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def missing_sdk() -> list[str]:
+    """Distributions not installed, or installed without their module (pypi placeholders)."""
+    missing = []
+    for dist, module in SDK_DISTRIBUTIONS.items():
+        if installed_version(dist) is None or importlib.util.find_spec(module) is None:
+            missing.append(dist)
+    return missing
+
+
+def runtime_library() -> str | None:
+    for path in RUNTIME_LIBRARIES:
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def sdk_versions() -> dict[str, str]:
+    return {d: installed_version(d) or "not installed" for d in SDK_DISTRIBUTIONS}

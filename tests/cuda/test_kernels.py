@@ -1,0 +1,223 @@
+"""Triton kernels against float64 references on random inputs and odd shapes."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+def rel_err(out, ref):
+    out = out.double()
+    assert not torch.isnan(out).any(), "NaN in output"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+
+
+def make_paged(ctx_lens, kvh, d, bs, dtype, dev, gen, extra_blocks=3):
+    """Random cache with each sequence's blocks scattered in a shuffled pool."""
+    need = sum(-(-c // bs) for c in ctx_lens)
+    nb = need + extra_blocks
+    perm = torch.randperm(nb, generator=gen).tolist()
+    tables, i = [], 0
+    for c in ctx_lens:
+        n = -(-c // bs)
+        tables.append(perm[i : i + n])
+        i += n
+    k = torch.randn(nb, bs, kvh, d, generator=gen, dtype=torch.float64).to(dtype).to(dev)
+    v = torch.randn(nb, bs, kvh, d, generator=gen, dtype=torch.float64).to(dtype).to(dev)
+    width = max(len(t) for t in tables) + 2
+    bt = torch.full((len(tables), width), nb - 1, dtype=torch.int32)
+    for r, t in enumerate(tables):
+        bt[r, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    return k, v, tables, bt.to(dev)
+
+
+def ref_attention(q, k_cache, v_cache, table, ctx, qlen, scale):
+    """float64: q [ql, H, D]; queries at positions ctx-ql .. ctx-1, causal."""
+    bs = k_cache.shape[1]
+    kvh, d = k_cache.shape[2], k_cache.shape[3]
+    h = q.shape[1]
+    idx = torch.tensor(table, device=k_cache.device)
+    kk = k_cache.index_select(0, idx).reshape(-1, kvh, d)[:ctx].double().cpu()
+    vv = v_cache.index_select(0, idx).reshape(-1, kvh, d)[:ctx].double().cpu()
+    rep = h // kvh
+    kk = kk.repeat_interleave(rep, dim=1)  # [ctx, H, D]
+    vv = vv.repeat_interleave(rep, dim=1)
+    qq = q.double().cpu()
+    s = torch.einsum("qhd,khd->hqk", qq, kk) * scale
+    qpos = torch.arange(ctx - qlen, ctx)[:, None]
+    kpos = torch.arange(ctx)[None, :]
+    s = s.masked_fill(~(kpos <= qpos)[None], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("hqk,khd->qhd", p, vv)
+
+
+CASES = [
+    # (heads, kv_heads, head_dim, block_size, dtype)
+    (8, 8, 64, 16, torch.bfloat16),
+    (16, 4, 128, 16, torch.bfloat16),
+    (32, 4, 64, 32, torch.float16),
+    (8, 1, 128, 32, torch.float32),
+    (12, 4, 64, 16, torch.float32),  # G=3: padded query-group rows
+]
+
+
+@pytest.mark.parametrize("h,kvh,d,bs,dtype", CASES)
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_attention(kdev, h, kvh, d, bs, dtype, num_splits):
+    from llmcore_cuda import kernels
+
+    gen = torch.Generator().manual_seed(h * 131 + d + bs + num_splits)
+    ctx_lens = [1, bs - 1, bs + 1, 3 * bs, 77, 200]
+    k, v, tables, bt = make_paged(ctx_lens, kvh, d, bs, dtype, kdev, gen)
+    b = len(ctx_lens)
+    q = torch.randn(b, h, d, generator=gen, dtype=torch.float64).to(dtype).to(kdev)
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=kdev)
+    scale = d**-0.5
+    out = torch.full((b, h, d), float("nan"), dtype=dtype, device=kdev)
+    kernels.decode_attention(q, k, v, bt, ctx, scale, num_splits=num_splits, out=out)
+    for i, c in enumerate(ctx_lens):
+        ref = ref_attention(q[i : i + 1], k, v, tables[i], c, 1, scale)[0]
+        err = rel_err(out[i].cpu(), ref)
+        assert err < TOL[dtype], f"seq {i} ctx {c}: rel err {err}"
+
+
+def test_decode_attention_padding_rows(kdev):
+    """Rows with context 0 (CUDA-graph padding) produce zeros, not NaN, and don't disturb others."""
+    from llmcore_cuda import kernels
+
+    gen = torch.Generator().manual_seed(5)
+    k, v, tables, bt = make_paged([40, 1], 2, 64, 16, torch.float16, kdev, gen)
+    q = torch.randn(3, 8, 64, generator=gen).to(torch.float16).to(kdev)
+    bt3 = torch.cat([bt, bt[:1]], 0)
+    ctx = torch.tensor([40, 0, 0], dtype=torch.int32, device=kdev)
+    for splits in (1, 8):
+        out = kernels.decode_attention(q, k, v, bt3, ctx, 0.125, num_splits=splits)
+        assert torch.all(out[1:] == 0)
+        ref = ref_attention(q[:1], k, v, tables[0], 40, 1, 0.125)[0]
+        assert rel_err(out[0].cpu(), ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("h,kvh,d,bs,dtype", CASES)
+def test_prefill_attention_varlen_with_prefix(kdev, h, kvh, d, bs, dtype):
+    """Mixed batch: full prompts, chunks after a cached prefix, single-token decodes."""
+    from llmcore_cuda import kernels
+
+    gen = torch.Generator().manual_seed(h + kvh * 7 + d + bs)
+    # (context after this step, new query tokens)
+    seqs = [(70, 70), (100, 37), (2 * bs, 1), (bs + 3, bs + 3), (130, 65), (5, 1)]
+    ctx_lens = [c for c, _ in seqs]
+    qlens = [ql for _, ql in seqs]
+    k, v, tables, bt = make_paged(ctx_lens, kvh, d, bs, dtype, kdev, gen)
+    total = sum(qlens)
+    q = torch.randn(total, h, d, generator=gen, dtype=torch.float64).to(dtype).to(kdev)
+    starts = [0]
+    for ql in qlens:
+        starts.append(starts[-1] + ql)
+    ts, tm = kernels.prefill_tiles(qlens)
+    i32 = dict(dtype=torch.int32, device=kdev)
+    out = torch.full_like(q, float("nan"))
+    scale = d**-0.5
+    kernels.prefill_attention(
+        q, k, v, bt, torch.tensor(starts, **i32), torch.tensor(ctx_lens, **i32),
+        torch.tensor(ts, **i32), torch.tensor(tm, **i32), scale, out=out,
+    )
+    for i, (c, ql) in enumerate(seqs):
+        ref = ref_attention(q[starts[i] : starts[i + 1]], k, v, tables[i], c, ql, scale)
+        err = rel_err(out[starts[i] : starts[i + 1]].cpu(), ref)
+        assert err < TOL[dtype], f"seq {i} (ctx {c}, q {ql}): rel err {err}"
+
+
+def hf_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@pytest.mark.parametrize("h,kvh,d,dtype,qk_norm", [
+    (8, 2, 64, torch.bfloat16, False),
+    (12, 4, 128, torch.float32, False),
+    (4, 4, 64, torch.bfloat16, True),
+    (6, 2, 80, torch.float16, False),  # head_dim not a power of two
+])
+def test_rope_and_cache_matches_hf_rounding(kdev, h, kvh, d, dtype, qk_norm):
+    from llmcore.models.llama import RMSNorm
+    from llmcore_cuda import kernels
+
+    gen = torch.Generator().manual_seed(d + h)
+    t, nb, bs = 7, 6, 16
+    qkv = torch.randn(t, (h + 2 * kvh) * d, generator=gen).to(dtype).to(kdev)
+    pos = torch.tensor([0, 3, 17, 18, 40, 63, 5], device=kdev)
+    slots = torch.tensor([0, 5, 33, 34, 80, 95, 17], device=kdev)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    fr = torch.arange(64).float()[:, None] * inv[None]
+    emb = torch.cat([fr, fr], -1)
+    cos, sin = emb.cos().to(dtype).to(kdev), emb.sin().to(dtype).to(kdev)
+    kc = torch.zeros(nb, bs, kvh, d, dtype=dtype, device=kdev)
+    vc = torch.zeros_like(kc)
+    qn = kn = None
+    if qk_norm:
+        qn = (1 + 0.1 * torch.randn(d, generator=gen)).to(dtype).to(kdev)
+        kn = (1 + 0.1 * torch.randn(d, generator=gen)).to(dtype).to(kdev)
+    qo = kernels.rope_and_cache(qkv, pos, slots, cos, sin, kc, vc, h, kvh, d, q_norm=qn, k_norm=kn, eps=1e-6)
+    q, k, v = qkv.split([h * d, kvh * d, kvh * d], -1)
+    q, k, v = q.view(t, h, d), k.view(t, kvh, d), v.view(t, kvh, d)
+    if qk_norm:
+        nq, nk = RMSNorm(d, 1e-6).to(kdev), RMSNorm(d, 1e-6).to(kdev)
+        nq.weight.data, nk.weight.data = qn, kn
+        q, k = nq(q), nk(k)
+    c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+    assert torch.equal(qo, hf_rope(q, c, s))
+    assert torch.equal(kc.view(-1, kvh, d)[slots], hf_rope(k, c, s))
+    assert torch.equal(vc.view(-1, kvh, d)[slots], v)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [64, 576, 2048])
+def test_add_rmsnorm_matches_model_rmsnorm(kdev, dtype, n):
+    from llmcore.models.llama import RMSNorm
+    from llmcore_cuda import kernels
+
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(5, n, generator=gen).to(dtype).to(kdev)
+    r = torch.randn(5, n, generator=gen).to(dtype).to(kdev)
+    norm = RMSNorm(n, 1e-5).to(kdev).to(dtype)
+    norm.weight.data = (1 + 0.1 * torch.randn(n, generator=gen)).to(dtype).to(kdev)
+    want_res = x + r
+    want = norm(want_res)
+    out, res = kernels.add_rmsnorm(x, r.clone(), norm.weight, 1e-5)
+    assert torch.equal(res, want_res)
+    tol = 0 if dtype == torch.float32 else 1e-2
+    assert (out.double() - want.double()).abs().max().item() <= tol * want.abs().max().item() + 1e-6
+    # first layer: no residual
+    out0, res0 = kernels.add_rmsnorm(x, None, norm.weight, 1e-5)
+    assert res0 is x
+    assert rel_err(out0.cpu(), norm(x).double().cpu()) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_silu_mul(kdev, dtype):
+    from llmcore_cuda import kernels
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2 * 1500, generator=gen).to(dtype).to(kdev)
+    g, u = x.split(1500, -1)
+    want = torch.nn.functional.silu(g) * u
+    got = kernels.silu_mul(x)
+    assert rel_err(got.cpu(), want.double().cpu()) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
+def test_choose_num_splits():
+    pytest.importorskip("triton")
+    from llmcore_cuda.kernels import choose_num_splits
+
+    assert choose_num_splits(1, 8, 4096, 16, 132) == 32
+    assert choose_num_splits(1, 8, 20, 16, 132) == 1
+    assert choose_num_splits(256, 8, 4096, 16, 132) == 1
+    assert choose_num_splits(8, 8, 4096, 16, 132) == 8
