@@ -1,2 +1,139 @@
-def add_parser(sub):
-    pass
+"""``llmcore bench``: llmcore vs Hugging Face transformers ``generate``, same process, same weights.
+
+Two workloads on chat-templated prompts of about 40 tokens, greedy, a fixed
+number of new tokens (EOS ignored so every run does the same work):
+
+* single stream: one request, ``--new-tokens`` tokens;
+* batch: ``--batch`` requests submitted at once (llmcore: continuous batching;
+  transformers: one left-padded batch).
+
+Prints a table with the machine, the model, the settings, tok/s (median of
+``--repeats``) and the ratio to transformers measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+TOPICS = [
+    "the water cycle", "how vaccines work", "the history of Rome", "black holes", "photosynthesis",
+    "the French revolution", "machine learning", "plate tectonics", "the printing press", "jazz music",
+    "coral reefs", "the stock market", "volcanoes", "the human heart", "renewable energy", "chess openings",
+]
+
+
+def make_prompts(tokenizer, n: int) -> list[str]:
+    out = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        msg = f"Please write a detailed, friendly explanation of {topic} for a curious student, number {i}."
+        out.append(tokenizer.apply_chat_template([{"role": "user", "content": msg}]))
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def bench_llmcore(engine, prompts, new_tokens, repeats):
+    from llmcore import SamplingParams
+
+    p = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, p)
+        dt = time.perf_counter() - t0
+        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
+    return statistics.median(rates)
+
+
+def bench_hf(model, tok, prompts, new_tokens, repeats):
+    import torch
+
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        model.generate(**tok(prompts[:1], return_tensors="pt", add_special_tokens=False),
+                       max_new_tokens=4, do_sample=False)
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+            dt = time.perf_counter() - t0
+            rates.append((out.shape[1] - enc.input_ids.shape[1]) * len(prompts) / dt)
+    return statistics.median(rates)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmcore import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = Engine(model=args.model, device=args.device, dtype=args.dtype, progress=False,
+                    max_num_seqs=max(args.batch, 1), num_threads=args.threads)
+    folder = engine.model_path
+    prompts = make_prompts(engine.tokenizer, max(args.batch, 1))
+    n_prompt = len(engine.tokenizer.encode(prompts[0]))
+    dtype = getattr(torch, engine.dtype)
+    hf = None
+    if not args.skip_hf:
+        hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+        hf_tok = AutoTokenizer.from_pretrained(str(folder))
+    rows = []
+    work = [("single stream", prompts[:1]), (f"{args.batch} concurrent", prompts[: args.batch])]
+    for name, ps in tqdm(work, desc="Benchmarks", unit="workload"):
+        ours = bench_llmcore(engine, ps, args.new_tokens, args.repeats)
+        ref = bench_hf(hf, hf_tok, ps, args.new_tokens, args.repeats) if hf is not None else None
+        rows.append((name, ours, ref))
+    print(f"\nmachine:  {machine()}")
+    print(f"model:    {folder.name} ({engine.model_config.num_params() / 1e6:.0f}M params), {engine.dtype}, "
+          f"device {engine.probe.name}")
+    print(f"settings: greedy, {args.new_tokens} new tokens, ~{n_prompt}-token chat prompts, "
+          f"median of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print(f"| workload | llmcore tok/s | HF transformers tok/s | ratio |")
+    print(f"|---|---:|---:|---:|")
+    for name, ours, ref in rows:
+        r = f"{ours / ref:.2f}x" if ref else "-"
+        print(f"| {name} | {ours:.1f} | {ref:.1f} | {r} |" if ref else f"| {name} | {ours:.1f} | - | - |")
+    if args.json:
+        print(json.dumps([{"workload": n, "llmcore": o, "hf": r} for n, o, r in rows]))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="throughput vs Hugging Face transformers generate, same run",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", help="default: the device's (bfloat16 on AVX512-BF16 CPUs)")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-hf", action="store_true", help="measure llmcore only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)

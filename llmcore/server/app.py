@@ -629,6 +629,7 @@ def create_app(
                 "in_flight": m.in_flight,
                 "kv_blocks_used": s.get("kv_blocks_used", 0),
                 "kv_blocks_total": s.get("kv_blocks_total", 0),
+                "requests_aborted": s.get("requests_aborted", 0),
                 "alive": alive,
             }
         return JSONResponse({"status": "ok" if ok else "error", "models": models}, status_code=200 if ok else 503)

@@ -232,6 +232,7 @@ class ModelHealth(BaseModel):
     in_flight: int
     kv_blocks_used: int
     kv_blocks_total: int
+    requests_aborted: int = Field(0, description="Requests aborted so far (client gone, timeout)")
     alive: bool
 
 

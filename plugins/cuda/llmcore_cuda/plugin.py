@@ -38,15 +38,27 @@ def llmcore_probe(config):
     props = torch.cuda.get_device_properties(0)
     major, minor = props.major, props.minor
     dtypes = ("bfloat16", "float16", "float32") if major >= 8 else ("float16", "float32")
+    notes = []
+    if importlib.util.find_spec("triton") is not None:
+        notes.append("attention: Triton paged kernels (decode split-K, varlen prefill); "
+                     "decode CUDA graphs at batch buckets 1..256")
+    else:
+        notes.append("triton not installed: torch reference attention, no CUDA graphs "
+                     "(pip install 'llmcore[cuda]')")
+    if (major, minor) >= (8, 9):
+        notes.append(f"fp8 hardware present (sm_{major}{minor}); fp8 weights/KV not supported yet")
     return DeviceProbe(
         name="cuda",
         score=CUDA_SCORE,
         capabilities=Capabilities(
             dtypes=dtypes, default_dtype=dtypes[0], kv_layout=KV_PAGED,
+            quantization=(),  # bnb/AWQ/EETQ arrive with their own issue
             memory_bytes=props.total_memory, device_count=torch.cuda.device_count(),
-            tensor_parallel=torch.cuda.device_count() > 1,
+            tensor_parallel=False,  # not implemented yet, whatever the GPU count
+            notes=tuple(notes),
         ),
-        description=f"{props.name} (sm_{major}{minor}, {props.total_memory / 2**30:.0f} GiB)",
+        description=(f"{props.name} (sm_{major}{minor}, {props.total_memory / 2**30:.0f} GiB, "
+                     f"{props.multi_processor_count} SMs)"),
         plugin_version=__version__,
     )
 

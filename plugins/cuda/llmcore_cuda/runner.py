@@ -1,0 +1,498 @@
+"""The CUDA model runner: Triton kernels, CUDA graphs for decode, overlapped steps.
+
+Subclasses the core :class:`~llmcore.runtime.runner.TorchModelRunner` (same
+weights loading, KV layout, sampler) and replaces the hot paths:
+
+* **Prefill / mixed steps** run the fused forward (:mod:`llmcore_cuda.model`)
+  eagerly; their metadata travels in one pinned host buffer and one copy.
+* **Decode steps** replay a CUDA graph captured at start for the smallest
+  batch-size bucket that fits (padding rows write their K/V to a reserved sink
+  block and attend to nothing). Larger batches, ``enforce_eager=True`` and
+  batches that need prompt logprobs take the eager path.
+* **Greedy decode overlaps the host with the GPU**: after a graph step the
+  runner launches the *next* step at once (inputs = this step's argmax, still on
+  the GPU; positions + 1, same block tables) and only then waits for this
+  step's tokens. When the engine's next batch is exactly that continuation the
+  result is already computing; otherwise it is discarded (its only side effect,
+  K/V written at a position the sequence has not reached, is overwritten before
+  anything reads it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmcore.engine.batch import SampleResult, ScheduledBatch
+from llmcore.runtime.runner import TorchModelRunner
+
+log = logging.getLogger("llmcore.cuda")
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+META_COLS = 4  # input id, position, slot, context length
+
+
+def graph_buckets(max_num_seqs: int, buckets=DEFAULT_BUCKETS) -> list[int]:
+    """Buckets up to the first one that holds ``max_num_seqs`` (larger batches run eagerly)."""
+    out = []
+    for b in sorted(set(int(x) for x in buckets)):
+        out.append(b)
+        if b >= max_num_seqs:
+            break
+    return out
+
+
+def _simple_greedy(entries) -> bool:
+    return all(
+        e.params.greedy and not e.params.needs_penalties and e.params.logprobs is None
+        and e.num_samples == 1 and e.params.min_tokens == 0
+        for e in entries
+    )
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor
+    tokens: torch.Tensor
+
+
+@dataclass
+class _Pending:
+    """A decode step already launched (the speculative continuation)."""
+
+    n: int
+    bucket: int
+    seq_ids: list[int]
+    positions: list[int]  # the positions this step computes
+    blocks: list[int]  # block holding each position (as the runner assumed)
+    event: torch.cuda.Event
+    host_tokens: torch.Tensor
+    tokens_in: list[int] | None = None  # filled when the previous step's tokens are known
+
+
+class _Staging:
+    """Grow-only pinned host buffer + device buffer for int32 metadata, one H2D copy per step."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.host = torch.empty(0, dtype=torch.int32).pin_memory()
+        self.dev = torch.empty(0, dtype=torch.int32, device=device)
+        self.event = None
+
+    def put(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        total = sum(a.size for a in arrays)
+        if total > self.host.numel():
+            if self.event is not None:
+                self.event.synchronize()
+            cap = max(total, 2 * self.host.numel(), 4096)
+            self.host = torch.empty(cap, dtype=torch.int32).pin_memory()
+            self.dev = torch.empty(cap, dtype=torch.int32, device=self.device)
+        elif self.event is not None:
+            self.event.synchronize()  # previous copy out of this host buffer is done
+        h = self.host.numpy()
+        off = 0
+        spans = []
+        for a in arrays:
+            h[off : off + a.size] = a.reshape(-1)
+            spans.append((off, a.size))
+            off += a.size
+        self.dev[:off].copy_(self.host[:off], non_blocking=True)
+        if self.event is None:
+            self.event = torch.cuda.Event()
+        self.event.record()
+        return [self.dev[o : o + n] for o, n in spans]
+
+
+class CudaModelRunner(TorchModelRunner):
+    def __init__(self, model_config, folder, device, dtype, block_size, max_model_len, eos_token_ids,
+                 engine_config, seed: int = 0, progress: bool = True) -> None:
+        from llmcore_cuda.attention import TritonPagedAttention
+        from llmcore_cuda.model import FusedLlama
+
+        super().__init__(model_config, folder, device, dtype, TritonPagedAttention(), block_size=block_size,
+                         max_model_len=max_model_len, eos_token_ids=eos_token_ids, seed=seed,
+                         progress=progress)
+        ec = engine_config
+        extra = ec.extra or {}
+        self.progress = progress
+        self.fused = FusedLlama(self.model)
+        self.max_num_seqs = ec.max_num_seqs
+        self.max_num_tokens = ec.max_num_batched_tokens or max(2048, ec.max_num_seqs)
+        self.enforce_eager = bool(ec.enforce_eager)
+        self.overlap = bool(extra.get("cuda_overlap", True)) and not self.enforce_eager
+        self.buckets = [] if self.enforce_eager else graph_buckets(
+            ec.max_num_seqs, extra.get("cuda_graph_buckets", DEFAULT_BUCKETS))
+        self.max_blocks = -(-max_model_len // block_size)
+        props = torch.cuda.get_device_properties(device)
+        self.num_sms = props.multi_processor_count
+        self.graphs: dict[int, _Graph] = {}
+        self.sink_block = -1
+        self._staging = _Staging(device)
+        self._pending: _Pending | None = None
+        self._spec_flip = 0
+        self.stats = {"graph_steps": 0, "eager_steps": 0, "overlap_hits": 0, "overlap_misses": 0}
+
+    # ---------------------------------------------------------------- memory
+
+    @torch.inference_mode()
+    def profile_kv_budget(self, utilization: float) -> int:
+        """Bytes left for the KV cache after a warm-up at the largest step this engine runs.
+
+        Runs a prefill of ``max_num_batched_tokens`` tokens (plus logits for up to
+        ``max_num_seqs`` rows) on a scratch cache, measures the activation peak, and
+        returns ``utilization * total - in_use - activation_peak - graph_reserve``.
+        """
+        cfg = self.config
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        t = min(self.max_num_tokens, self.max_model_len)
+        nb = -(-t // self.block_size) + 1
+        shape = (nb, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        scratch = [(torch.zeros(shape, dtype=self.dtype, device=dev),
+                    torch.zeros(shape, dtype=self.dtype, device=dev)) for _ in range(cfg.num_layers)]
+        scratch_bytes = torch.cuda.memory_allocated(dev) - base
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, cfg.vocab_size, (t,), generator=gen).tolist()
+        pos = np.arange(t, dtype=np.int32)
+        table = np.arange(nb, dtype=np.int32)
+        slots = table[pos // self.block_size] * self.block_size + pos % self.block_size
+        from llmcore_cuda import kernels
+        from llmcore_cuda.model import PrefillArgs
+
+        ts, tm = kernels.prefill_tiles([t])
+        v_ids, v_pos, v_slot, v_qs, v_ctx, v_ts, v_tm, v_bt = self._staging.put([
+            np.asarray(ids, np.int32), pos, slots.astype(np.int32), np.array([0, t], np.int32),
+            np.array([t], np.int32), np.asarray(ts, np.int32), np.asarray(tm, np.int32), table,
+        ])
+        t0 = time.perf_counter()
+        hidden = self.fused.forward(v_ids, v_pos, v_slot, scratch,
+                                    PrefillArgs(v_bt.view(1, nb), v_qs, v_ctx, v_ts, v_tm))
+        rows = min(self.max_num_seqs, t)
+        logits = self.fused.logits(hidden[-rows:]).float()
+        logits.argmax(-1)
+        torch.cuda.synchronize(dev)
+        warm_s = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(dev) - base - scratch_bytes
+        del scratch, hidden, logits
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        in_use = total - free
+        max_b = max(self.buckets) if self.buckets else 0
+        graph_reserve = max_b * cfg.vocab_size * (self.dtype.itemsize + 8) + (256 << 20 if max_b else 0)
+        budget = int(total * utilization) - in_use - peak - graph_reserve
+        log.info(
+            "CUDA memory: %.2f GiB total, %.2f GiB in use after loading (weights %.2f GiB), warm-up of "
+            "%d tokens peaked at %.2f GiB of activations (%.1f s), CUDA-graph reserve %.2f GiB -> KV budget "
+            "%.2f GiB at gpu_memory_utilization=%.2f",
+            total / 2**30, in_use / 2**30, base / 2**30, t, peak / 2**30, warm_s, graph_reserve / 2**30,
+            max(budget, 0) / 2**30, utilization,
+        )
+        self.memory_report = dict(total=total, in_use=in_use, weights=base, activation_peak=peak,
+                                  graph_reserve=graph_reserve, kv_budget=max(budget, 0),
+                                  utilization=utilization)
+        return max(budget, 0)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """``num_blocks`` usable blocks plus one sink block for CUDA-graph padding rows."""
+        super().allocate_kv_cache(num_blocks + 1)
+        self.num_kv_blocks = num_blocks
+        self.sink_block = num_blocks
+        self._init_decode_buffers()
+        if self.buckets:
+            self.capture_graphs()
+
+    # ---------------------------------------------------------- decode graphs
+
+    def _init_decode_buffers(self) -> None:
+        from llmcore_cuda import kernels
+
+        cfg = self.config
+        mb = max(self.buckets) if self.buckets else 0
+        self._mb = mb
+        w = self.max_blocks
+        if not mb:
+            return
+        n = mb * META_COLS + mb * w
+        self._dec_host = torch.zeros(n, dtype=torch.int32).pin_memory()
+        self._dec_np = self._dec_host.numpy()
+        self._meta_np = self._dec_np[: mb * META_COLS].reshape(mb, META_COLS)
+        self._bt_np = self._dec_np[mb * META_COLS :].reshape(mb, w)
+        self._dec_dev = torch.zeros(n, dtype=torch.int32, device=self.device)
+        self._meta_dev = self._dec_dev[: mb * META_COLS].view(mb, META_COLS)
+        self._bt_dev = self._dec_dev[mb * META_COLS :].view(mb, w)
+        # speculative steps: meta only (block tables unchanged), two alternating host buffers
+        self._spec_host = [torch.zeros(mb * META_COLS, dtype=torch.int32).pin_memory() for _ in range(2)]
+        self._tok_host = [torch.zeros(mb, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._tok_flip = 0
+        self._row_tables: list[list[int] | None] = [None] * mb
+        self._splits = {
+            b: kernels.choose_num_splits(b, cfg.num_kv_heads, self.max_model_len, self.block_size, self.num_sms)
+            for b in self.buckets
+        }
+        ws_rows = max(b * cfg.num_heads * s for b, s in self._splits.items())
+        self._workspace = kernels.decode_workspace(1, ws_rows, cfg.head_dim, 1, self.device)
+        self._set_padding(0, mb)
+
+    def _set_padding(self, lo: int, hi: int) -> None:
+        if hi <= lo:
+            return
+        m = self._meta_np
+        m[lo:hi, 0] = 0
+        m[lo:hi, 1] = 0
+        m[lo:hi, 2] = self.sink_block * self.block_size
+        m[lo:hi, 3] = 0
+        self._bt_np[lo:hi, 0] = self.sink_block
+        for i in range(lo, hi):
+            self._row_tables[i] = None
+
+    def _decode_forward(self, b: int):
+        from llmcore_cuda.model import DecodeArgs
+
+        meta = self._meta_dev[:b]
+        args = DecodeArgs(self._bt_dev[:b], meta[:, 3], self._splits[b], self._workspace)
+        hidden = self.fused.forward(meta[:, 0], meta[:, 1], meta[:, 2], self.kv_caches, args)
+        logits = self.fused.logits(hidden)
+        return logits, logits.argmax(dim=-1)
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        t0 = time.perf_counter()
+        self._dec_dev.copy_(self._dec_host)
+        pool = torch.cuda.graph_pool_handle()
+        buckets = sorted(self.buckets, reverse=True)
+        it = buckets
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(buckets, desc="Capturing CUDA graphs", unit="graph", leave=False)
+            it = bar
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for b in it:
+                if bar is not None:
+                    bar.set_postfix(batch=b)
+                for _ in range(2):  # compile kernels, init cuBLAS for this shape
+                    self._decode_forward(b)
+                stream.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=stream):
+                    logits, tokens = self._decode_forward(b)
+                self.graphs[b] = _Graph(g, logits, tokens)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        log.info("captured %d CUDA graphs for decode batch sizes %s in %.1f s (split-K slices %s)",
+                 len(self.graphs), sorted(self.graphs), time.perf_counter() - t0,
+                 {b: self._splits[b] for b in sorted(self._splits)})
+
+    def _bucket(self, n: int) -> int | None:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        return None
+
+    # ---------------------------------------------------------------- execute
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
+        if batch.finished_rng_keys:
+            self.sampler.release(batch.finished_rng_keys)
+        if batch.block_copies:
+            self._copy_blocks(batch.block_copies)
+        seqs = batch.seqs
+        if not seqs:
+            return []
+        n = len(seqs)
+        decode_only = all(len(s.token_ids) == 1 for s in seqs)
+        if any(s.want_prompt_logprobs for s in seqs):
+            self._pending = None
+            self.stats["eager_steps"] += 1
+            return super().execute(batch)
+        if decode_only and self.graphs and n <= self._mb:
+            return self._execute_graph(batch)
+        self._pending = None
+        self.stats["eager_steps"] += 1
+        return self._execute_eager(batch, decode_only)
+
+    # -- graph decode
+
+    def _execute_graph(self, batch: ScheduledBatch) -> list[SampleResult | None]:
+        seqs = batch.seqs
+        n = len(seqs)
+        b = self._bucket(n)
+        greedy = _simple_greedy(seqs)
+        pend = self._pending
+        self._pending = None
+        self.stats["graph_steps"] += 1
+        if pend is not None and not batch.block_copies and greedy and self._matches(pend, seqs):
+            self.stats["overlap_hits"] += 1
+            if self.overlap:
+                self._pending = self._launch_speculative(pend, seqs)
+            pend.event.synchronize()
+            toks = pend.host_tokens[:n].tolist()
+            if self._pending is not None:
+                self._pending.tokens_in = toks
+            return [SampleResult(token_ids=[t]) if s.sample else None for s, t in zip(seqs, toks)]
+        if pend is not None:
+            self.stats["overlap_misses"] += 1
+        # normal launch: fill rows, one H2D copy, replay
+        bs = self.block_size
+        meta = self._meta_np
+        ids, pos, slots, blocks = [], [], [], []
+        rows = self._row_tables
+        bt_np = self._bt_np
+        for i, s in enumerate(seqs):
+            p = s.start_pos
+            tbl = s.block_table
+            blk = tbl[p // bs]
+            ids.append(s.token_ids[0])
+            pos.append(p)
+            blocks.append(blk)
+            slots.append(blk * bs + p % bs)
+            if rows[i] != tbl:
+                bt_np[i, : len(tbl)] = tbl
+                rows[i] = list(tbl)
+        meta[:n, 0] = ids
+        meta[:n, 1] = pos
+        meta[:n, 2] = slots
+        meta[:n, 3] = pos
+        meta[:n, 3] += 1
+        mb = self._mb
+        if n < mb and rows[n] is not None:
+            self._set_padding(n, mb)
+        end = mb * META_COLS + b * self.max_blocks
+        self._dec_dev[:end].copy_(self._dec_host[:end], non_blocking=True)
+        g = self.graphs[b]
+        g.graph.replay()
+        if not greedy:
+            logits = g.logits[:n].float()
+            sample_idx = [i for i, s in enumerate(seqs) if s.sample]
+            results: list[SampleResult | None] = [None] * n
+            if sample_idx:
+                sub = logits if len(sample_idx) == n else logits[sample_idx]
+                for i, res in zip(sample_idx, self.sampler(sub, [seqs[i] for i in sample_idx])):
+                    results[i] = res
+            return results
+        host_tok = self._tok_host[self._tok_flip]
+        self._tok_flip ^= 1
+        host_tok[:b].copy_(g.tokens, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        cur = _Pending(n, b, [s.seq_id for s in seqs], pos, blocks, ev, host_tok)
+        if self.overlap:
+            self._pending = self._launch_speculative(cur, seqs)
+        ev.synchronize()
+        toks = host_tok[:n].tolist()
+        if self._pending is not None:
+            self._pending.tokens_in = toks
+        return [SampleResult(token_ids=[t]) if s.sample else None for s, t in zip(seqs, toks)]
+
+    def _matches(self, pend: _Pending, seqs) -> bool:
+        if pend.n != len(seqs) or pend.tokens_in is None:
+            return False
+        bs = self.block_size
+        for s, sid, p, blk, tok in zip(seqs, pend.seq_ids, pend.positions, pend.blocks, pend.tokens_in):
+            if s.seq_id != sid or s.start_pos != p or s.token_ids[0] != tok:
+                return False
+            tbl = s.block_table
+            if len(tbl) <= p // bs or tbl[p // bs] != blk:
+                return False
+        return True
+
+    def _launch_speculative(self, cur: _Pending, seqs) -> _Pending | None:
+        """Launch the step after ``cur`` with its argmax as inputs (greedy continuation)."""
+        bs = self.block_size
+        n, b = cur.n, cur.bucket
+        npos = [p + 1 for p in cur.positions]
+        blocks = []
+        limit = self.max_model_len
+        for s, p in zip(seqs, npos):
+            tbl = s.block_table
+            j = p // bs
+            if j >= len(tbl) or p >= limit:
+                return None  # needs a block the engine has not allocated yet (or at the length limit)
+            blocks.append(tbl[j])
+        host = self._spec_host[self._spec_flip]
+        self._spec_flip ^= 1
+        m = host.numpy().reshape(-1, META_COLS)
+        m[:] = self._meta_np  # padding rows and stale rows as in the last normal launch
+        m[:n, 1] = npos
+        m[:n, 2] = np.asarray(blocks, np.int64) * bs + np.asarray(npos, np.int64) % bs
+        m[:n, 3] = npos
+        m[:n, 3] += 1
+        g = self.graphs[b]
+        meta_dev = self._meta_dev
+        self._dec_dev[: self._mb * META_COLS].copy_(host, non_blocking=True)
+        meta_dev[:b, 0].copy_(g.tokens)  # inputs = the argmax of the step before (still on the GPU)
+        g.graph.replay()
+        host_tok = self._tok_host[self._tok_flip]
+        self._tok_flip ^= 1
+        host_tok[:b].copy_(g.tokens, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        # (the host mirror self._meta_np is left alone: a normal launch rewrites every live row,
+        # and its last copy may still be in flight)
+        return _Pending(n, b, cur.seq_ids, npos, blocks, ev, host_tok)
+
+    # -- eager (prefill, mixed, large decode)
+
+    def _execute_eager(self, batch: ScheduledBatch, decode_only: bool) -> list[SampleResult | None]:
+        from llmcore_cuda import kernels
+        from llmcore_cuda.model import DecodeArgs, PrefillArgs
+
+        seqs = batch.seqs
+        bs = self.block_size
+        n = len(seqs)
+        width = max(len(s.block_table) for s in seqs)
+        bt = np.zeros((n, width), np.int32)
+        ids: list[int] = []
+        pos_parts, slot_parts = [], []
+        starts = [0]
+        ctx = []
+        for i, s in enumerate(seqs):
+            tbl = np.asarray(s.block_table, np.int32)
+            bt[i, : tbl.size] = tbl
+            ql = len(s.token_ids)
+            ids.extend(s.token_ids)
+            p = np.arange(s.start_pos, s.start_pos + ql, dtype=np.int32)
+            pos_parts.append(p)
+            slot_parts.append(tbl[p // bs] * bs + p % bs)
+            starts.append(starts[-1] + ql)
+            ctx.append(s.start_pos + ql)
+        sample_idx = [i for i, s in enumerate(seqs) if s.sample]
+        rows = np.asarray([starts[i + 1] - 1 for i in sample_idx], np.int32)
+        arrays = [np.asarray(ids, np.int32), np.concatenate(pos_parts), np.concatenate(slot_parts),
+                  np.asarray(starts, np.int32), np.asarray(ctx, np.int32), bt, rows]
+        if decode_only:
+            v_ids, v_pos, v_slot, _, v_ctx, v_bt, v_rows = self._staging.put(arrays)
+            splits = kernels.choose_num_splits(n, self.config.num_kv_heads, max(ctx), bs, self.num_sms)
+            args = DecodeArgs(v_bt.view(n, width), v_ctx, splits, None)
+        else:
+            ts, tm = kernels.prefill_tiles([len(s.token_ids) for s in seqs])
+            arrays += [np.asarray(ts, np.int32), np.asarray(tm, np.int32)]
+            v_ids, v_pos, v_slot, v_qs, v_ctx, v_bt, v_rows, v_ts, v_tm = self._staging.put(arrays)
+            args = PrefillArgs(v_bt.view(n, width), v_qs, v_ctx, v_ts, v_tm)
+        hidden = self.fused.forward(v_ids, v_pos, v_slot, self.kv_caches, args)
+        results: list[SampleResult | None] = [None] * n
+        if not sample_idx:
+            return results
+        h = hidden if len(sample_idx) == hidden.shape[0] else hidden.index_select(0, v_rows.long())
+        logits = self.fused.logits(h)
+        entries = [seqs[i] for i in sample_idx]
+        if _simple_greedy(entries):
+            toks = logits.argmax(dim=-1).tolist()
+            for i, t in zip(sample_idx, toks):
+                results[i] = SampleResult(token_ids=[t])
+        else:
+            for i, res in zip(sample_idx, self.sampler(logits.float(), entries)):
+                results[i] = res
+        return results
