@@ -70,6 +70,21 @@ class Device:
     # Devices with ``capabilities.needs_compile`` (neuron, rbln) and devices
     # offering an optional compiled mode (cpu) implement these two.
 
+    def plan(self, model_config: ModelConfig, **settings: Any) -> StaticPlan:
+        """The static plan this device would compile for ``settings``.
+
+        ``settings`` are :func:`~llmcore.static_plan.plan_static`'s keywords
+        (``batch_size``, ``max_seq_len``, ``dtype``, ``tensor_parallel``,
+        ``quantization``, ``batch_buckets``, ``seq_buckets``, ``block_size``).
+        The default is ``plan_static`` with this device's capabilities; a device
+        whose compiler has further rules (one decode graph only, KV block sizes
+        tied to its attention kernel) overrides it, so ``llmcore compile`` can
+        show and validate the plan that will really be compiled.
+        """
+        from llmcore.static_plan import plan_static
+
+        return plan_static(model_config, self.capabilities, self.name, **settings)
+
     def compile_key_inputs(self, plan: StaticPlan) -> dict[str, Any]:
         """Compiler name/version/flags that go into the compile-cache key."""
         return {"compiler": "none", "compiler_version": "0", "compiler_flags": {}}

@@ -209,22 +209,32 @@ def plan_static(
 RECONCILED_FIELDS = ("device", "batch_size", "max_seq_len", "tensor_parallel", "dtype", "quantization", "block_size")
 
 
-def reconcile(compiled: StaticPlan, requested: dict[str, Any], recompile_cmd: str) -> None:
+def reconcile(
+    compiled: StaticPlan, requested: dict[str, Any], recompile_cmd: str, *,
+    names: dict[str, str] | None = None, artifact: str | None = None,
+) -> None:
     """Refuse serving settings that disagree with what was compiled.
 
     ``requested`` holds only what the user set explicitly (unset options take
     the compiled values). The error names each mismatch with both values and
-    the command that would compile what was asked for.
+    the command that would compile what was asked for. ``names`` maps a plan
+    field to the option the user set (e.g. ``max_seq_len`` -> ``max_model_len``);
+    ``artifact`` names the compiled artifact in the error.
     """
+    names = names or {}
     problems = []
     for name in RECONCILED_FIELDS:
         if name in requested and requested[name] is not None:
             have = getattr(compiled, name)
             if requested[name] != have:
-                problems.append(f"{name}: requested {requested[name]!r}, compiled {have!r}")
+                option = names.get(name, name)
+                if option == name:
+                    problems.append(f"{name}: requested {requested[name]!r}, compiled {have!r}")
+                else:
+                    problems.append(f"{option}: requested {requested[name]!r}, compiled {name} {have!r}")
     if problems:
         raise ConfigError(
-            "compiled", compiled.device,
+            "compiled", artifact or compiled.device,
             "serving settings do not match the compiled artifact (" + "; ".join(problems) + ")",
             f"Drop those options to serve the artifact as compiled, or recompile: {recompile_cmd}",
         )

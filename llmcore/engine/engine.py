@@ -51,6 +51,14 @@ class Engine:
 
         self.config = cfg = EngineConfig(model=model, device=device, dtype=dtype, **kwargs)
         self.registry = plugins or get_registry()
+        self.static = None
+        if cfg.compiled is not None:
+            # a compiled artifact's plan fixes device, dtype, model, slots and lengths;
+            # explicit settings are checked against it (llmcore/engine/static.py)
+            from llmcore.engine.static import explicit_settings, prepare_static
+
+            self.static = prepare_static(cfg, explicit_settings(model, device, dtype, kwargs))
+            model, device = cfg.model, cfg.device
         reports = probe_all(self.registry, {"device": device})
         chosen = select_device(self.registry, reports, device)
         self.probe = chosen.probe
@@ -68,9 +76,12 @@ class Engine:
         self.device = dev
         log.info("device %s (%s), dtype %s, model %s", dev.name, self.probe.description, self.dtype,
                  self.model_path)
-        self.runner = dev.create_runner(
-            mc, self.model_path, self.dtype, self.tokenizer.eos_token_ids, self.max_model_len
-        )
+        if self.static is not None:
+            self.runner = self.static.create_runner(dev, chosen, mc, self.tokenizer.eos_token_ids)
+        else:
+            self.runner = dev.create_runner(
+                mc, self.model_path, self.dtype, self.tokenizer.eos_token_ids, self.max_model_len
+            )
         if cfg.num_threads and hasattr(self.runner, "set_num_threads"):
             self.runner.set_num_threads(cfg.num_threads)
         num_blocks = self._num_kv_blocks(cfg)
@@ -156,6 +167,8 @@ class Engine:
         """Queue a request; it joins the running batch at the next step."""
         params = params or SamplingParams()
         text, ids = self._tokenize(prompt)
+        if self.static is not None:
+            self.static.check_request(len(ids), params, self.model_config.max_position_embeddings)
         if len(ids) >= self.max_model_len:
             raise RequestError(
                 "prompt", f"<{len(ids)} tokens>",

@@ -384,6 +384,7 @@ def create_app(
     :param request_timeout: seconds per request; ``None`` = no deadline.
     :param shutdown_engines: stop the engines when the app shuts down.
     """
+    keys = [k for k in (api_keys or []) if k]
     if isinstance(models, Mapping):
         served = [ServedModel(name, eng, max_queue, request_timeout) for name, eng in models.items()]
     else:
@@ -642,8 +643,29 @@ def create_app(
     async def chat_page() -> HTMLResponse:
         return HTMLResponse(CHAT_PAGE)
 
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """The schema, with ``model`` restricted to the served names (a dropdown in /docs)."""
+        schema = base_openapi()
+        comps = schema.get("components", {}).get("schemas", {})
+        for comp in ("CompletionRequest", "ChatCompletionRequest", "EmbeddingRequest"):
+            prop = comps.get(comp, {}).get("properties", {}).get("model")
+            if prop is not None:
+                prop["enum"] = list(by_name)
+        if keys and "bearer" not in schema.get("components", {}).get("securitySchemes", {}):
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http", "scheme": "bearer", "description": "one of the server's --api-key values"}
+            for path, ops in schema.get("paths", {}).items():
+                if path not in OPEN_PATHS:
+                    for op in ops.values():
+                        op["security"] = [{"bearer": []}]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     known = {getattr(r, "path", "") for r in app.routes}
     app.add_middleware(_JsonBodyMiddleware)
-    app.add_middleware(_AuthMiddleware, keys=list(api_keys or []))
+    app.add_middleware(_AuthMiddleware, keys=keys)
     app.add_middleware(_MetricsMiddleware, metrics=metrics, known_paths=known)
     return app

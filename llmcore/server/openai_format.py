@@ -105,7 +105,7 @@ def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function", "model"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "bytes"}  # pydantic union-member tags
 
 
 def validation_error_to_api(errors: list[dict[str, Any]]) -> ApiError:

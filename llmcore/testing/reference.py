@@ -12,6 +12,7 @@ from pathlib import Path
 class HFReference:
     def __init__(self, model) -> None:
         self.model = model.eval()
+        self._memo: dict[tuple[int, ...], object] = {}
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "HFReference":
@@ -42,8 +43,14 @@ class HFReference:
         """float32 logits [vocab] for the token after ``tokens``."""
         import torch
 
-        with torch.inference_mode():
-            return self.model(torch.tensor([list(tokens)])).logits[0, -1].float()
+        key = tuple(tokens)
+        if key not in self._memo:
+            if len(self._memo) > 512:
+                self._memo.clear()
+            with torch.inference_mode():
+                out = self.model(torch.tensor([list(key)]), use_cache=False, logits_to_keep=1)
+            self._memo[key] = out.logits[0, -1].float()
+        return self._memo[key].clone()
 
     def greedy(self, tokens: list[int]) -> tuple[int, float]:
         """(argmax token, its log-probability) after ``tokens``."""

@@ -106,8 +106,10 @@ def test_decode_attention_padding_rows(kdev):
 
 
 @pytest.mark.parametrize("h,kvh,d,bs,dtype", CASES)
-def test_prefill_attention_varlen_with_prefix(kdev, h, kvh, d, bs, dtype):
-    """Mixed batch: full prompts, chunks after a cached prefix, single-token decodes."""
+@pytest.mark.parametrize("decode_kernel", [False, True])
+def test_prefill_attention_varlen_with_prefix(kdev, h, kvh, d, bs, dtype, decode_kernel):
+    """Mixed batch: full prompts, chunks after a cached prefix, single-token decodes
+    (through the prefill kernel, or through the mapped decode kernel)."""
     from llmcore_cuda import kernels
 
     gen = torch.Generator().manual_seed(h + kvh * 7 + d + bs)
@@ -121,14 +123,15 @@ def test_prefill_attention_varlen_with_prefix(kdev, h, kvh, d, bs, dtype):
     starts = [0]
     for ql in qlens:
         starts.append(starts[-1] + ql)
-    ts, tm = kernels.prefill_tiles(qlens)
+    ts, tm = kernels.prefill_tiles(qlens, min_len=2 if decode_kernel else 1)
     i32 = dict(dtype=torch.int32, device=kdev)
     out = torch.full_like(q, float("nan"))
     scale = d**-0.5
-    kernels.prefill_attention(
-        q, k, v, bt, torch.tensor(starts, **i32), torch.tensor(ctx_lens, **i32),
-        torch.tensor(ts, **i32), torch.tensor(tm, **i32), scale, out=out,
-    )
+    qs, cl = torch.tensor(starts, **i32), torch.tensor(ctx_lens, **i32)
+    kernels.prefill_attention(q, k, v, bt, qs, cl, torch.tensor(ts, **i32), torch.tensor(tm, **i32), scale, out=out)
+    if decode_kernel:
+        dec = torch.tensor([i for i, ql in enumerate(qlens) if ql == 1], **i32)
+        kernels.decode_attention(q, k, v, bt, cl, scale, num_splits=2, out=out, seq_map=dec, query_starts=qs)
     for i, (c, ql) in enumerate(seqs):
         ref = ref_attention(q[starts[i] : starts[i + 1]], k, v, tables[i], c, ql, scale)
         err = rel_err(out[starts[i] : starts[i + 1]].cpu(), ref)

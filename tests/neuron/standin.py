@@ -165,7 +165,7 @@ class NeuronModelForCausalLM:
         if not isinstance(neuron_config, NxDNeuronConfig):
             raise ContractError(f"neuron_config is a {type(neuron_config).__name__}, not NxDNeuronConfig")
         if config is not None:
-            config.torch_dtype = neuron_config.torch_dtype  # the SDK does the same
+            config.dtype = neuron_config.torch_dtype  # the SDK sets config.torch_dtype the same way
         model = StandinNxDModel(config, neuron_config, weights_dir=Path(model_id), recorder=cls.recorder)
         if load_weights:
             model.load()
@@ -256,7 +256,11 @@ class StandinNxDModel:
     __call__ = forward
 
     def _logits(self, seq: int) -> torch.Tensor:
-        return self.reference.next_logits(self.kv[seq])
+        tokens = self.kv[seq]
+        if None in tokens:
+            raise ContractError(f"seq_id {seq} attends to KV position {tokens.index(None)}, never written "
+                                "or overwritten by padding: the output would be garbage")
+        return self.reference.next_logits(tokens)
 
     def _context_encoding(self, input_ids, position_ids, seq_ids) -> torch.Tensor:
         nc = self.neuron_config
@@ -292,15 +296,15 @@ class StandinNxDModel:
             pad = [s for s in range(nc.max_batch_size) if s not in used][: nc.batch_size - b]
             rows += [(rows[0][0], rows[0][1], s) for s in pad]
         out = []
-        for token, pos, seq in rows:
-            hist = self.kv.get(seq, [])
+        for r, (token, pos, seq) in enumerate(rows):
             if pos >= nc.sequence_length:
                 raise ContractError(f"position {pos} is beyond sequence_length {nc.sequence_length}")
-            if pos > len(hist):
-                raise ContractError(f"seq_id {seq}: decode at position {pos} but its KV holds {len(hist)} tokens")
-            self.kv[seq] = hist[:pos] + [token]
-            out.append(self._logits(seq))
-        return torch.stack(out[:b]).unsqueeze(1)  # [batch, 1, vocab]
+            hist = self.kv.get(seq, [])
+            # positions never written hold garbage (None); a padded row may create such gaps
+            self.kv[seq] = hist[:pos] + [None] * (pos - len(hist)) + [token]
+            if r < b:
+                out.append(self._logits(seq))
+        return torch.stack(out).unsqueeze(1)  # [batch, 1, vocab]
 
 
 def install(monkeypatch) -> types.ModuleType:

@@ -104,6 +104,12 @@ def server(tiny_model, tiny_model2, tmp_path_factory):
     assert code in (0, -signal.SIGTERM), log[-3000:]
 
 
+@pytest.fixture(scope="session")
+def launch_server():
+    """``launch_server(args, log_path) -> ServerProcess`` for tests that need their own server."""
+    return start_server
+
+
 @pytest.fixture
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}

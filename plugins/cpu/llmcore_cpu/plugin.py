@@ -86,15 +86,47 @@ class CpuDevice(Device):
 
         threads = self.config.num_threads or os.cpu_count() or 1
         torch.set_num_threads(threads)
-        return TorchModelRunner(
+        runner = TorchModelRunner(
             model_config, folder, torch.device("cpu"), dtype, TorchPagedAttention(),
             block_size=self.config.block_size, max_model_len=max_model_len,
             eos_token_ids=eos_token_ids, seed=self.config.seed, progress=self.config.progress,
         )
+        if dtype == "bfloat16" and not self.config.enforce_eager:
+            from llmcore_cpu.packed_linear import pack_model
+
+            pack_model(runner.model, batch=min(self.config.max_num_seqs, 64))
+        return runner
 
     def kv_cache_bytes(self, runner):
         avail = _memory_bytes() or (8 << 30)
         return int(min(2 << 30, avail * 0.25))
+
+    # ------------------------------------------- compiled mode (llmcore_cpu.compiled)
+
+    def compile_key_inputs(self, plan):
+        from llmcore_cpu.compiled import key_inputs
+
+        return key_inputs()
+
+    def compile(self, model_path, model_config, plan, out_dir, progress=True):
+        import torch
+
+        from llmcore_cpu.compiled import compile_graphs, default_threads
+
+        torch.set_num_threads(default_threads(self.config))
+        return compile_graphs(Path(model_path), model_config, plan, Path(out_dir), progress=progress)
+
+    def create_static_runner(self, artifact_dir, plan, model_config, model_path, eos_token_ids):
+        import torch
+
+        from llmcore_cpu.compiled import CpuStaticRunner, default_threads
+
+        torch.set_num_threads(default_threads(self.config))
+        return CpuStaticRunner(
+            Path(artifact_dir), plan, model_config, Path(model_path), eos_token_ids,
+            block_size=self.config.block_size, seed=self.config.seed,
+            progress=self.config.progress,
+        )
 
 
 @hookimpl

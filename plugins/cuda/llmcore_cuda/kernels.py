@@ -221,16 +221,22 @@ def silu_mul(x, out=None):
 
 @triton.jit
 def _decode_attn_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, pacc_ptr, plse_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, pacc_ptr, plse_ptr, seq_ptr, qstart_ptr,
     scale, q_stride, bt_stride, ctx_stride,
     H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, MAPPED: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    ctx = tl.load(ctx_ptr + b * ctx_stride)
+    if MAPPED:  # row b is sequence seq[b] of a mixed batch, its query at flat row qstart[seq]
+        sq = tl.load(seq_ptr + b).to(tl.int64)
+        qrow = tl.load(qstart_ptr + sq).to(tl.int64)
+    else:
+        sq = b
+        qrow = b
+    ctx = tl.load(ctx_ptr + sq * ctx_stride)
     per = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * per
     end = tl.minimum(start + per, ctx)
@@ -240,7 +246,7 @@ def _decode_attn_kernel(
     dd = tl.arange(0, BLOCK_D)
     dm = dd < D
     heads = kvh * G + g
-    q = tl.load(q_ptr + b * q_stride + heads[:, None] * D + dd[None, :],
+    q = tl.load(q_ptr + qrow * q_stride + heads[:, None] * D + dd[None, :],
                 mask=gm[:, None] & dm[None, :], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -248,7 +254,7 @@ def _decode_attn_kernel(
     for n0 in range(start, end, BLOCK_N):
         t = n0 + tl.arange(0, BLOCK_N)
         tm = t < end
-        blk = tl.load(bt_ptr + b * bt_stride + t // BS, mask=tm, other=0).to(tl.int64)
+        blk = tl.load(bt_ptr + sq * bt_stride + t // BS, mask=tm, other=0).to(tl.int64)
         off = (blk * BS + t % BS) * (KVH * D) + kvh * D
         kv_mask = tm[:, None] & dm[None, :]
         k = tl.load(k_ptr + off[:, None] + dd[None, :], mask=kv_mask, other=0.0)
@@ -271,7 +277,7 @@ def _decode_attn_kernel(
     o = acc / denom[:, None]
     om = gm[:, None] & dm[None, :]
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + b * (H * D) + heads[:, None] * D + dd[None, :],
+        tl.store(out_ptr + qrow * (H * D) + heads[:, None] * D + dd[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=om)
     else:
         row = (b * H + heads) * NUM_SPLITS + split
@@ -282,11 +288,15 @@ def _decode_attn_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    pacc_ptr, plse_ptr, out_ptr, H: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    pacc_ptr, plse_ptr, out_ptr, seq_ptr, qstart_ptr, H: tl.constexpr, D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, MAPPED: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    if MAPPED:
+        qrow = tl.load(qstart_ptr + tl.load(seq_ptr + b).to(tl.int64)).to(tl.int64)
+    else:
+        qrow = b
     s = tl.arange(0, BLOCK_S)
     sm = s < NUM_SPLITS
     dd = tl.arange(0, BLOCK_D)
@@ -299,7 +309,7 @@ def _decode_reduce_kernel(
     acc = tl.load(pacc_ptr + row[:, None] * BLOCK_D + dd[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
     tot = tl.sum(w, axis=0)
     o = tl.sum(acc * w[:, None], axis=0) / tl.where(tot > 0, tot, 1.0)
-    tl.store(out_ptr + b * (H * D) + h * D + dd, o.to(out_ptr.dtype.element_ty), mask=dm)
+    tl.store(out_ptr + qrow * (H * D) + h * D + dd, o.to(out_ptr.dtype.element_ty), mask=dm)
 
 
 def decode_workspace(batch: int, num_heads: int, head_dim: int, num_splits: int, device):
@@ -325,19 +335,25 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, block_siz
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=1,
-                     out=None, workspace=None):
+                     out=None, workspace=None, seq_map=None, query_starts=None):
     """Attention of one query per sequence (``q`` [B, H, D]) over its paged context.
 
     ``block_tables`` [B, W] and ``context_lens`` [B] may be strided int32/int64 views;
     ``context_lens`` counts the tokens in the cache, the new one included (0 = padding row,
     output 0).
+
+    Mixed batches: with ``seq_map`` [R] (the decode sequences) and ``query_starts`` [S+1],
+    row ``r`` is sequence ``seq_map[r]``, whose single query (and output) is flat row
+    ``query_starts[seq_map[r]]`` of ``q``/``out`` ([T, H, D]); tables and lengths are per sequence.
     """
-    bsz, h, d = q.shape
+    mapped = seq_map is not None
+    bsz = seq_map.shape[0] if mapped else q.shape[0]
+    h, d = q.shape[1], q.shape[2]
     _, bs, kvh, _ = k_cache.shape
     assert q.stride(2) == 1 and q.stride(1) == d
     assert block_tables.stride(1) == 1
     if out is None:
-        out = torch.empty((bsz, h, d), dtype=q.dtype, device=q.device)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if bsz == 0:
         return out
     g = h // kvh
@@ -346,16 +362,19 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num
         workspace = decode_workspace(bsz, h, d, num_splits, q.device)
     pacc, plse = workspace if num_splits > 1 else (out, out)
     ieee = q.dtype == torch.float32
+    smap = seq_map if mapped else context_lens
+    qst = query_starts if mapped else context_lens
     _decode_attn_kernel[(bsz, kvh, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, pacc, plse,
+        q, k_cache, v_cache, block_tables, context_lens, out, pacc, plse, smap, qst,
         scale, q.stride(0), block_tables.stride(0), context_lens.stride(0),
         H=h, KVH=kvh, G=g, D=d, BS=bs, BLOCK_G=max(16, _next_pow2(g)), BLOCK_D=bd,
-        BLOCK_N=decode_block_n(bs), NUM_SPLITS=num_splits, IEEE=ieee, num_warps=4, num_stages=2,
+        BLOCK_N=decode_block_n(bs), NUM_SPLITS=num_splits, IEEE=ieee, MAPPED=mapped,
+        num_warps=4, num_stages=2,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(bsz, h)](
-            pacc, plse, out, H=h, D=d, NUM_SPLITS=num_splits, BLOCK_S=_next_pow2(num_splits),
-            BLOCK_D=bd, num_warps=2,
+            pacc, plse, out, smap, qst, H=h, D=d, NUM_SPLITS=num_splits, BLOCK_S=_next_pow2(num_splits),
+            BLOCK_D=bd, MAPPED=mapped, num_warps=2,
         )
     return out
 
@@ -421,10 +440,16 @@ def _prefill_attn_kernel(
 PREFILL_BLOCK_M = 64
 
 
-def prefill_tiles(query_lens, block_m: int = PREFILL_BLOCK_M):
-    """Host-side map program -> (sequence, first query row) for :func:`prefill_attention`."""
+def prefill_tiles(query_lens, block_m: int = PREFILL_BLOCK_M, min_len: int = 1):
+    """Host-side map program -> (sequence, first query row) for :func:`prefill_attention`.
+
+    Sequences with fewer than ``min_len`` queries get no tiles (mixed batches send their
+    single-token decodes through :func:`decode_attention` instead).
+    """
     seq, m = [], []
     for i, ql in enumerate(query_lens):
+        if ql < min_len:
+            continue
         for start in range(0, ql, block_m):
             seq.append(i)
             m.append(start)

@@ -39,6 +39,9 @@ class PrefillArgs:
     context_lens: torch.Tensor  # [S] int32
     tile_seq: torch.Tensor  # [n_tiles] int32
     tile_m: torch.Tensor  # [n_tiles] int32
+    # mixed batches: single-token sequences go through the decode kernel instead
+    decode_seqs: torch.Tensor | None = None  # [R] int32 sequence indices
+    decode_splits: int = 1
 
 
 class _Layer:
@@ -92,6 +95,10 @@ class FusedLlama:
             else:
                 o = kernels.prefill_attention(q, kc, vc, args.block_tables, args.query_starts,
                                               args.context_lens, args.tile_seq, args.tile_m, self.scale)
+                if args.decode_seqs is not None:
+                    kernels.decode_attention(q, kc, vc, args.block_tables, args.context_lens, self.scale,
+                                             num_splits=args.decode_splits, out=o,
+                                             seq_map=args.decode_seqs, query_starts=args.query_starts)
             x = F.linear(o.view(t, h * d), L.o_w, L.o_b)
             hn, residual = kernels.add_rmsnorm(x, residual, L.post_w, self.eps)
             gu = F.linear(hn, L.gu_w, L.gu_b)

@@ -34,6 +34,7 @@ log = logging.getLogger("llmcore.cuda")
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 META_COLS = 4  # input id, position, slot, context length
+MIN_MIXED_DECODES = 4  # mixed steps with this many decodes send them through the decode kernel
 
 
 def graph_buckets(max_num_seqs: int, buckets=DEFAULT_BUCKETS) -> list[int]:
@@ -75,12 +76,42 @@ class _Pending:
     tokens_in: list[int] | None = None  # filled when the previous step's tokens are known
 
 
+class _NullEvent:
+    """Stand-in for torch.cuda.Event when the runner is exercised on the CPU (tests)."""
+
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _EagerGraph:
+    """Stand-in for a CUDA graph on the CPU (tests): replay reruns the step into the same outputs."""
+
+    def __init__(self, fn, logits, tokens) -> None:
+        self.fn, self.logits, self.tokens = fn, logits, tokens
+
+    def replay(self) -> None:
+        logits, tokens = self.fn()
+        self.logits.copy_(logits)
+        self.tokens.copy_(tokens)
+
+
+def _event(device):
+    return torch.cuda.Event() if device.type == "cuda" else _NullEvent()
+
+
+def _pinned(t: torch.Tensor, device) -> torch.Tensor:
+    return t.pin_memory() if device.type == "cuda" else t
+
+
 class _Staging:
     """Grow-only pinned host buffer + device buffer for int32 metadata, one H2D copy per step."""
 
     def __init__(self, device) -> None:
         self.device = device
-        self.host = torch.empty(0, dtype=torch.int32).pin_memory()
+        self.host = _pinned(torch.empty(0, dtype=torch.int32), device)
         self.dev = torch.empty(0, dtype=torch.int32, device=device)
         self.event = None
 
@@ -90,7 +121,7 @@ class _Staging:
             if self.event is not None:
                 self.event.synchronize()
             cap = max(total, 2 * self.host.numel(), 4096)
-            self.host = torch.empty(cap, dtype=torch.int32).pin_memory()
+            self.host = _pinned(torch.empty(cap, dtype=torch.int32), self.device)
             self.dev = torch.empty(cap, dtype=torch.int32, device=self.device)
         elif self.event is not None:
             self.event.synchronize()  # previous copy out of this host buffer is done
@@ -103,7 +134,7 @@ class _Staging:
             off += a.size
         self.dev[:off].copy_(self.host[:off], non_blocking=True)
         if self.event is None:
-            self.event = torch.cuda.Event()
+            self.event = _event(self.device)
         self.event.record()
         return [self.dev[o : o + n] for o, n in spans]
 
@@ -128,8 +159,8 @@ class CudaModelRunner(TorchModelRunner):
         self.buckets = [] if self.enforce_eager else graph_buckets(
             ec.max_num_seqs, extra.get("cuda_graph_buckets", DEFAULT_BUCKETS))
         self.max_blocks = -(-max_model_len // block_size)
-        props = torch.cuda.get_device_properties(device)
-        self.num_sms = props.multi_processor_count
+        self.on_cuda = device.type == "cuda"
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self.on_cuda else 8
         self.graphs: dict[int, _Graph] = {}
         self.sink_block = -1
         self._staging = _Staging(device)
@@ -221,7 +252,7 @@ class CudaModelRunner(TorchModelRunner):
         if not mb:
             return
         n = mb * META_COLS + mb * w
-        self._dec_host = torch.zeros(n, dtype=torch.int32).pin_memory()
+        self._dec_host = _pinned(torch.zeros(n, dtype=torch.int32), self.device)
         self._dec_np = self._dec_host.numpy()
         self._meta_np = self._dec_np[: mb * META_COLS].reshape(mb, META_COLS)
         self._bt_np = self._dec_np[mb * META_COLS :].reshape(mb, w)
@@ -229,8 +260,9 @@ class CudaModelRunner(TorchModelRunner):
         self._meta_dev = self._dec_dev[: mb * META_COLS].view(mb, META_COLS)
         self._bt_dev = self._dec_dev[mb * META_COLS :].view(mb, w)
         # speculative steps: meta only (block tables unchanged), two alternating host buffers
-        self._spec_host = [torch.zeros(mb * META_COLS, dtype=torch.int32).pin_memory() for _ in range(2)]
-        self._tok_host = [torch.zeros(mb, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._spec_host = [_pinned(torch.zeros(mb * META_COLS, dtype=torch.int32), self.device)
+                           for _ in range(2)]
+        self._tok_host = [_pinned(torch.zeros(mb, dtype=torch.int64), self.device) for _ in range(2)]
         self._tok_flip = 0
         self._row_tables: list[list[int] | None] = [None] * mb
         self._splits = {
@@ -266,6 +298,12 @@ class CudaModelRunner(TorchModelRunner):
     def capture_graphs(self) -> None:
         t0 = time.perf_counter()
         self._dec_dev.copy_(self._dec_host)
+        if not self.on_cuda:
+            for b in self.buckets:
+                logits, tokens = self._decode_forward(b)
+                eg = _EagerGraph(lambda b=b: self._decode_forward(b), logits, tokens)
+                self.graphs[b] = _Graph(eg, logits, tokens)
+            return
         pool = torch.cuda.graph_pool_handle()
         buckets = sorted(self.buckets, reverse=True)
         it = buckets
@@ -304,8 +342,8 @@ class CudaModelRunner(TorchModelRunner):
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
-        if batch.finished_rng_keys:
-            self.sampler.release(batch.finished_rng_keys)
+        if batch.finished_keys:
+            self.sampler.release(batch.finished_keys)
         if batch.block_copies:
             self._copy_blocks(batch.block_copies)
         seqs = batch.seqs
@@ -385,7 +423,7 @@ class CudaModelRunner(TorchModelRunner):
         host_tok = self._tok_host[self._tok_flip]
         self._tok_flip ^= 1
         host_tok[:b].copy_(g.tokens, non_blocking=True)
-        ev = torch.cuda.Event()
+        ev = _event(self.device)
         ev.record()
         cur = _Pending(n, b, [s.seq_id for s in seqs], pos, blocks, ev, host_tok)
         if self.overlap:
@@ -437,7 +475,7 @@ class CudaModelRunner(TorchModelRunner):
         host_tok = self._tok_host[self._tok_flip]
         self._tok_flip ^= 1
         host_tok[:b].copy_(g.tokens, non_blocking=True)
-        ev = torch.cuda.Event()
+        ev = _event(self.device)
         ev.record()
         # (the host mirror self._meta_np is left alone: a normal launch rewrites every live row,
         # and its last copy may still be in flight)
@@ -477,10 +515,22 @@ class CudaModelRunner(TorchModelRunner):
             splits = kernels.choose_num_splits(n, self.config.num_kv_heads, max(ctx), bs, self.num_sms)
             args = DecodeArgs(v_bt.view(n, width), v_ctx, splits, None)
         else:
-            ts, tm = kernels.prefill_tiles([len(s.token_ids) for s in seqs])
+            qlens = [len(s.token_ids) for s in seqs]
+            dec = [i for i, q in enumerate(qlens) if q == 1]
+            mixed = len(dec) >= MIN_MIXED_DECODES
+            ts, tm = kernels.prefill_tiles(qlens, min_len=2 if mixed else 1)
             arrays += [np.asarray(ts, np.int32), np.asarray(tm, np.int32)]
-            v_ids, v_pos, v_slot, v_qs, v_ctx, v_bt, v_rows, v_ts, v_tm = self._staging.put(arrays)
-            args = PrefillArgs(v_bt.view(n, width), v_qs, v_ctx, v_ts, v_tm)
+            if mixed:
+                arrays.append(np.asarray(dec, np.int32))
+                views = self._staging.put(arrays)
+                v_dec = views[-1]
+                splits = kernels.choose_num_splits(len(dec), self.config.num_kv_heads,
+                                                   max(ctx[i] for i in dec), bs, self.num_sms)
+            else:
+                views = self._staging.put(arrays)
+                v_dec, splits = None, 1
+            v_ids, v_pos, v_slot, v_qs, v_ctx, v_bt, v_rows, v_ts, v_tm = views[:9]
+            args = PrefillArgs(v_bt.view(n, width), v_qs, v_ctx, v_ts, v_tm, v_dec, splits)
         hidden = self.fused.forward(v_ids, v_pos, v_slot, self.kv_caches, args)
         results: list[SampleResult | None] = [None] * n
         if not sample_idx:

@@ -76,7 +76,8 @@ class NeuronDevice(Device):
             "compiler_flags": {
                 "exporter": "optimum-neuron",
                 "exporter_version": sdk.installed_version("optimum-neuron") or "not installed",
-                "target": self.target,
+                # what neuronx-cc compiles for: inf2 and trn1 share NeuronCore-v2 code
+                "target": sdk.COMPILE_TARGETS[self.target],
                 "on_device_sampling": False,
                 "plugin_version": __version__,
             },

@@ -45,7 +45,7 @@ def plan_for(
         raise ConfigError(
             "batch_buckets", list(batch_buckets),
             "neuron compiles one decode graph for all batch_size slots (fewer sequences are padded)",
-            "Drop --batch-buckets",
+            "Drop --buckets",
         )
     if seq_buckets is not None and sorted(set(seq_buckets)) != [max_seq_len]:
         raise ConfigError(
@@ -82,9 +82,9 @@ def check_plan(plan: StaticPlan) -> None:
     if plan.quantization:
         raise ConfigError("quantization", plan.quantization, "is not available on neuron",
                           "Available on neuron: none")
-    if tuple(plan.batch_buckets) != (plan.batch_size,):
-        raise ConfigError("batch_buckets", list(plan.batch_buckets),
-                          "neuron compiles one decode graph for all slots", f"Use [{plan.batch_size}]")
+    if plan.batch_buckets[-1] != plan.batch_size:
+        raise ConfigError("batch_buckets", list(plan.batch_buckets), f"must end at batch_size={plan.batch_size}")
+    # smaller decode buckets (plan_static's default) are served by the one batch_size graph
     if tuple(plan.seq_buckets) != (plan.max_seq_len,):
         raise ConfigError("seq_buckets", list(plan.seq_buckets),
                           "optimum-neuron 0.4 has no prefill buckets", f"Use [{plan.max_seq_len}]")

@@ -57,6 +57,8 @@ TARGETS = {
     "trn2": Target("trn2", 4, 24 * GIB, 64, "trn2.48xlarge"),
 }
 DEFAULT_TARGET = "inf2"
+#: optimum-neuron's instance_type normalisation (utils/instance.py INSTANCE_VALUE_MAP)
+COMPILE_TARGETS = {"inf2": "trn1", "trn1": "trn1", "trn2": "trn2"}
 
 
 def neuron_devices(dev: str = "/dev") -> list[str]:

@@ -1,0 +1,19 @@
+#!/bin/bash
+# Run the CUDA tests and/or the benchmark on a GPU machine, from the repository root,
+# without installing: the repo and its plugins go on PYTHONPATH and the entry points
+# come from llmcore.egg-info (carried), else from an editable install.
+#   bash benchmarks/cuda_gpu_run.sh tests [pytest args...]
+#   bash benchmarks/cuda_gpu_run.sh bench [cuda_bench.py args...]
+set -o pipefail
+ROOT=$(pwd)
+export PYTHONPATH=$ROOT:$ROOT/plugins/cpu:$ROOT/plugins/cuda:$ROOT/plugins/neuron:$ROOT/plugins/rbln${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if ! python3 -c "from importlib.metadata import entry_points as e; import sys; sys.exit('cuda' not in [x.name for x in e(group='llmcore.plugins')])"; then
+  python3 -m pip install -q -e . --no-deps --no-build-isolation || exit 1
+fi
+what=$1; shift
+case $what in
+  tests) python3 -m pytest tests/cuda -q -rs "$@" ;;
+  bench) python3 benchmarks/cuda_bench.py "$@" ;;
+  *) echo "usage: $0 tests|bench [args]"; exit 2 ;;
+esac

@@ -1,0 +1,196 @@
+"""``llmcore compile``: print the plan, compile into the cache, print the key and path.
+
+Wired into the main CLI with :func:`add_compile_parser`; also runs on its own:
+``python -m llmcore.compile.cli --device cpu --batch-size 4 --max-seq-len 256``.
+
+Exit status: 0 compiled, cache hit or dry run; 1 compile failed; 2 invalid
+settings (the message names the option and what would work); 3 the device
+cannot run here (the probe's reason and hint are printed; ``--dry-run``
+still prints its plan).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return vals
+
+
+def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--device", required=True,
+                   help="device to compile for: cpu, cuda, neuron, rbln or a plugin's device")
+    p.add_argument("--model", default=None,
+                   help="Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--batch-size", type=int, required=True, help="batch slots (sequences served at once)")
+    p.add_argument("--max-seq-len", type=int, required=True, help="longest sequence (prompt + output)")
+    p.add_argument("--dtype", default="auto", help="auto (the device's default), float32, bfloat16, float16")
+    p.add_argument("--quantization", default=None, help="quantization method, if the device offers one")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="cores/devices to shard the model over")
+    p.add_argument("--buckets", type=_int_list, default=None,
+                   help="decode batch buckets, e.g. 1,2,4 (default: powers of two up to --batch-size)")
+    p.add_argument("--seq-buckets", type=_int_list, default=None,
+                   help="prefill length buckets, e.g. 64,256 (default: --max-seq-len only)")
+    p.add_argument("--block-size", type=int, default=None, help="KV block size, where the device pages its KV")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the cache key; compile nothing")
+    p.add_argument("--cache-dir", default=None, help="cache root (default: $LLMCORE_CACHE_DIR or ~/.cache)")
+    p.add_argument("--shared-cache-dir", default=None,
+                   help="read-only shared cache checked on a miss (default: $LLMCORE_SHARED_CACHE_DIR)")
+    p.add_argument("--lock-timeout", type=float, default=None,
+                   help="seconds to wait for another process compiling the same key (default: forever)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=run_compile_command)
+    return p
+
+
+def add_compile_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``compile`` to the main CLI's subparsers; ``args.func(args)`` returns the exit status."""
+    p = subparsers.add_parser(
+        "compile", help="ahead-of-time compile a model for fixed shapes into the compile cache",
+        description="Plan static shapes for a device, compile the model for them and store the "
+                    "artifact in the compile cache. Serve it with Engine(compiled=KEY) or "
+                    "llmcore generate --compiled KEY.",
+    )
+    return configure_parser(p)
+
+
+class _Forward(logging.Handler):
+    """Shows the cache's warnings (a corrupt entry found and removed) as progress lines."""
+
+    def __init__(self, say) -> None:
+        super().__init__(logging.WARNING)
+        self.say = say
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.say("warning: " + record.getMessage())
+
+
+def run_compile_command(args: argparse.Namespace) -> int:
+    from compile_cache import CacheError, CompileCache
+
+    from llmcore.errors import ConfigError, DeviceUnavailableError, LlmcoreError
+
+    from .build import CompileRequest, plan_compile, run_compile
+
+    out = sys.stdout
+
+    def say(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def fail(code: int, msg: str) -> int:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        if args.json:
+            print(json.dumps({"ok": False, "error": msg, "exit_code": code}), file=out)
+        return code
+
+    request = CompileRequest(
+        device=args.device, batch_size=args.batch_size, max_seq_len=args.max_seq_len, model=args.model,
+        dtype=args.dtype, quantization=args.quantization, tensor_parallel=args.tensor_parallel,
+        buckets=args.buckets, seq_buckets=args.seq_buckets, block_size=args.block_size,
+    )
+    cache = CompileCache(args.cache_dir, args.shared_cache_dir)
+    forward = _Forward(say)
+    cache_log = logging.getLogger("llmcore.compile_cache")
+    cache_log.addHandler(forward)
+    propagate, cache_log.propagate = cache_log.propagate, False  # shown once, by `forward`
+    try:
+        try:
+            planned = plan_compile(request, cache)
+        except ConfigError as exc:
+            return fail(EXIT_CONFIG, str(exc))
+        except LlmcoreError as exc:
+            return fail(EXIT_FAILED, str(exc))
+        result: dict[str, Any] = {
+            "ok": True, "device": planned.plan.device, "plan": planned.plan.to_dict(),
+            "model_path": str(planned.model_path), "usable": planned.usable,
+            "key": planned.key.digest() if planned.key else None,
+            "key_summary": planned.key.summary() if planned.key else None,
+            "recompile_command": planned.request.command(),
+        }
+        if not args.json:
+            _print_plan(planned, cache, out)
+        if args.dry_run:
+            if not planned.usable and not args.json:
+                print(f"note: {planned.unusable_message()} (dry run: plan only)", file=out)
+            if args.json:
+                print(json.dumps({**result, "dry_run": True}), file=out)
+            return EXIT_OK
+        if not planned.usable:
+            return fail(EXIT_UNAVAILABLE, planned.unusable_message())
+        try:
+            outcome = run_compile(planned, cache, say=say, show_progress=not args.quiet,
+                                  lock_timeout=args.lock_timeout)
+        except ConfigError as exc:
+            return fail(EXIT_CONFIG, str(exc))
+        except DeviceUnavailableError as exc:
+            return fail(EXIT_UNAVAILABLE, str(exc))
+        except (LlmcoreError, CacheError) as exc:
+            return fail(EXIT_FAILED, str(exc))
+        entry = outcome.entry
+        result.update(hit=outcome.hit, path=str(entry.path), seconds=round(outcome.seconds, 3),
+                      size_bytes=entry.size_bytes)
+        if args.json:
+            print(json.dumps(result), file=out)
+            return EXIT_OK
+        if outcome.hit:
+            built = entry.manifest.get("build_seconds")
+            took = f", compiled earlier in {built:.1f}s" if isinstance(built, (int, float)) else ""
+            print(f"cache hit   {entry.path} ({_size(entry.size_bytes)}{took}); "
+                  f"nothing to compile ({outcome.seconds:.2f}s)", file=out)
+        else:
+            print(f"compiled    {entry.path} ({_size(entry.size_bytes)}) in {outcome.seconds:.1f}s", file=out)
+        print(f"cache key   {entry.digest}", file=out)
+        print(f"serve it    llmcore generate --compiled {entry.digest[:16]}   "
+              f"or   Engine(compiled={entry.digest[:16]!r})", file=out)
+        return EXIT_OK
+    finally:
+        cache_log.removeHandler(forward)
+        cache_log.propagate = propagate
+
+
+def _print_plan(planned, cache, out) -> None:
+    name = planned.model_path.name
+    print(f"plan for {planned.plan.device} ({name}, {planned.model_config.architecture}):", file=out)
+    for line in planned.plan.describe().splitlines():
+        print("  " + line, file=out)
+    print(f"model       {planned.model_path}", file=out)
+    if planned.key is not None:
+        print(f"cache key   {planned.key.digest()}  ({planned.key.summary()})", file=out)
+        print(f"cache dir   {cache.root}", file=out)
+    else:
+        print(f"cache key   not computed here: {planned.key_problem}", file=out)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = configure_parser(argparse.ArgumentParser(
+        prog="llmcore compile", description="Ahead-of-time compile into the compile cache."))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

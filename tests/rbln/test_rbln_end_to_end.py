@@ -1,0 +1,51 @@
+"""compile -> compile cache -> Engine(compiled=...) -> the rbln runner, with the optimum-rbln stand-in.
+
+The card is made to look present (a /dev/rbln0 and the SDK) and the stand-in
+plays the NPU; everything else is llmcore's real path. Greedy output must equal
+transformers' token for token.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("llmcore.compile")
+
+PROMPTS = [[1, 4093, 532, 9043, 310, 28, 1711], [1, 742, 18], [1, 30210, 995, 12, 7]]
+
+
+@pytest.fixture
+def rbln_present(monkeypatch, optimum_rbln, tmp_path):
+    from llmcore_rbln import sdk
+
+    monkeypatch.setattr(sdk, "rbln_devices", lambda dev="/dev": ["rbln0"])
+    monkeypatch.setattr(sdk, "missing_sdk", lambda: [])
+    monkeypatch.delenv("LLMCORE_RBLN_NPU", raising=False)
+    monkeypatch.setenv("LLMCORE_CACHE_DIR", str(tmp_path / "cache"))
+    return optimum_rbln
+
+
+def greedy(reference, prompt, n):
+    out = list(prompt)
+    for _ in range(n):
+        out.append(reference.greedy(out)[0])
+    return out[len(prompt):]
+
+
+def test_compiled_rbln_artifact_serves_greedy_like_transformers(rbln_present, tiny_model):
+    from llmcore import Engine, SamplingParams
+    from llmcore.compile import CompileRequest, compile_model
+    from llmcore.testing.reference import HFReference
+
+    outcome = compile_model(CompileRequest(device="rbln", model=str(tiny_model), batch_size=2, max_seq_len=64,
+                                           dtype="float32"), show_progress=False)
+    kw = rbln_present.recorder.last("from_pretrained")["kwargs"]
+    assert kw["rbln_decoder_batch_sizes"] == [2, 1], "plan_static's default decode buckets"
+    assert "rbln_npu" not in kw, "a card is present: the SDK targets it"
+
+    engine = Engine(compiled=outcome.entry.digest[:16], progress=False)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outputs = engine.generate(PROMPTS, params)
+    reference = HFReference.from_pretrained(tiny_model)
+    for prompt, out in zip(PROMPTS, outputs):
+        assert out.outputs[0].token_ids == greedy(reference, prompt, 6)
