@@ -50,6 +50,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    long_prefill_threshold: int | None = None  # max prefill tokens per sequence per step
     seed: int = 0
     compiled: str | None = None  # a compile-cache key or entry path
     enforce_eager: bool = False

@@ -92,20 +92,11 @@ def validate_against(config, probe: DeviceProbe, reports: list[ProbeReport]) -> 
             f"Available on {probe.name}: {', '.join(caps.dtypes)}",
         )
     q = config.quantization
-    if q is not None:
-        if q not in caps.quantization:
-            elsewhere = [
-                f"{r.probe.name}" for r in reports if q in r.probe.capabilities.quantization
-            ]
-            others = "; ".join(
-                f"on {r.probe.name}: {', '.join(r.probe.capabilities.quantization)}"
-                for r in reports
-                if r.probe.name != probe.name and r.probe.capabilities.quantization
-            )
-            hint = f"Available on {probe.name}: {', '.join(caps.quantization) or 'none'}"
-            if elsewhere:
-                hint += f". {q} works on: {', '.join(elsewhere)}"
-            if others:
-                hint += f" ({others})"
-            raise ConfigError("quantization", q, f"is not available on {probe.name}", hint)
+    if q is not None and q not in caps.quantization:
+        # the registry (llmcore.quantization) says where the method runs and why not here
+        from llmcore.quantization import explain_refusal
+
+        others = {r.probe.name: tuple(r.probe.capabilities.quantization) for r in reports}
+        problem, hint = explain_refusal(q, probe.name, tuple(caps.quantization), others)
+        raise ConfigError("quantization", q, problem, hint)
     return dtype

@@ -88,7 +88,8 @@ class Engine:
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         budget = cfg.max_num_batched_tokens or max(2048, cfg.max_num_seqs)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, budget, cfg.enable_chunked_prefill)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, budget, cfg.enable_chunked_prefill,
+                                   cfg.long_prefill_threshold)
         self._requests: dict[str, Request] = {}
         self._counter = itertools.count()
         self._peak_waste = 0.0
@@ -222,16 +223,18 @@ class Engine:
                 raise RuntimeError(f"cannot schedule seq {seq.seq_id}: KV cache too small")
             return []
         results = self.runner.execute(batch)
-        self._track_waste()
         touched: dict[str, Request] = {}
         seqs = {s.seq_id: s for s in self.scheduler.running}
         now = time.monotonic()
+        for entry in batch.seqs:
+            seq = seqs[entry.seq_id]
+            seq.num_computed_tokens += entry.num_new
+            self.block_manager.commit_full_blocks(seq, seq.num_computed_tokens)
+        self._track_waste()
         for entry, res in zip(batch.seqs, results):
             seq = seqs[entry.seq_id]
             req = seq.request
             touched[req.request_id] = req
-            seq.num_computed_tokens += entry.num_new
-            self.block_manager.commit_full_blocks(seq, seq.num_computed_tokens)
             if res is not None and res.prompt_logprobs is not None and req.prompt_logprobs is not None:
                 req.prompt_logprobs.extend(res.prompt_logprobs)
             if not entry.sample or res is None:

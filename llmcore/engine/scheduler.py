@@ -7,7 +7,9 @@ Policy (stated because users depend on it):
 * **Token budget.** Each step computes at most ``max_num_batched_tokens``
   tokens. Decodes (1 token each) go first, so a long prompt arriving does not
   stall them; the prompt is prefilled in chunks with what is left (chunked
-  prefill).
+  prefill). While others are running, one sequence's chunk is capped at
+  ``long_prefill_threshold`` (default a quarter of the budget) so requests
+  arriving behind a long prompt still get their first token quickly.
 * **Preemption by recompute.** When blocks run out, the most recently arrived
   running sequence gives up its blocks and returns to the front of the waiting
   queue with its generated tokens kept; it recomputes them when resumed, so
@@ -34,11 +36,17 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
+        long_prefill_threshold: int | None = None,
     ) -> None:
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        # cap on one sequence's prefill chunk per step, so a long prompt leaves budget
+        # for requests arriving behind it (their first token is not stuck behind it)
+        if long_prefill_threshold is None:
+            long_prefill_threshold = max(max_num_batched_tokens // 4, 1) if enable_chunked_prefill else max_num_batched_tokens
+        self.long_prefill_threshold = long_prefill_threshold
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -92,6 +100,8 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(seq.num_uncomputed, budget)
+            if len(self.running) > 1 or self.waiting:  # alone, a prompt may take the whole budget
+                num_new = min(num_new, self.long_prefill_threshold)
             if num_new <= 0:
                 continue
             total = seq.num_computed_tokens + num_new
@@ -117,6 +127,8 @@ class Scheduler:
             num_cached = len(cached) * self.bm.block_size
             remaining = len(seq.token_ids) - num_cached
             num_new = min(remaining, budget)
+            if self.enable_chunked_prefill and self.running:
+                num_new = min(num_new, self.long_prefill_threshold)
             if num_new < remaining and not self.enable_chunked_prefill and scheduled:
                 break
             total = num_cached + num_new

@@ -41,8 +41,10 @@ class TorchModelRunner:
         eos_token_ids: list[int],
         seed: int = 0,
         progress: bool = True,
+        quantization: str | None = None,
     ) -> None:
         self.config = model_config
+        self.quantization = quantization
         self.device = device
         self.dtype = TORCH_DTYPES[dtype]
         self.block_size = block_size
@@ -58,6 +60,7 @@ class TorchModelRunner:
     def _load(self, folder: Path, progress: bool) -> torch.nn.Module:
         cls = registry.get_architecture(self.config.architecture)
         t0 = time.perf_counter()
+        quant = self._quant_handler(folder)  # refuses a mismatched checkpoint before any tensor is read
         with torch.device("meta"):
             model = cls(self.config)
         model = model.to_empty(device=self.device).to(self.dtype)
@@ -67,7 +70,11 @@ class TorchModelRunner:
             from tqdm.auto import tqdm
 
             weights = tqdm(weights, total=total, desc="Loading weights", unit="tensor", leave=False)
+        if quant is not None:
+            weights = quant.convert_weights(weights)
         model.load_weights(weights)
+        if quant is not None:
+            quant.apply(model)
         model.init_rope(self.max_model_len, self.device, self.dtype)
         model.backend = self.backend
         model.eval()
@@ -76,6 +83,25 @@ class TorchModelRunner:
             self.config.architecture, self.config.num_params() / 1e6, self.dtype, time.perf_counter() - t0,
         )
         return model
+
+    def _quant_handler(self, folder: Path):
+        """The quantization method's handler (llmcore.quantization), or None."""
+        from llmcore.quantization.handler import checkpoint_format
+
+        if self.quantization is None:
+            fmt = checkpoint_format(folder)
+            if fmt is not None:
+                raise ModelLoadError(
+                    f"{folder} holds a {fmt}-quantized checkpoint; load it with quantization={fmt!r} "
+                    f"(--quantization {fmt}) on a device that offers it (see 'llmcore devices')"
+                )
+            return None
+        from llmcore.quantization import prepare
+
+        dtype = next(k for k, v in TORCH_DTYPES.items() if v == self.dtype)
+        handler = prepare(self.quantization, self.device.type, dtype)
+        handler.check_checkpoint(folder)
+        return handler
 
     def kv_bytes_per_block(self) -> int:
         return self.config.kv_bytes_per_token(self.dtype.itemsize) * self.block_size

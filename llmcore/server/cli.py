@@ -99,39 +99,66 @@ def _seconds(text: str) -> float | None:
     return v
 
 
+def _gib(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return v
+
+
 def _add_engine_options(p: argparse.ArgumentParser, multi_model: bool) -> None:
+    # Same names as `llmcore generate`; defaults are None so a YAML file's per-model settings stand
+    # unless an option is given.
     g = p.add_argument_group("model and engine")
     if multi_model:
-        g.add_argument("--model", action="append", default=None, metavar="M",
-                       help="model folder (Hugging Face layout) or .gguf file; repeat to serve several. "
+        g.add_argument("--model", "-m", action="append", default=None, metavar="M",
+                       help="local Hugging Face folder or .gguf file; repeat to serve several. "
                             "Default (no --model and no --config): the embedded SmolLM2-135M-Instruct")
         g.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
                        help="name clients use in \"model\"; one per --model, in order "
                             "(default: the folder name, or SmolLM2-135M-Instruct)")
     else:
-        g.add_argument("--model", default=None, metavar="M",
-                       help="model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+        g.add_argument("--model", "-m", default=None, metavar="M",
+                       help="local Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
         g.add_argument("--served-model-name", default=None, metavar="NAME",
                        help="model name written into the responses (default: the folder name)")
-    g.add_argument("--device", default=None, metavar="D",
-                   help="device plugin to run on, e.g. cpu or cuda (default: the best one found; "
-                        "see `llmcore devices`)")
+    g.add_argument("--device", "-d", default=None, metavar="D",
+                   help="device name (cpu, cuda, neuron, rbln, ...); default: the highest-scoring usable "
+                        "device (see 'llmcore devices')")
     g.add_argument("--dtype", default=None, metavar="T", help="auto (default), float32, bfloat16 or float16")
-    g.add_argument("--max-num-seqs", type=_positive_int, default=None, metavar="N",
-                   help="sequences in the running batch at once (engine default 64)")
+    g.add_argument("--quantization", "-q", default=None, help="weight quantization method, if the device offers it")
     g.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
-                   help="context window in tokens (default: the model's)")
-    g.add_argument("--kv-cache-memory", type=_positive_int, default=None, metavar="BYTES",
-                   help="bytes for the KV cache (default: the device's policy)")
+                   help="longest prompt + output, in tokens (default: the model's)")
+    g.add_argument("--max-num-seqs", type=_positive_int, default=None, metavar="N",
+                   help="sequences decoded at once (default 64)")
+    g.add_argument("--block-size", type=_positive_int, default=None, metavar="N",
+                   help="KV-cache block size in tokens (default 16)")
+    g.add_argument("--kv-cache-memory", type=_gib, default=None, metavar="GIB",
+                   help="GiB for the KV cache (default: the device decides, 2 GiB on CPU)")
+    g.add_argument("--no-prefix-caching", action="store_true", default=None, help="disable prefix caching")
+    g.add_argument("--compiled", default=None,
+                   help="serve a compiled artifact: a compile-cache key (prefix) or entry path from 'llmcore compile'")
+    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads (default: the device decides; on a busy machine 1 can be much faster)")
     g.add_argument("--seed", type=int, default=None, help="engine RNG seed for requests without a seed")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {}
-    for name in ("device", "dtype", "max_num_seqs", "max_model_len", "kv_cache_memory", "seed"):
-        v = getattr(args, name, None)
+    for opt, name in (("device", "device"), ("dtype", "dtype"), ("quantization", "quantization"),
+                      ("max_model_len", "max_model_len"), ("max_num_seqs", "max_num_seqs"),
+                      ("block_size", "block_size"), ("compiled", "compiled"), ("threads", "num_threads"),
+                      ("seed", "seed")):
+        v = getattr(args, opt, None)
         if v is not None:
             kw[name] = v
+    if getattr(args, "kv_cache_memory", None):
+        kw["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
+    if getattr(args, "no_prefix_caching", None):
+        kw["enable_prefix_caching"] = False
     return kw
 
 
@@ -162,8 +189,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--request-timeout", type=_seconds, default=None, metavar="S",
                    help="seconds a request may take before it is aborted (504, or an error event when "
                         "streaming); 'none' disables (default 600)")
-    s.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
-                   help="log level (default info)")
+    s.add_argument("--log-level", dest="serve_log_level", default=None,
+                   choices=["debug", "info", "warning", "error"],
+                   help="log level of the server (default info)")
     s.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="do not log one line per HTTP request")
     p.set_defaults(func=serve_command)
@@ -220,8 +248,9 @@ def build_serve_config(args: argparse.Namespace):
         cfg.max_queue = args.max_queue
     if args.request_timeout is not None:
         cfg.request_timeout = args.request_timeout
-    if args.log_level:
-        cfg.log_level = args.log_level
+    level = getattr(args, "serve_log_level", None) or getattr(args, "log_level", None)
+    if level:
+        cfg.log_level = str(level).lower()
     models = list(args.model or [])
     names = list(args.served_model_name or [])
     if names and len(names) != max(len(models), 1):
@@ -321,7 +350,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
 def batch_command(args: argparse.Namespace) -> int:
     """Run a batch file; exit 0 if every line succeeded, 1 if some failed, 2 usage error, 130 interrupted."""
-    _setup_logging("warning")
+    _setup_logging(getattr(args, "log_level", None) or "warning")
     try:
         from llmcore.engine.engine import Engine
         from llmcore.server.batch import BatchRunner

@@ -224,3 +224,94 @@ def test_choose_num_splits():
     assert choose_num_splits(1, 8, 20, 16, 132) == 1
     assert choose_num_splits(256, 8, 4096, 16, 132) == 1
     assert choose_num_splits(8, 8, 4096, 16, 132) == 8
+
+
+# ------------------------------------------------ fused small-batch decode path
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [1, 3])
+def test_small_gemm_plain_and_split(kdev, dtype, m):
+    from llmcore_cuda import kernels
+
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 512, generator=gen).to(dtype).to(kdev)
+    w = (0.05 * torch.randn(96, 512, generator=gen)).to(dtype).to(kdev)
+    bias = torch.randn(96, generator=gen).to(dtype).to(kdev)
+    ref = x.double() @ w.double().T + bias.double()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    y = kernels.small_gemm(x, w, bias=bias, config=(32, 128, 1, 4, 2))
+    assert y.dtype == dtype and rel_err(y.cpu(), ref.cpu()) < tol
+    parts = kernels.small_gemm(x, w, bias=bias, config=(16, 64, 4, 4, 2))
+    assert parts.shape == (4, m, 96) and parts.dtype == torch.float32
+    assert rel_err(parts.sum(0).cpu(), ref.cpu()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("gated", [False, True])
+def test_small_gemm_fused_residual_norm(kdev, dtype, gated):
+    """Consumer of split-K partials: sum + residual add + RMSNorm + GEMM (+ SiLU gate)."""
+    from llmcore.models.llama import RMSNorm
+    from llmcore_cuda import kernels
+
+    gen = torch.Generator().manual_seed(7 + gated)
+    m, k, n = 2, 384, 80
+    parts = torch.randn(3, m, k, generator=gen).to(kdev)
+    r = torch.randn(m, k, generator=gen).to(dtype).to(kdev)
+    norm = RMSNorm(k, 1e-5).to(kdev).to(dtype)
+    norm.weight.data = (1 + 0.1 * torch.randn(k, generator=gen)).to(dtype).to(kdev)
+    w = (0.05 * torch.randn(2 * n if gated else n, k, generator=gen)).to(dtype).to(kdev)
+    r_out = torch.full_like(r, float("nan"))
+    y = kernels.small_gemm(parts, w, residual=r, residual_out=r_out, norm_weight=norm.weight, eps=1e-5,
+                           gated=gated, x_parts=3, config=(16, 128, 1, 4, 2))
+    s = parts.sum(0).to(dtype) + r
+    assert torch.equal(r_out, s)
+    h = norm(s).double()
+    ref = h @ w.double().T
+    if gated:
+        g, u = ref.split(n, -1)
+        ref = torch.nn.functional.silu(g) * u
+    assert rel_err(y.cpu(), ref.cpu()) < (1e-5 if dtype == torch.float32 else 2e-2)
+    out = kernels.parts_rmsnorm(parts, r, norm.weight, 1e-5)
+    assert rel_err(out.cpu(), norm(s).double().cpu()) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("h,kvh,d,bs,dtype,qk_norm", [
+    (8, 2, 64, 16, torch.bfloat16, False),
+    (16, 4, 128, 32, torch.float16, False),
+    (8, 8, 64, 16, torch.float32, True),
+    (12, 4, 64, 16, torch.float32, False),
+])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_attention_rope_matches_two_kernels(kdev, h, kvh, d, bs, dtype, qk_norm, num_splits):
+    from llmcore_cuda import kernels
+
+    gen = torch.Generator().manual_seed(h + d + num_splits)
+    ctx_lens = [1, bs, bs + 1, 70, 0]  # the last row is CUDA-graph padding
+    k1, v1, tables, bt = make_paged([max(c, 1) for c in ctx_lens], kvh, d, bs, dtype, kdev, gen)
+    k2, v2 = k1.clone(), v1.clone()
+    b = len(ctx_lens)
+    qkv = torch.randn(b, (h + 2 * kvh) * d, generator=gen).to(dtype).to(kdev)
+    pos = torch.tensor([max(c - 1, 0) for c in ctx_lens], device=kdev)
+    slots = torch.tensor([tables[i][p // bs] * bs + p % bs for i, p in enumerate(pos.tolist())], device=kdev)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    fr = torch.arange(128).float()[:, None] * inv[None]
+    emb = torch.cat([fr, fr], -1)
+    cos, sin = emb.cos().to(dtype).to(kdev), emb.sin().to(dtype).to(kdev)
+    qn = kn = None
+    if qk_norm:
+        qn = (1 + 0.1 * torch.randn(d, generator=gen)).to(dtype).to(kdev)
+        kn = (1 + 0.1 * torch.randn(d, generator=gen)).to(dtype).to(kdev)
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=kdev)
+    scale = d**-0.5
+    q = kernels.rope_and_cache(qkv, pos, slots, cos, sin, k1, v1, h, kvh, d, q_norm=qn, k_norm=kn)
+    want = kernels.decode_attention(q, k1, v1, bt, ctx, scale, num_splits=num_splits)
+    got = kernels.decode_attention_rope(qkv, pos, slots, cos, sin, k2, v2, bt, ctx, h, scale,
+                                        num_splits=num_splits, q_norm=qn, k_norm=kn)
+    live = slice(0, b - 1)
+    assert torch.equal(k1.view(-1, kvh, d)[slots[live]], k2.view(-1, kvh, d)[slots[live]])
+    assert torch.equal(v1.view(-1, kvh, d)[slots[live]], v2.view(-1, kvh, d)[slots[live]])
+    assert torch.all(got[b - 1] == 0)
+    for i in range(b - 1):
+        ref = ref_attention(q[i : i + 1], k1, v1, tables[i], ctx_lens[i], 1, scale)[0]
+        assert rel_err(got[i].cpu(), ref) < TOL[dtype], f"row {i}"

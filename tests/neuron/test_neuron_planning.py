@@ -143,3 +143,16 @@ class TestProbe:
         assert caps.quantization == () and caps.kv_layout == "fixed-slots"
         assert caps.needs_compile and caps.static_shapes and caps.tensor_parallel
         assert (caps.device_count, caps.memory_bytes) == (2, 16 * GIB)
+
+
+def test_device_plan_and_its_description(monkeypatch):
+    from llmcore.config import EngineConfig
+
+    monkeypatch.setattr(sdk, "neuron_devices", lambda dev="/dev": [])
+    device = plugin.llmcore_create_device(name="neuron", config=EngineConfig(extra={"neuron_target": "trn1"}))
+    plan = device.plan(llama2_7b(), batch_size=4, max_seq_len=4096, tensor_parallel=2)
+    assert plan == plan_for(llama2_7b(), batch_size=4, max_seq_len=4096, tensor_parallel=2, target="trn1")
+    text = device.describe_plan(plan)
+    assert text.startswith(plan.describe())
+    assert "neuron target     trn1" in text and "continuous_batching=True, on_device_sampling=False" in text
+    assert device.compile_key_inputs(plan)["compiler_flags"]["target"] == "trn1"

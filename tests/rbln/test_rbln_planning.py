@@ -133,3 +133,16 @@ class TestProbe:
     def test_unknown_npu(self):
         with pytest.raises(ConfigError, match="rbln_npu='RBLN-XX1': is not a known RBLN NPU"):
             plugin.probe({"rbln_npu": "RBLN-XX1"})
+
+
+def test_device_plan_and_its_description(monkeypatch):
+    from llmcore.config import EngineConfig
+
+    monkeypatch.setattr(sdk, "rbln_devices", lambda dev="/dev": [])
+    device = plugin.llmcore_create_device(name="rbln", config=EngineConfig(extra={"rbln_npu": "RBLN-CA22"}))
+    plan = device.plan(llama2_7b(), batch_size=4, max_seq_len=4096, tensor_parallel=4, block_size=2048)
+    assert plan.block_size == 2048
+    text = device.describe_plan(plan)
+    assert "rbln_attn_impl='flash_attn'" in text and "rbln_kvcache_partition_len=2048" in text
+    assert "rbln_npu='RBLN-CA22'" in text and "rbln_kvcache_num_blocks=8" in text
+    assert device.compile_key_inputs(plan)["compiler_flags"]["npu"] == "RBLN-CA22"

@@ -82,7 +82,8 @@ def server(tiny_model, tiny_model2, tmp_path_factory):
     import yaml
 
     d = tmp_path_factory.mktemp("server")
-    common = {"dtype": "float32", "device": "cpu", "max_model_len": 256}
+    # one torch thread per process: on a small shared CI machine, more threads contend and crawl
+    common = {"dtype": "float32", "device": "cpu", "max_model_len": 256, "num_threads": 1}
     cfg = {
         "api_keys": [API_KEY, "${LLMCORE_TEST_SECOND_KEY}"],
         "request_timeout": 60,

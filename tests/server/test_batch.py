@@ -106,16 +106,16 @@ def test_read_done_drops_a_half_written_line(tmp_path):
 
 
 def test_interrupted_run_resumes(tiny_model, tmp_path):
-    n = 40
+    n = 16
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join(
-        comp_line(f"r{i}", f"request {i}", max_tokens=120, ignore_eos=True, temperature=0) for i in range(n)) + "\n")
+        comp_line(f"r{i}", f"request {i}", max_tokens=48, ignore_eos=True, temperature=0) for i in range(n)) + "\n")
     cmd = [sys.executable, "-m", "llmcore.server", "batch", str(inp), str(out), "--model", str(tiny_model),
-           "--dtype", "float32", "--device", "cpu", "--max-num-seqs", "2", "--max-in-flight", "2", "--no-progress"]
+           "--dtype", "float32", "--device", "cpu", "--max-num-seqs", "2", "--max-in-flight", "2", "--threads", "1", "--no-progress"]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 90
-    while not (out.exists() and len(out.read_text().splitlines()) >= 4):
+    while not (out.exists() and len(out.read_text().splitlines()) >= 3):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "batch produced no output"
         time.sleep(0.05)
@@ -124,10 +124,10 @@ def test_interrupted_run_resumes(tiny_model, tmp_path):
     assert proc.returncode == 130, err
     assert "rerun the same command to resume" in err
     first = records(out)
-    assert 4 <= len(first) < n
+    assert 3 <= len(first) < n
     # simulate a kill in the middle of a write as well
     with open(out, "a") as f:
-        f.write('{"id": "batch_req_x", "custom_id": "r39", "resp')
+        f.write('{"id": "batch_req_x", "custom_id": "r15", "resp')
 
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -135,5 +135,5 @@ def test_interrupted_run_resumes(tiny_model, tmp_path):
     ids = [r["custom_id"] for r in recs]
     assert sorted(ids) == sorted(f"r{i}" for i in range(n))  # each exactly once
     assert all(r["response"]["status_code"] == 200 for r in recs)
-    assert all(r["response"]["body"]["usage"]["completion_tokens"] == 120 for r in recs)
+    assert all(r["response"]["body"]["usage"]["completion_tokens"] == 48 for r in recs)
     assert f"{n - len(first)} succeeded" in proc.stderr and f"{len(first)} skipped" in proc.stderr

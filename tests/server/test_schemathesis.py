@@ -27,7 +27,7 @@ def fuzz_server(tiny_model, tmp_path_factory, launch_server):
         "api_keys: [fuzz-key]\n"
         "request_timeout: 60\n"
         "models:\n"
-        f"  - {{name: fuzz, model: '{tiny_model}', dtype: float32, device: cpu, max_model_len: 64}}\n"
+        f"  - {{name: fuzz, model: '{tiny_model}', dtype: float32, device: cpu, max_model_len: 64, num_threads: 1}}\n"
     )
     srv = launch_server(["--config", str(d / "fuzz.yaml")], d / "server.log")
     yield srv

@@ -13,6 +13,7 @@ from pathlib import Path
 from llmcore import hookimpl
 from llmcore.capabilities import KV_PAGED, Capabilities, DeviceProbe
 from llmcore.device import Device
+from llmcore.quantization import available_names
 from llmcore_cpu import __version__
 
 LLMCORE_CONTRACT_VERSION = 1
@@ -55,7 +56,8 @@ def capabilities() -> Capabilities:
     return Capabilities(
         dtypes=("float32", "bfloat16"),
         default_dtype="bfloat16" if bf16 else "float32",
-        quantization=(),
+        # the registry's methods for "cpu" whose requirements are importable (find_spec only)
+        quantization=available_names("cpu"),
         kv_layout=KV_PAGED,
         needs_compile=False,
         static_shapes=False,
@@ -90,11 +92,15 @@ class CpuDevice(Device):
             model_config, folder, torch.device("cpu"), dtype, TorchPagedAttention(),
             block_size=self.config.block_size, max_model_len=max_model_len,
             eos_token_ids=eos_token_ids, seed=self.config.seed, progress=self.config.progress,
+            quantization=self.config.quantization,
         )
         if dtype == "bfloat16" and not self.config.enforce_eager:
             from llmcore_cpu.packed_linear import pack_model
 
+            quantized_head = runner.model.logits_proj  # set by a quantization; packing must not replace it
             pack_model(runner.model, batch=min(self.config.max_num_seqs, 64))
+            if quantized_head is not None:
+                runner.model.logits_proj = quantized_head
         return runner
 
     def kv_cache_bytes(self, runner):

@@ -379,6 +379,355 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num
     return out
 
 
+# ------------------------------------- decode attention with RoPE + KV write fused
+
+
+@triton.jit
+def _decode_attn_rope_kernel(
+    qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps,
+    k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, pacc_ptr, plse_ptr,
+    scale, qkv_stride, pos_stride, slot_stride, bt_stride, ctx_stride,
+    H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+    BS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, QK_NORM: tl.constexpr,
+):
+    """Decode attention reading q/k/v straight from the qkv projection.
+
+    Every program rotates its GQA group's queries and the new key itself; the
+    split-0 program writes the new K/V into the cache, and the program whose slice
+    holds the new position uses them from registers (nobody reads that cache slot
+    in this launch, so there is no race).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    DT = k_ptr.dtype.element_ty
+    ctx = tl.load(ctx_ptr + b * ctx_stride)
+    last = ctx - 1
+    per = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per
+    end = tl.minimum(start + per, ctx)
+    has_new = (start <= last) & (last < end)
+    loop_end = tl.minimum(end, last)
+
+    pos = tl.load(pos_ptr + b * pos_stride).to(tl.int64)
+    slot = tl.load(slot_ptr + b * slot_stride).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    dm = d < HALF
+    c1 = tl.load(cos_ptr + pos * D + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + pos * D + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + pos * D + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + pos * D + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    base = qkv_ptr + b * qkv_stride
+    g = tl.arange(0, BLOCK_G)
+    gm = g < G
+    heads = kvh * G + g
+    qm = gm[:, None] & dm[None, :]
+    qp = base + heads[:, None] * D + d[None, :]
+    q1 = tl.load(qp, mask=qm, other=0.0).to(tl.float32)
+    q2 = tl.load(qp + HALF, mask=qm, other=0.0).to(tl.float32)
+    if QK_NORM:
+        q1, q2 = _head_rmsnorm(q1, q2, qn_ptr, d, dm, eps, HALF, D, DT)
+    q1, q2 = _rope_pair(q1, q2, c1, s1, c2, s2, DT)
+    q1 = tl.where(qm, q1, 0.0)
+    q2 = tl.where(qm, q2, 0.0)
+    # the new key (rotated) and value of this KV head, as [1, HALF] rows
+    kp = base + H * D + kvh * D + d[None, :]
+    k1 = tl.load(kp, mask=dm[None, :], other=0.0).to(tl.float32)
+    k2 = tl.load(kp + HALF, mask=dm[None, :], other=0.0).to(tl.float32)
+    if QK_NORM:
+        k1, k2 = _head_rmsnorm(k1, k2, kn_ptr, d, dm, eps, HALF, D, DT)
+    k1, k2 = _rope_pair(k1, k2, c1, s1, c2, s2, DT)
+    dd = tl.arange(0, BLOCK_D)
+    ddm = dd < D
+    vn = tl.load(base + (H + KVH) * D + kvh * D + dd, mask=ddm, other=0.0)
+    wmask = (split == 0) & (ctx > 0)
+    cp = slot * (KVH * D) + kvh * D
+    tl.store(k_ptr + cp + d[None, :], k1, mask=dm[None, :] & wmask)
+    tl.store(k_ptr + cp + HALF + d[None, :], k2, mask=dm[None, :] & wmask)
+    tl.store(v_ptr + cp + dd, vn, mask=ddm & wmask)
+
+    s_new = (tl.sum(q1.to(DT).to(tl.float32) * k1.to(tl.float32), axis=1)
+             + tl.sum(q2.to(DT).to(tl.float32) * k2.to(tl.float32), axis=1)) * scale
+    m_i = tl.where(has_new, s_new, float("-inf"))
+    l_i = tl.where(has_new, 1.0, 0.0) + tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.where(has_new, 1.0, 0.0) * vn.to(tl.float32)[None, :] + tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    qa = q1.to(DT)
+    qb = q2.to(DT)
+    for n0 in range(start, loop_end, BLOCK_N):
+        t = n0 + tl.arange(0, BLOCK_N)
+        tm = t < loop_end
+        blk = tl.load(bt_ptr + b * bt_stride + t // BS, mask=tm, other=0).to(tl.int64)
+        off = (blk * BS + t % BS) * (KVH * D) + kvh * D
+        hm = tm[:, None] & dm[None, :]
+        ka = tl.load(k_ptr + off[:, None] + d[None, :], mask=hm, other=0.0)
+        kb = tl.load(k_ptr + off[:, None] + HALF + d[None, :], mask=hm, other=0.0)
+        v = tl.load(v_ptr + off[:, None] + dd[None, :], mask=tm[:, None] & ddm[None, :], other=0.0)
+        if IEEE:
+            sc = tl.dot(qa, tl.trans(ka), input_precision="ieee") + tl.dot(qb, tl.trans(kb), input_precision="ieee")
+        else:
+            sc = tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kb))
+        sc = tl.where(tm[None, :], sc * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        p = tl.exp(sc - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
+        m_i = m_new
+    denom = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / denom[:, None]
+    om = gm[:, None] & ddm[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b * (H * D) + heads[:, None] * D + dd[None, :], o.to(DT), mask=om)
+    else:
+        row = (b * H + heads) * NUM_SPLITS + split
+        tl.store(pacc_ptr + row[:, None] * BLOCK_D + dd[None, :], o, mask=om)
+        lse = tl.where(l_i > 0, m_i + tl.log(denom), float("-inf"))
+        tl.store(plse_ptr + row, lse, mask=gm)
+
+
+def decode_attention_rope(qkv, positions, slot_mapping, cos, sin, k_cache, v_cache, block_tables,
+                          context_lens, num_heads, scale, num_splits=1, workspace=None, out=None,
+                          q_norm=None, k_norm=None, eps=1e-6):
+    """RoPE + KV-cache write + decode attention in one launch (plus the split merge).
+
+    ``qkv`` [B, (H + 2 KVH) * D] straight from the projection; returns ``[B, H, D]``.
+    Same semantics as :func:`rope_and_cache` followed by :func:`decode_attention`.
+    """
+    bsz = qkv.shape[0]
+    _, bs, kvh, d = k_cache.shape
+    h = num_heads
+    assert qkv.stride(1) == 1 and block_tables.stride(1) == 1 and d % 2 == 0
+    if out is None:
+        out = torch.empty((bsz, h, d), dtype=k_cache.dtype, device=qkv.device)
+    if bsz == 0:
+        return out
+    half = d // 2
+    bd = _next_pow2(d)
+    if num_splits > 1 and workspace is None:
+        workspace = decode_workspace(bsz, h, d, num_splits, qkv.device)
+    pacc, plse = workspace if num_splits > 1 else (out, out)
+    qk_norm = q_norm is not None
+    _decode_attn_rope_kernel[(bsz, kvh, num_splits)](
+        qkv, positions, slot_mapping, cos, sin, q_norm if qk_norm else cos, k_norm if qk_norm else cos, eps,
+        k_cache, v_cache, block_tables, context_lens, out, pacc, plse,
+        scale, qkv.stride(0), positions.stride(0), slot_mapping.stride(0), block_tables.stride(0),
+        context_lens.stride(0),
+        H=h, KVH=kvh, G=h // kvh, D=d, HALF=half, BS=bs, BLOCK_G=max(16, _next_pow2(h // kvh)),
+        BLOCK_HALF=max(16, _next_pow2(half)), BLOCK_D=bd, BLOCK_N=decode_block_n(bs),
+        NUM_SPLITS=num_splits, IEEE=k_cache.dtype == torch.float32, QK_NORM=qk_norm,
+        num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(bsz, h)](
+            pacc, plse, out, context_lens, context_lens, H=h, D=d, NUM_SPLITS=num_splits,
+            BLOCK_S=_next_pow2(num_splits), BLOCK_D=bd, MAPPED=False, num_warps=2,
+        )
+    return out
+
+
+# ------------------------------------------- skinny GEMM for small decode batches
+
+
+@triton.jit
+def _load_act(a_ptr, r_ptr, m, k, mk_mask, M, K, a_part_stride,
+              A_PARTS: tl.constexpr, HAS_RES: tl.constexpr, DT: tl.constexpr):
+    """Activation chunk [BLOCK_M, BLOCK_K] as float32 of model-dtype values: the sum of
+    ``A_PARTS`` float32 split-K partials (rounded like a GEMM output), plus the residual."""
+    off = m[:, None] * K + k[None, :]
+    if A_PARTS == 1:
+        a = tl.load(a_ptr + off, mask=mk_mask, other=0.0).to(tl.float32)
+    else:
+        a = tl.load(a_ptr + off, mask=mk_mask, other=0.0)
+        for p in tl.static_range(1, A_PARTS):
+            a += tl.load(a_ptr + p * a_part_stride + off, mask=mk_mask, other=0.0)
+        a = a.to(DT).to(tl.float32)
+    if HAS_RES:
+        a = (a + tl.load(r_ptr + off, mask=mk_mask, other=0.0).to(tl.float32)).to(DT).to(tl.float32)
+    return a
+
+
+@triton.jit
+def _small_gemm_kernel(
+    a_ptr, r_ptr, r_out_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr,
+    M, N, K, eps, a_part_stride,
+    A_PARTS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, WRITE_RES: tl.constexpr,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    DT = w_ptr.dtype.element_ty
+    m = tl.arange(0, BLOCK_M)
+    mm = m < M
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = n < N
+    k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_len
+    k_hi = tl.minimum(k_lo + k_len, K)
+    if NORM:
+        ss = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            x = _load_act(a_ptr, r_ptr, m, k, mm[:, None] & (k < K)[None, :], M, K, a_part_stride,
+                          A_PARTS, HAS_RES, DT)
+            ss += tl.sum(x * x, axis=1)
+        rstd = tl.rsqrt(ss / K + eps)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if GATED:
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < k_hi
+        mk = mm[:, None] & km[None, :]
+        x = _load_act(a_ptr, r_ptr, m, k, mk, M, K, a_part_stride, A_PARTS, HAS_RES, DT)
+        if WRITE_RES:
+            tl.store(r_out_ptr + m[:, None] * K + k[None, :], x.to(DT), mask=mk & (pid_n == 0))
+        if NORM:
+            nw = tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)
+            x = (nw[None, :] * (x * rstd[:, None]).to(DT).to(tl.float32)).to(DT)
+        else:
+            x = x.to(DT)
+        wm = nm[:, None] & km[None, :]
+        w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=wm, other=0.0)
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+        if GATED:
+            w2 = tl.load(w_ptr + (n[:, None] + N).to(tl.int64) * K + k[None, :], mask=wm, other=0.0)
+            if IEEE:
+                acc2 += tl.dot(x, tl.trans(w2), input_precision="ieee")
+            else:
+                acc2 += tl.dot(x, tl.trans(w2))
+    if HAS_BIAS:
+        first = (pid_k == 0).to(tl.float32)
+        acc += first * tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc2 += first * tl.load(bias_ptr + N + n, mask=nm, other=0.0).to(tl.float32)[None, :]
+    om = mm[:, None] & nm[None, :]
+    if SPLIT_K == 1:
+        if GATED:
+            gt = acc.to(DT).to(tl.float32)
+            up = acc2.to(DT).to(tl.float32)
+            act = (gt / (1.0 + tl.exp(-gt))).to(DT).to(tl.float32)
+            y = (act * up).to(DT)
+        else:
+            y = acc.to(DT)
+        tl.store(out_ptr + m[:, None] * N + n[None, :], y, mask=om)
+    else:
+        tl.store(out_ptr + pid_k * (M * N) + m[:, None] * N + n[None, :], acc, mask=om)
+
+
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per weight shape (N, K, gated);
+# tuned on an H200 by benchmarks/cuda_bench.py's roofline phase, else a heuristic
+GEMM_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int, int, int]] = {}
+
+
+def load_gemm_configs(text: str | None = None) -> None:
+    """Merge tuned configs: JSON ``[[N, K, gated, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages], ...]``
+    (default: the ``LLMCORE_CUDA_GEMM_CONFIGS`` environment variable)."""
+    import json
+    import os
+
+    text = text if text is not None else os.environ.get("LLMCORE_CUDA_GEMM_CONFIGS")
+    for row in json.loads(text) if text else []:
+        n, k, gated, *cfg = row
+        GEMM_CONFIGS[(int(n), int(k), bool(gated))] = tuple(int(c) for c in cfg)
+
+
+load_gemm_configs()
+
+
+def small_gemm_config(n: int, k: int, gated: bool, can_split: bool, num_sms: int = 132):
+    key = (n, k, gated)
+    if key in GEMM_CONFIGS:
+        cfg = GEMM_CONFIGS[key]
+        if can_split or cfg[2] == 1:
+            return cfg
+    block_k = 256 if k >= 256 else _next_pow2(max(k, 16))
+    block_n = 16 if n * (2 if gated else 1) <= 8192 else 32
+    split = 1
+    if can_split:
+        while -(-n // block_n) * split < 2 * num_sms and k // (split * 2) >= 4 * block_k and split < 8:
+            split *= 2
+    return block_n, block_k, split, 4, 4
+
+
+def small_gemm(x, weight, *, residual=None, residual_out=None, norm_weight=None, eps=1e-6, bias=None,
+               gated=False, x_parts=1, split_k=None, out=None, config=None):
+    """``y = f(x) @ W.T`` for a few rows (decode), as one launch with its neighbours fused.
+
+    * ``x``: ``[M, K]`` activations, or ``[x_parts, M, K]`` float32 split-K partials of the
+      previous GEMM (summed here, rounded like a GEMM output);
+    * ``residual``: added to ``x`` (then written to ``residual_out`` by the first column block);
+    * ``norm_weight``: RMSNorm of that sum before the GEMM (transformers' rounding);
+    * ``gated``: ``W`` is ``[2N, K]`` (gate; up) and the output is ``silu(gate) * up``;
+    * ``split_k`` > 1 (only without a norm): returns float32 partials ``[split_k, M, N]`` for the
+      consumer to sum.
+    """
+    w = weight
+    n_tot, k = w.shape
+    n = n_tot // 2 if gated else n_tot
+    m = x.shape[-2]
+    assert m <= 16 and w.is_contiguous() and x.is_contiguous()
+    norm = norm_weight is not None
+    cfg = config or small_gemm_config(n, k, gated, can_split=not norm and not gated)
+    block_n, block_k, split, warps, stages = cfg
+    if split_k is not None:
+        split = split_k
+    assert split == 1 or not (norm or gated)
+    if out is None:
+        if split > 1:
+            out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        else:
+            out = torch.empty((m, n), dtype=w.dtype, device=x.device)
+    write_res = residual_out is not None
+    has_res = residual is not None
+    dummy = w
+    _small_gemm_kernel[(triton.cdiv(n, block_n), split)](
+        x, residual if has_res else dummy, residual_out if write_res else dummy,
+        norm_weight if norm else dummy, w, bias if bias is not None else dummy, out,
+        m, n, k, eps, m * k,
+        A_PARTS=x_parts, HAS_RES=has_res, NORM=norm, WRITE_RES=write_res, GATED=gated,
+        HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        IEEE=w.dtype == torch.float32, num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+@triton.jit
+def _parts_rmsnorm_kernel(a_ptr, r_ptr, w_ptr, out_ptr, N, eps, a_part_stride,
+                          A_PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    DT = out_ptr.dtype.element_ty
+    x = tl.load(a_ptr + row * N + offs, mask=mask, other=0.0)
+    for p in tl.static_range(1, A_PARTS):
+        x += tl.load(a_ptr + p * a_part_stride + row * N + offs, mask=mask, other=0.0)
+    x = x.to(DT).to(tl.float32)
+    x = (x + tl.load(r_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)).to(DT).to(tl.float32)
+    var = tl.sum(x * x, axis=0) / N
+    y = (x * tl.rsqrt(var + eps)).to(DT).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * N + offs, (w * y).to(DT), mask=mask)
+
+
+def parts_rmsnorm(parts, residual, weight, eps):
+    """``rmsnorm(sum(parts) + residual) * weight`` for float32 split-K partials ``[P, M, N]``."""
+    p, m, n = parts.shape
+    out = torch.empty((m, n), dtype=residual.dtype, device=residual.device)
+    block = _next_pow2(n)
+    _parts_rmsnorm_kernel[(m,)](parts, residual, weight, out, n, eps, m * n, A_PARTS=p, BLOCK=block,
+                                num_warps=min(16, max(1, block // 256)))
+    return out
+
+
 # --------------------------------------------------------- prefill attention
 
 

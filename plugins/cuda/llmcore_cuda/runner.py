@@ -156,6 +156,8 @@ class CudaModelRunner(TorchModelRunner):
         self.max_num_tokens = ec.max_num_batched_tokens or max(2048, ec.max_num_seqs)
         self.enforce_eager = bool(ec.enforce_eager)
         self.overlap = bool(extra.get("cuda_overlap", True)) and not self.enforce_eager
+        # decode buckets up to this size use the fused skinny-GEMM path (FusedLlama.forward_small)
+        self.small_max = int(extra.get("cuda_small_batch_max", 8))
         self.buckets = [] if self.enforce_eager else graph_buckets(
             ec.max_num_seqs, extra.get("cuda_graph_buckets", DEFAULT_BUCKETS))
         self.max_blocks = -(-max_model_len // block_size)
@@ -290,7 +292,8 @@ class CudaModelRunner(TorchModelRunner):
 
         meta = self._meta_dev[:b]
         args = DecodeArgs(self._bt_dev[:b], meta[:, 3], self._splits[b], self._workspace)
-        hidden = self.fused.forward(meta[:, 0], meta[:, 1], meta[:, 2], self.kv_caches, args)
+        fwd = self.fused.forward_small if b <= self.small_max else self.fused.forward
+        hidden = fwd(meta[:, 0], meta[:, 1], meta[:, 2], self.kv_caches, args)
         logits = self.fused.logits(hidden)
         return logits, logits.argmax(dim=-1)
 

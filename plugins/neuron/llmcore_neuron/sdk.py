@@ -28,11 +28,10 @@ PRODUCT_NAME_FILE = "/sys/devices/virtual/dmi/id/product_name"
 DEVICE_NAME = re.compile(r"^neuron\d+$")
 
 INSTALL_HINT = (
-    "Serving needs an inf2/trn1/trn2 instance with the Neuron driver and runtime "
-    "(aws-neuronx-dkms, aws-neuronx-runtime-lib from https://apt.repos.neuron.amazonaws.com). "
-    "Compiling needs only the SDK: pip install 'llmcore[neuron]' 'optimum-neuron[neuronx]' "
-    "--extra-index-url https://pip.repos.neuron.amazonaws.com (the neuronx-cc and torch-neuronx "
-    "on pypi.org are placeholders)"
+    "Run on an inf2/trn1/trn2 instance with the Neuron driver and runtime (aws-neuronx-dkms, "
+    "aws-neuronx-runtime-lib from https://apt.repos.neuron.amazonaws.com) and install the SDK: "
+    "pip install 'llmcore[neuron]' 'optimum-neuron[neuronx]' --extra-index-url "
+    "https://pip.repos.neuron.amazonaws.com (pypi.org's neuronx-cc and torch-neuronx are placeholders)"
 )
 
 

@@ -20,10 +20,9 @@ SDK_DISTRIBUTIONS = {"rebel-compiler": "rebel", "optimum-rbln": "optimum"}
 DEVICE_NAME = re.compile(r"^rbln\d+$")
 
 INSTALL_HINT = (
-    "Serving needs a Rebellions ATOM/REBEL card with the RBLN driver loaded (/dev/rbln*). "
-    "Compiling needs the RBLN compiler 'rebel-compiler' (from Rebellions' package index, "
-    "https://docs.rbln.ai, account required; it is not on pypi.org) and "
-    "pip install 'llmcore[rbln]' (optimum-rbln)"
+    "Run on a host with a Rebellions ATOM/REBEL card and the RBLN driver loaded (/dev/rbln*); install "
+    "the RBLN compiler 'rebel-compiler' from Rebellions' package index (https://docs.rbln.ai, not on "
+    "pypi.org) and pip install 'llmcore[rbln]' (optimum-rbln)"
 )
 
 

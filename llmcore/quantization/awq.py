@@ -1,0 +1,257 @@
+"""4-bit group-wise linears in AWQ's format: the ``awq`` (pre-quantized) and ``int4`` methods.
+
+Loading an AutoAWQ checkpoint: :meth:`AwqHandler.convert_weights` dequantizes
+each ``qweight``/``qzeros``/``scales`` triple into the float ``weight`` the
+model's loader expects (so fused q/k/v and gate/up slices land as usual) and
+keeps the packed tensors; :meth:`AwqHandler.apply` then replaces each fused
+layer with an :class:`AwqLinear` built from the exact packed values,
+concatenated along the output dimension.
+
+Kernels: on the CPU, ``torch._weight_int4pack_mm_for_cpu`` (computes
+``(q - 8) * scale + offset``, so AWQ's ``(q - zero) * scale`` maps exactly to
+``offset = (8 - zero) * scale``); on CUDA, our Triton kernel reading the AWQ
+layout directly. A shape neither handles keeps the dequantized float layer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from llmcore.errors import ConfigError, ModelLoadError
+from llmcore.quantization.awq_format import (
+    dequantize_awq, pick_group_size, quantize_groups, to_checkpoint, unpack_awq,
+)
+from llmcore.quantization.handler import QuantHandler, checkpoint_format, checkpoint_quant_config, linear_layers
+from llmcore.quantization.int8 import quantize_output_int8
+
+log = logging.getLogger("llmcore.quantization")
+
+AWQ_SUFFIXES = (".qweight", ".qzeros", ".scales")
+INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def int4pack_available() -> bool:
+    try:
+        packed = torch._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 64, dtype=torch.int32), 1)
+        torch._weight_int4pack_mm_for_cpu(torch.ones(1, 64), packed, 32, torch.ones(2, 16, 2))
+        return True
+    except Exception:  # older torch or a build without the CPU int4 kernel
+        return False
+
+
+def pick_kernel(device: torch.device, out_features: int, in_features: int, group_size: int) -> str | None:
+    """The kernel for this shape on ``device``, or None (keep a float layer)."""
+    if in_features % group_size or out_features % 8:
+        return None
+    if device.type == "cpu":
+        ok = out_features % 16 == 0 and group_size in INT4PACK_GROUP_SIZES and int4pack_available()
+        return "int4pack" if ok else None
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return None
+
+
+class AwqLinear(nn.Module):
+    """A linear layer holding AWQ 4-bit weights in the layout its kernel reads."""
+
+    def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None, dtype: torch.dtype, kernel: str) -> None:
+        super().__init__()
+        self.in_features, self.out_features = qweight.shape[0], scales.shape[1]
+        self.group_size = group_size
+        self.kernel = kernel
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+        if kernel == "int4pack":
+            q = unpack_awq(qweight).t().to(torch.int32).contiguous()  # [N, K]
+            zeros = unpack_awq(qzeros).float()  # [K/g, N]
+            s = scales.float()
+            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+            self.register_buffer("scales_and_zeros", torch.stack([s, (8 - zeros) * s], -1).to(dtype).contiguous())
+        elif kernel == "triton":
+            self.register_buffer("qweight", qweight.contiguous())
+            self.register_buffer("qzeros", qzeros.contiguous())
+            self.register_buffer("scales", scales.to(dtype).contiguous())
+        else:
+            raise ValueError(f"unknown AWQ kernel {kernel!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.kernel == "int4pack":
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        else:
+            from llmcore.quantization.triton.awq_gemm import awq_gemm
+
+            y = awq_gemm(x2, self.qweight, self.qzeros, self.scales, self.group_size)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
+                f"kernel={self.kernel}")
+
+
+# ----------------------------------------------------------------- awq (pre-quantized)
+
+
+def _stacked_target(name: str) -> tuple[str, int | None]:
+    """Our module name and shard index for an HF layer name (q/k/v and gate/up are fused)."""
+    from llmcore.models.llama import _STACKED
+
+    for hf, (ours, idx) in _STACKED.items():
+        if name.endswith(f".{hf}"):
+            return name[: -len(hf)] + ours, idx
+    return name, None
+
+
+class AwqHandler(QuantHandler):
+    """``awq``: load an AutoAWQ GEMM checkpoint; 4-bit kernels where the shape allows."""
+
+    def __init__(self, method, device, dtype, **options) -> None:
+        super().__init__(method, device, dtype, **options)
+        self.group_size = 0
+        self.packed: dict[str, dict[str, torch.Tensor]] = {}
+
+    def check_checkpoint(self, folder: Path) -> None:
+        fmt = checkpoint_format(folder)
+        if fmt != "awq":
+            raise ConfigError(
+                "quantization", "awq",
+                f"needs an AWQ checkpoint, but {folder} is " + (f"quantized with {fmt}" if fmt else "not quantized")
+                + " (config.json has no quantization_config.quant_method 'awq')",
+                "Make one with: llmcore quantize --method awq --model DIR --calibration FILE --output DIR"
+                + ("; or use a quantize-at-load method: eetq, int4, bnb-int8, bnb-nf4" if not fmt else ""),
+            )
+        cfg = checkpoint_quant_config(folder) or {}
+        bits = int(cfg.get("bits", cfg.get("w_bit", 4)))
+        version = str(cfg.get("version", "gemm")).lower()
+        zero_point = cfg.get("zero_point", True)
+        group = int(cfg.get("group_size", cfg.get("q_group_size", 128)))
+        problems = []
+        if bits != 4:
+            problems.append(f"bits={bits} (only 4 is supported)")
+        if version != "gemm":
+            problems.append(f"version={version!r} (only the GEMM layout is supported)")
+        if not zero_point:
+            problems.append("zero_point=false (only zero-point AWQ is supported)")
+        if group <= 0:
+            problems.append(f"group_size={group} (per-channel checkpoints are not supported)")
+        if problems:
+            raise ConfigError("quantization", "awq", f"{folder}: unsupported AWQ checkpoint: {'; '.join(problems)}",
+                              "Re-export it in AutoAWQ's GEMM layout, 4-bit, with zero points and a group size")
+        self.group_size = group
+
+    def convert_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in weights:
+            suffix = next((s for s in AWQ_SUFFIXES if name.endswith(s)), None)
+            if suffix is None:
+                yield name, tensor
+                continue
+            prefix = name[: -len(suffix)]
+            parts = pending.setdefault(prefix, {})
+            parts[suffix[1:]] = tensor
+            if len(parts) == 3:
+                del pending[prefix]
+                self._check_shapes(prefix, parts)
+                self.packed[prefix] = parts
+                w = dequantize_awq(parts["qweight"], parts["qzeros"], parts["scales"], self.group_size)
+                yield f"{prefix}.weight", w.to(self.torch_dtype)
+        if pending:
+            prefix, parts = next(iter(pending.items()))
+            raise ModelLoadError(f"AWQ checkpoint: {prefix} has {', '.join(sorted(parts))} but not all of "
+                                 "qweight, qzeros, scales")
+
+    def _check_shapes(self, prefix: str, parts: dict[str, torch.Tensor]) -> None:
+        qw, qz, sc = parts["qweight"], parts["qzeros"], parts["scales"]
+        k, n8 = qw.shape
+        g = self.group_size
+        want = {"qweight": (k, n8), "qzeros": (k // g, n8), "scales": (k // g, n8 * 8)}
+        got = {"qweight": tuple(qw.shape), "qzeros": tuple(qz.shape), "scales": tuple(sc.shape)}
+        if k % g or got != want or qw.dtype != torch.int32 or qz.dtype != torch.int32:
+            raise ModelLoadError(
+                f"AWQ checkpoint: {prefix} is not in the GEMM layout with group_size {g}: shapes "
+                f"{got} (dtypes {qw.dtype}, {qz.dtype}), expected {want} with int32 qweight/qzeros"
+            )
+
+    def apply(self, model: nn.Module) -> None:
+        groups: dict[str, list[tuple[int | None, str]]] = {}
+        for prefix in self.packed:
+            target, shard = _stacked_target(prefix)
+            groups.setdefault(target, []).append((shard, prefix))
+        modules = dict(model.named_modules())
+        swapped = kept = 0
+        for target, shards in groups.items():
+            layer = modules.get(target)
+            if not isinstance(layer, nn.Linear):
+                raise ModelLoadError(f"AWQ checkpoint: {shards[0][1]} has no linear layer {target} to go to")
+            shards.sort(key=lambda s: -1 if s[0] is None else s[0])
+            parts = [self.packed[p] for _, p in shards]
+            cat = {key: torch.cat([p[key] for p in parts], dim=1) for key in ("qweight", "qzeros", "scales")}
+            n, k = layer.weight.shape
+            if cat["scales"].shape[1] != n or cat["qweight"].shape[0] != k:
+                raise ModelLoadError(f"AWQ checkpoint: {target} is missing a shard (found {[p for _, p in shards]})")
+            kernel = pick_kernel(layer.weight.device, n, k, self.group_size)
+            if kernel is None:
+                kept += 1  # the dequantized float weight is already in place
+                continue
+            parent_name, _, attr = target.rpartition(".")
+            new = AwqLinear(cat["qweight"].to(layer.weight.device), cat["qzeros"].to(layer.weight.device),
+                            cat["scales"].to(layer.weight.device), self.group_size, layer.bias,
+                            self.torch_dtype, kernel)
+            setattr(modules[parent_name], attr, new)
+            swapped += 1
+        self.packed.clear()
+        log.info("awq: %d layers on 4-bit kernels, %d kept dequantized (shape unsupported by the kernel)",
+                 swapped, kept)
+        if not swapped and kept:
+            log.warning("awq: no layer could use a 4-bit kernel on %s; running the dequantized weights",
+                        self.device)
+
+
+def load_awq(method, device: str, dtype: str, **options) -> AwqHandler:
+    return AwqHandler(method, device, dtype, **options)
+
+
+# ----------------------------------------------------------------- int4 (at load)
+
+
+def awq_linear_from_float(layer: nn.Linear, group_size: int, dtype: torch.dtype) -> AwqLinear | None:
+    n, k = layer.weight.shape
+    g = pick_group_size(k, group_size)
+    kernel = None if g is None else pick_kernel(layer.weight.device, n, k, g)
+    if kernel is None:
+        return None
+    q, scales, zeros = quantize_groups(layer.weight, g)
+    t = to_checkpoint(q, scales, zeros)
+    return AwqLinear(t["qweight"], t["qzeros"], t["scales"], g, layer.bias, dtype, kernel)
+
+
+class Int4Handler(QuantHandler):
+    """``int4``: round-to-nearest 4-bit groups at load (no calibration), int8 output projection."""
+
+    def apply(self, model: nn.Module) -> None:
+        group_size = int(self.options.get("group_size", 128))
+        swapped, kept = 0, []
+        for parent, name, layer in linear_layers(model):
+            new = awq_linear_from_float(layer, group_size, self.torch_dtype)
+            if new is None:
+                kept.append(tuple(layer.weight.shape))
+                continue
+            setattr(parent, name, new)
+            swapped += 1
+        quantize_output_int8(model, self.torch_dtype)
+        log.info("int4: %d layers to 4-bit, output projection int8%s", swapped,
+                 f"; kept float (shape unsupported): {kept}" if kept else "")
+
+
+def load_int4(method, device: str, dtype: str, **options) -> Int4Handler:
+    return Int4Handler(method, device, dtype, **options)
+

@@ -1,0 +1,145 @@
+"""The handler behind every method: gpt-fast style, quantization is a module swap.
+
+A handler has three steps, each optional but ``apply``:
+
+* :meth:`QuantHandler.check_checkpoint` — read ``config.json`` only and refuse a
+  checkpoint that does not fit the method, before any tensor is read;
+* :meth:`QuantHandler.convert_weights` — rewrite the checkpoint's tensor stream
+  into the names the model's ``load_weights`` expects (pre-quantized formats);
+* :meth:`QuantHandler.apply` — swap the loaded float layers for quantized ones.
+
+The model code stays single-purpose: it never knows it is quantized.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from llmcore.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger("llmcore.quantization")
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_format(folder: str | Path) -> str | None:
+    """``quantization_config.quant_method`` of a Hugging Face folder, lower case (None if absent)."""
+    cfg = checkpoint_quant_config(folder)
+    method = cfg.get("quant_method") if cfg else None
+    return str(method).lower() if method else None
+
+
+def checkpoint_quant_config(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    q = cfg.get("quantization_config")
+    return q if isinstance(q, dict) else None
+
+
+class QuantHandler:
+    """Base handler: quantize-at-load methods override :meth:`apply` only."""
+
+    def __init__(self, method, device: str, dtype: str, **options: Any) -> None:
+        self.method = method
+        self.device = device  # device *kind*: "cpu", "cuda", ...
+        self.dtype = dtype
+        self.torch_dtype = TORCH_DTYPES[dtype]
+        self.options = options
+        if dtype not in method.dtypes:
+            raise ConfigError("dtype", dtype, f"is not supported by quantization {method.name}",
+                              f"Use one of: {', '.join(method.dtypes)}")
+
+    def check_checkpoint(self, folder: Path) -> None:
+        fmt = checkpoint_format(folder)
+        if fmt is not None:
+            raise ConfigError(
+                "quantization", self.method.name,
+                f"quantizes at load, but {folder} is already quantized ({fmt})",
+                f"Load it with quantization={fmt!r} if llmcore supports it, or use an unquantized checkpoint",
+            )
+
+    def convert_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(weights)
+
+    def apply(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------ model walking
+
+
+def linear_layers(model: nn.Module, include_output: bool = False) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """``(parent, attribute, layer)`` for every ``nn.Linear``; the output projection only if asked."""
+    found = []
+    for pname, parent in model.named_modules():
+        for cname, child in parent.named_children():
+            if not isinstance(child, nn.Linear):
+                continue
+            if not include_output and parent is model and cname == "lm_head":
+                continue
+            found.append((parent, cname, child))
+    return found
+
+
+def output_weight(model: nn.Module) -> tuple[torch.Tensor, bool]:
+    """The output projection's weight and whether it is tied to the input embedding."""
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None:
+        return lm_head.weight, False
+    return model.model.embed_tokens.weight, True
+
+
+def set_output(model: nn.Module, module: nn.Module) -> None:
+    if getattr(model, "lm_head", None) is not None:
+        model.lm_head = module
+    else:
+        model.logits_proj = module
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight tensor the model holds, each storage counted once.
+
+    Counts parameters, buffers and bitsandbytes' quantization state (absmax,
+    code tables); not the RoPE tables, which are not weights.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            return
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            add(p)
+            state = getattr(p, "quant_state", None)
+            if state is not None:
+                for v in vars(state).values():
+                    add(v)
+                    if hasattr(v, "__dict__"):  # nested state (double quantization)
+                        for w in vars(v).values():
+                            add(w)
+            add(getattr(p, "SCB", None))
+        for b in module.buffers(recurse=False):
+            add(b)
+    return total
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ModelLoadError(message)
