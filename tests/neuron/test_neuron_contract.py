@@ -177,6 +177,15 @@ class TestNeuronServeContract:
         with pytest.raises(ConfigError, match="on_device_sampling: .* has True, the plan has False"):
             device.create_static_runner(out, plan, model_config, tiny_model, [2])
 
+    def test_too_many_sequences_are_refused_before_any_device_call(self, optimum_neuron, make_device,
+                                                                   model_config, tiny_model, tmp_path):
+        device, plan, out, _ = compiled(make_device, model_config, tiny_model, tmp_path)
+        runner = device.create_static_runner(out, plan, model_config, tiny_model, [2])
+        seqs = [entry(f"r{i}:0", [1, 2, 3], 0, 3) for i in range(3)]
+        with pytest.raises(RequestError, match="batch=3: exceeds the compiled batch size 2"):
+            runner.execute(ScheduledBatch(seqs=seqs))
+        assert "forward" not in optimum_neuron.recorder.names()
+
     def test_prompt_logprobs_are_refused_clearly(self, optimum_neuron, make_device, model_config, tiny_model,
                                                  tmp_path):
         device, plan, out, _ = compiled(make_device, model_config, tiny_model, tmp_path)

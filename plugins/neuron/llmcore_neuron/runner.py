@@ -96,7 +96,8 @@ class NeuronStaticRunner:
         results: list[SampleResult | None] = [None] * len(batch.seqs)
         rows: dict[int, torch.Tensor] = {}
         decode: dict[int, tuple[int, int, int]] = {}  # slot -> (entry index, token, position)
-        for i, s in enumerate(batch.seqs):
+        prefill: list[tuple[int, int, list[int]]] = []  # (entry index, slot, prompt)
+        for i, s in enumerate(batch.seqs):  # every check and slot first, before any device call
             self._check(s)
             end = s.start_pos + len(s.token_ids)
             slot = self.slots.get(s.key)
@@ -111,7 +112,9 @@ class NeuronStaticRunner:
             if len(tokens) == 1:
                 decode[slot] = (i, tokens[0], 0)
             else:
-                rows[i] = self._prefill(slot, tokens)
+                prefill.append((i, slot, tokens))
+        for i, slot, tokens in prefill:
+            rows[i] = self._prefill(slot, tokens)
         if decode:
             rows.update(self._decode(decode))
         sampled = [i for i, s in enumerate(batch.seqs) if s.sample and i in rows]

@@ -100,7 +100,8 @@ class RblnStaticRunner:
         results: list[SampleResult | None] = [None] * len(batch.seqs)
         rows: dict[int, torch.Tensor] = {}
         decode: dict[int, tuple[int, int, int]] = {}  # slot -> (entry index, token, position)
-        for i, s in enumerate(batch.seqs):
+        prefill: list[tuple[int, int, list[int]]] = []  # (entry index, slot, prompt)
+        for i, s in enumerate(batch.seqs):  # every check and slot first, before any device call
             self._check(s)
             end = s.start_pos + len(s.token_ids)
             slot = self.slots.get(s.key)
@@ -110,7 +111,9 @@ class RblnStaticRunner:
                 continue
             slot = self.slots.assign(s.key)
             if s.sample:  # earlier prompt chunks only reserve the slot; the prompt is prefilled whole
-                rows[i] = self._prefill(slot, list(s.history[:end]))
+                prefill.append((i, slot, list(s.history[:end])))
+        for i, slot, tokens in prefill:
+            rows[i] = self._prefill(slot, tokens)
         if decode:
             rows.update(self._decode(decode))
         sampled = [i for i, s in enumerate(batch.seqs) if s.sample and i in rows]
