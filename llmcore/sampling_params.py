@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 from llmcore.errors import ConfigError
 
 
+GREEDY_EPS = 1e-5
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How to pick tokens for one request.
 
-    ``temperature == 0`` is greedy decoding (argmax; equals Hugging Face greedy
+    ``temperature == 0`` (anything below 1e-5) is greedy decoding (argmax; equals Hugging Face greedy
     output token for token on the same weights in float32). ``top_k == 0`` and
     ``top_p == 1`` disable those filters.
     """
@@ -50,8 +53,8 @@ class SamplingParams:
             raise bad("top_k", "must be an integer >= 0", "Use 0 to disable top-k filtering")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "must be in [0, 1]", "Use 0 to disable min-p filtering")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "must be > 0", "Use 1.0 for no penalty")
+        if not 0.01 <= self.repetition_penalty <= 100.0:
+            raise bad("repetition_penalty", "must be in [0.01, 100]", "Use 1.0 for no penalty")
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise bad("presence_penalty", "must be in [-2, 2]", "Use 0 for no penalty")
         if not -2.0 <= self.frequency_penalty <= 2.0:
@@ -75,10 +78,13 @@ class SamplingParams:
         if any(not isinstance(s, str) for s in self._stop_list):
             raise bad("stop", "must be a string or a list of strings")
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < 2**31 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be token ids in [0, 2**31)")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this, dividing logits by the temperature overflows: it is greedy anyway
+        return self.temperature < GREEDY_EPS
 
     @property
     def stop_strings(self) -> list[str]:

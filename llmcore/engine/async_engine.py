@@ -4,9 +4,9 @@ The engine is not thread-safe, so exactly one background thread owns it: that
 thread runs :meth:`Engine.step` while there is work and sleeps on a condition
 variable otherwise. Coroutines never touch the engine; they queue *commands*
 (add, abort, call) that the engine thread applies between two steps, in the
-order they were queued. Outputs go back to each request's ``asyncio.Queue``
-through ``loop.call_soon_threadsafe`` (one wake-up per event loop per step,
-however many requests advanced).
+order they were queued. Outputs go back to each request's queue
+(:class:`OutputQueue`) through ``loop.call_soon_threadsafe`` (one wake-up per
+event loop per step, however many requests advanced).
 
 >>> aeng = AsyncEngine(Engine(model=None))
 >>> async for out in aeng.generate("Hello", SamplingParams(max_tokens=8)):
@@ -94,6 +94,50 @@ class _Counters:
     requests_failed: int = 0
     step_errors: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class OutputQueue:
+    """Where a request's outputs wait for their reader: the latest output per request, oldest request first.
+
+    Outputs are cumulative, so when a reader falls behind (a slow client) only the newest output of
+    each request is kept instead of one per step: memory stays bounded by the number of requests.
+    A :class:`RequestFailure` is final and is never replaced. Use it from one event loop only
+    (the engine thread reaches it through ``loop.call_soon_threadsafe``).
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[str, Any] = {}
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        rid = item.request_id
+        if isinstance(self._items.get(rid), RequestFailure):
+            return
+        self._items[rid] = item
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def get_nowait(self) -> Any:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        rid = next(iter(self._items))
+        return self._items.pop(rid)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self.get_nowait()
 
 
 def _set_result(fut: asyncio.Future, value: Any) -> None:
@@ -190,13 +234,14 @@ class AsyncEngine:
         request_id: str | None = None,
         *,
         prepare: Prepare | None = None,
-        queue: asyncio.Queue | None = None,
-    ) -> tuple[str, asyncio.Queue]:
+        queue: OutputQueue | asyncio.Queue | None = None,
+    ) -> tuple[str, OutputQueue | asyncio.Queue]:
         """Queue a request; return ``(request_id, queue)`` once the engine accepted it.
 
         Outputs (:class:`RequestOutput`, cumulative) and failures
-        (:class:`RequestFailure`) arrive on ``queue``; pass one queue to several
-        requests to read them together. ``prepare(engine) -> (prompt, params)``
+        (:class:`RequestFailure`) arrive on ``queue`` (an :class:`OutputQueue`
+        unless you pass one; an ``asyncio.Queue`` keeps every output instead of
+        the latest); pass one queue to several requests to read them together. ``prepare(engine) -> (prompt, params)``
         runs on the engine thread instead of taking ``prompt``/``params``: use it
         for work that needs the engine's tokenizer (chat templates, length checks).
         Errors from :meth:`Engine.add_request` (``RequestError``, ``ConfigError``)
@@ -206,7 +251,7 @@ class AsyncEngine:
             self.start()
         loop = asyncio.get_running_loop()
         rid = request_id if request_id is not None else uuid.uuid4().hex
-        q: asyncio.Queue = queue if queue is not None else asyncio.Queue()
+        q = queue if queue is not None else OutputQueue()
         fut = loop.create_future()
         self._submit(_Add(rid, prompt, params, prepare, loop, q, fut))
         try:

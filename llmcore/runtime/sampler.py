@@ -47,9 +47,10 @@ class Sampler:
         row = row.clone()
         if p.needs_penalties:
             row = self._apply_penalties(row, e)
+        row = torch.nan_to_num(row, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
         num_out = len(e.history) - e.num_prompt_tokens
         if num_out < p.min_tokens:
-            banned = [t for t in (*self.eos_token_ids, *p.stop_token_ids) if t < row.shape[0]]
+            banned = [t for t in (*self.eos_token_ids, *p.stop_token_ids) if 0 <= t < row.shape[0]]
             if banned:
                 row[banned] = float("-inf")
         logprobs_all = torch.log_softmax(row, dim=-1)

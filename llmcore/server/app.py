@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llmcore.engine.async_engine import AsyncEngine, EngineDeadError, RequestAborted, RequestFailure
+from llmcore.engine.async_engine import AsyncEngine, EngineDeadError, OutputQueue, RequestAborted, RequestFailure
 from llmcore.errors import ConfigError
 from llmcore.outputs import RequestOutput
 from llmcore.server.chat_page import CHAT_PAGE
@@ -69,6 +69,7 @@ log = logging.getLogger("llmcore.server")
 
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_REQUEST_TIMEOUT = 600.0
+HEALTH_STATS_WAIT_S = 2.0
 OPEN_PATHS = frozenset({"/health", "/"})  # no API key needed (the page is static and holds no data)
 
 
@@ -104,12 +105,12 @@ class ServedModel:
         probe = getattr(self.engine.engine, "probe", None)
         return getattr(probe, "name", "unknown")
 
-    def admit(self, count: int) -> None:
+    def admit(self, count: int, param: str = "prompt") -> None:
         cap = self.capacity
         if cap is not None and self.in_flight + count > cap:
             if count > cap:
-                raise ApiError(400, f"prompt: this request has {count} prompts; model {self.name!r} accepts at most "
-                               f"{cap} at once", param="prompt", code="invalid_value")
+                raise ApiError(400, f"{param}: this request has {count} inputs; model {self.name!r} accepts at "
+                               f"most {cap} at once", param=param, code="invalid_value")
             raise ApiError(
                 503,
                 f"Model {self.name!r} is at capacity ({self.in_flight} requests in flight, limit {cap} = "
@@ -128,7 +129,7 @@ class Job:
     def __init__(self, served: ServedModel, base_id: str, num_prompts: int, metrics: ServerMetrics) -> None:
         self.served = served
         self.metrics = metrics
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue = OutputQueue()
         self.rids = [f"{base_id}-{i}" for i in range(num_prompts)]
         self.index = {rid: i for i, rid in enumerate(self.rids)}
         self.finals: list[RequestOutput | None] = [None] * num_prompts
@@ -203,19 +204,17 @@ class Job:
         now = time.monotonic()
         ntok = sum(len(o.token_ids) for o in out.outputs)
         prev = self._tokens.get(rid)
-        if prev is None:
+        if prev is None:  # first output (a chunked prefill may bring outputs without tokens)
             self.metrics.prompt_tokens.labels(model).inc(len(out.prompt_token_ids))
             prev = 0
-            if ntok:
-                self.metrics.ttft.labels(model).observe(now - self.arrival)
-        elif ntok > prev:
-            self.metrics.itl.labels(model).observe(now - self._last[rid])
         if ntok > prev:
+            if prev == 0:
+                self.metrics.ttft.labels(model).observe(now - self.arrival)
+            else:
+                self.metrics.itl.labels(model).observe(now - self._last[rid])
             self.metrics.generation_tokens.labels(model).inc(ntok - prev)
             self._last[rid] = now
         self._tokens[rid] = max(ntok, prev)
-        if rid not in self._last:
-            self._last[rid] = now
 
     def close(self) -> None:
         """Abort whatever has not finished and give the admission slots back (idempotent)."""
@@ -588,7 +587,7 @@ def create_app(
         if body.dimensions is not None and body.dimensions != hidden:
             raise ApiError(400, f"dimensions: only the model's hidden size ({hidden}) is supported",
                            param="dimensions", code="unsupported_parameter")
-        m.admit(len(items))
+        m.admit(len(items), "input")
         try:
             def work(engine: Any) -> list[tuple[list[float], int]]:
                 out = []
@@ -619,8 +618,13 @@ def create_app(
         models: dict[str, Any] = {}
         ok = True
         for m in by_name.values():
-            s = m.engine.stats()
             alive = m.engine.is_running
+            s = m.engine.stats()
+            if alive:  # exact figures, taken between two steps; the snapshot if the engine is slow
+                try:
+                    s = await asyncio.wait_for(m.engine.exact_stats(), HEALTH_STATS_WAIT_S)
+                except (asyncio.TimeoutError, EngineDeadError):
+                    pass
             ok = ok and alive
             models[m.name] = {
                 "device": m.device_name(),

@@ -31,7 +31,6 @@ import json
 import logging
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -49,7 +48,6 @@ from llmcore.server.openai_format import (
     config_error_to_api,
     embedding_inputs,
     encode_embedding,
-    error_body,
     make_prepare,
     new_id,
     sampling_params,

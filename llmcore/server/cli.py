@@ -359,6 +359,9 @@ def batch_command(args: argparse.Namespace) -> int:
         print(f"llmcore batch: error: {exc}. Install the server extras: pip install 'llmcore[serve]'",
               file=sys.stderr)
         return 2
+    if not os.path.isfile(args.input):
+        print(f"llmcore batch: error: INPUT {args.input!r} is not a file", file=sys.stderr)
+        return 2
     try:
         engine = Engine(model=args.model, progress=args.progress, **_engine_kwargs(args))
         runner = BatchRunner(engine, args.served_model_name or default_name(args.model),

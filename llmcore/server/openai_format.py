@@ -29,6 +29,9 @@ from llmcore.server.protocol import (
 )
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 class ApiError(Exception):
     """An error answered with OpenAI's error object and an HTTP status."""
 
@@ -198,6 +201,8 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_model_le
     top_p = 1.0 if req.top_p is None else req.top_p
     if top_p == 0.0:  # OpenAI accepts 0: only the most likely token
         temperature, top_p = 0.0, 1.0
+    if temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow; this close to 0 is greedy anyway
+        temperature = 0.0
     top_k = req.top_k or 0
     if top_k < 0:
         top_k = 0

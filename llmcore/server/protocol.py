@@ -11,17 +11,23 @@ use vLLM's names.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
 
 # A request is refused (400) above these sizes rather than tying up the engine.
 MAX_N = 128
 MAX_STOP = 16
 MAX_BATCH_INPUTS = 2048
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+PromptInput = NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | TokenIds | Annotated[
+    list[TokenIds], Field(min_length=1)]
 
 _STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 _LENIENT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
@@ -39,7 +45,8 @@ class _SamplingFields(BaseModel):
     model_config = _STRICT
 
     model: str = Field(..., description="Name of a served model (see GET /v1/models).", max_length=256)
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0, description="0 = greedy decoding.")
+    temperature: float | None = Field(
+        1.0, ge=0.0, le=2.0, description="0 = greedy decoding (values below 1e-5 are treated as 0).")
     top_p: float | None = Field(1.0, ge=0.0, le=1.0, description="Nucleus sampling; 0 is treated as greedy.")
     n: int | None = Field(1, ge=1, le=MAX_N, description="How many completions to generate for each prompt.")
     stop: str | list[str] | None = Field(
@@ -55,10 +62,10 @@ class _SamplingFields(BaseModel):
     # vLLM-style extensions
     top_k: int | None = Field(None, ge=-1, le=1_000_000, description="0 or -1 disables top-k.")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0, description="1 = none; <1 favours repeats.")
     min_tokens: int | None = Field(None, ge=0, le=1_000_000)
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = Field(None, max_length=256)
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] | None = Field(None, max_length=256)
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
 
@@ -66,7 +73,7 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions"""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: PromptInput = Field(
         ..., description="A string, a list of strings, a list of token ids, or a list of token-id lists."
     )
     max_tokens: int | None = Field(16, ge=1, le=10_000_000, description="Tokens to generate per completion (default 16).")
@@ -108,7 +115,7 @@ class EmbeddingRequest(BaseModel):
 
     model_config = _STRICT
     model: str = Field(..., max_length=256)
-    input: str | list[str] | list[int] | list[list[int]] = Field(
+    input: PromptInput = Field(
         ..., description="A string, a list of strings, a list of token ids, or a list of token-id lists."
     )
     encoding_format: Literal["float", "base64"] | None = Field(
@@ -243,8 +250,8 @@ class HealthResponse(BaseModel):
 
 # messages for union-typed fields, where pydantic's per-member errors mislead
 UNION_HINTS = {
-    "prompt": "must be a string, a list of strings, a list of token ids, or a list of token-id lists",
-    "input": "must be a string, a list of strings, a list of token ids, or a list of token-id lists",
+    "prompt": "must be a non-empty string, list of strings, list of token ids, or list of token-id lists",
+    "input": "must be a non-empty string, list of strings, list of token ids, or list of token-id lists",
     "stop": "must be a string or a list of strings",
     "tool_choice": 'must be a string or an object',
 }

@@ -106,7 +106,7 @@ def test_add_request_errors_propagate_unchanged(aengine):
                 pass
         assert ei.value.option == "messages"
         # duplicate request ids are refused while the first runs
-        agen = aengine.generate("hi", SamplingParams(max_tokens=200, ignore_eos=True), request_id="dup")
+        agen = aengine.generate("hi", SamplingParams(max_tokens=250, n=8, ignore_eos=True), request_id="dup")
         await agen.__anext__()
         with pytest.raises(RequestError):
             async for _ in aengine.generate("hi", SamplingParams(max_tokens=2), request_id="dup"):
@@ -119,7 +119,7 @@ def test_add_request_errors_propagate_unchanged(aengine):
 
 def test_breaking_out_aborts_and_frees_kv_blocks(aengine):
     async def main():
-        agen = aengine.generate("a long one", SamplingParams(max_tokens=200, ignore_eos=True))
+        agen = aengine.generate("a long one", SamplingParams(max_tokens=250, n=8, ignore_eos=True))
         async for o in agen:
             if len(o.outputs[0].token_ids) >= 3:
                 break
@@ -136,7 +136,7 @@ def test_cancelling_the_task_aborts(aengine):
         started = asyncio.Event()
 
         async def consume():
-            async for _ in aengine.generate("cancel me", SamplingParams(max_tokens=200, ignore_eos=True)):
+            async for _ in aengine.generate("cancel me", SamplingParams(max_tokens=250, n=8, ignore_eos=True)):
                 started.set()
 
         t = asyncio.create_task(consume())
@@ -151,7 +151,7 @@ def test_cancelling_the_task_aborts(aengine):
 
 def test_abort_from_elsewhere_ends_the_iterator(aengine):
     async def main():
-        agen = aengine.generate("x", SamplingParams(max_tokens=200, ignore_eos=True), request_id="to-abort")
+        agen = aengine.generate("x", SamplingParams(max_tokens=250, n=8, ignore_eos=True), request_id="to-abort")
         await agen.__anext__()
         aengine.abort("to-abort")
         with pytest.raises(RequestAborted):
@@ -179,7 +179,7 @@ def test_shutdown_fails_running_requests(tiny_model):
                               progress=False))
 
     async def main():
-        agen = aeng.generate("x", SamplingParams(max_tokens=250, ignore_eos=True))
+        agen = aeng.generate("x", SamplingParams(max_tokens=250, n=8, ignore_eos=True))
         await agen.__anext__()
         await asyncio.get_running_loop().run_in_executor(None, aeng.shutdown)
         with pytest.raises(EngineDeadError):
@@ -191,3 +191,19 @@ def test_shutdown_fails_running_requests(tiny_model):
 
     run(main())
     assert not aeng.is_running
+
+
+def test_a_slow_reader_gets_the_latest_output_not_a_backlog(aengine):
+    async def main():
+        agen = aengine.generate("slow reader", SamplingParams(max_tokens=40, temperature=0))
+        first = await agen.__anext__()
+        await asyncio.sleep(0)  # let the engine run ahead while nobody reads
+        while (await aengine.exact_stats())["num_streams"]:
+            await asyncio.sleep(0.01)
+        rest = [o async for o in agen]
+        return first, rest
+
+    first, rest = run(main())
+    assert len(rest) == 1 and rest[0].finished  # one cumulative output, not 39 queued ones
+    assert rest[0].outputs[0].token_ids[: len(first.outputs[0].token_ids)] == first.outputs[0].token_ids
+    assert len(rest[0].outputs[0].token_ids) == 40
