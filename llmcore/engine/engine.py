@@ -374,19 +374,25 @@ class Engine:
             log.exception("llmcore_step_stats observer failed")
 
     def _track_waste(self) -> None:
-        bs = self.block_manager.block_size
-        allocated = held = 0
+        """KV waste at peak: allocated slots not holding a token, at the step with the most.
+
+        O(1) per step; the exact count (a walk over the blocks) runs only when the
+        number of blocks in use reaches a new peak.
+        """
+        bm = self.block_manager
+        allocated = (bm.num_blocks - bm.num_free_blocks) * bm.block_size
+        if allocated <= self._peak_used_slots:
+            return
+        bs = bm.block_size
+        held = 0
         seen: set[int] = set()
         for s in self.scheduler.running:
             for i, b in enumerate(s.block_table):
-                if b in seen:
-                    continue
-                seen.add(b)
-                allocated += bs
-                held += min(bs, max(s.num_computed_tokens - i * bs, 0))
-        if allocated > self._peak_used_slots:
-            self._peak_used_slots = allocated
-            self._peak_waste = (allocated - held) / allocated if allocated else 0.0
+                if b not in seen:
+                    seen.add(b)
+                    held += min(bs, max(s.num_computed_tokens - i * bs, 0))
+        self._peak_used_slots = allocated
+        self._peak_waste = (allocated - held) / allocated if allocated else 0.0
 
     def stats(self) -> dict[str, Any]:
         """Live counters: queues, KV use, prefix-cache hit rate, preemptions, waste at peak."""

@@ -23,9 +23,12 @@ Kernels:
   position ``ctx - qlen + j`` and attends to cached keys ``0 .. ctx - qlen + j``,
   all read through the block table (new K/V are written to the cache first).
 
-Elementwise kernels reproduce transformers' rounding (each bf16/fp16 product
-rounded before the next op) so greedy output tracks HF closely; accumulations
-are in float32. With float32 inputs, dots use IEEE float32 (no TF32).
+Elementwise kernels follow transformers' order of operations and roundings
+(RMSNorm rounds the normalized value before the weight, RoPE and SiLU*up round
+each product) so greedy output tracks HF closely; Triton's compiler may still
+contract a multiply-add, so a RoPE output can differ from torch's by one
+rounding of its products. Accumulations are in float32; with float32 inputs,
+dots use IEEE float32 (no TF32).
 """
 
 from __future__ import annotations
@@ -625,7 +628,14 @@ def _small_gemm_kernel(
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per weight shape (N, K, gated);
 # tuned on an H200 by benchmarks/cuda_bench.py's roofline phase, else a heuristic
-GEMM_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int, int, int]] = {}
+GEMM_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int, int, int]] = {
+    # Llama-1B shapes, measured on an H200 (benchmarks/cuda_bench.py, roofline phase): Triton
+    # split-K beats cuBLAS for o (4.7 vs 6.0 us) and down (10.7 vs 14.1 us); the gated
+    # gate_up GEMM with SiLU*up fused beats cuBLAS + the SiLU kernel (18.3 vs 20.1 us).
+    (2048, 2048, False): (32, 128, 4, 4, 4),
+    (2048, 8192, False): (32, 256, 4, 4, 3),
+    (8192, 2048, True): (32, 128, 1, 4, 4),
+}
 
 
 def load_gemm_configs(text: str | None = None) -> None:
@@ -649,13 +659,14 @@ def small_gemm_config(n: int, k: int, gated: bool, can_split: bool, num_sms: int
         cfg = GEMM_CONFIGS[key]
         if can_split or cfg[2] == 1:
             return cfg
+    # measured best on an H200 for the 1B shapes' o (2048x2048) and down (2048x8192) projections
     block_k = 256 if k >= 256 else _next_pow2(max(k, 16))
-    block_n = 16 if n * (2 if gated else 1) <= 8192 else 32
+    block_n = 32
     split = 1
     if can_split:
-        while -(-n // block_n) * split < 2 * num_sms and k // (split * 2) >= 4 * block_k and split < 8:
+        while -(-n // block_n) * split < 2 * num_sms and k // (split * 2) >= 2 * block_k and split < 8:
             split *= 2
-    return block_n, block_k, split, 4, 4
+    return block_n, block_k, split, 4, 3
 
 
 def small_gemm(x, weight, *, residual=None, residual_out=None, norm_weight=None, eps=1e-6, bias=None,
@@ -702,29 +713,80 @@ def small_gemm(x, weight, *, residual=None, residual_out=None, norm_weight=None,
 
 @triton.jit
 def _parts_rmsnorm_kernel(a_ptr, r_ptr, w_ptr, out_ptr, N, eps, a_part_stride,
-                          A_PARTS: tl.constexpr, BLOCK: tl.constexpr):
+                          A_PARTS: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     DT = out_ptr.dtype.element_ty
-    x = tl.load(a_ptr + row * N + offs, mask=mask, other=0.0)
+    x = tl.load(a_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
     for p in tl.static_range(1, A_PARTS):
         x += tl.load(a_ptr + p * a_part_stride + row * N + offs, mask=mask, other=0.0)
     x = x.to(DT).to(tl.float32)
-    x = (x + tl.load(r_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)).to(DT).to(tl.float32)
-    var = tl.sum(x * x, axis=0) / N
-    y = (x * tl.rsqrt(var + eps)).to(DT).to(tl.float32)
+    x = (x + tl.load(r_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)).to(DT)
+    if WRITE_RES:
+        tl.store(r_ptr + row * N + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    y = (xf * tl.rsqrt(var + eps)).to(DT).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * N + offs, (w * y).to(DT), mask=mask)
 
 
-def parts_rmsnorm(parts, residual, weight, eps):
-    """``rmsnorm(sum(parts) + residual) * weight`` for float32 split-K partials ``[P, M, N]``."""
+def parts_rmsnorm(parts, residual, weight, eps, write_residual=False):
+    """``residual += sum(parts)`` (rounded like a GEMM output; in place if ``write_residual``),
+    then ``rmsnorm(residual) * weight``. ``parts``: float32 split-K partials ``[P, M, N]`` or a
+    plain ``[M, N]`` GEMM output."""
+    if parts.dim() == 2:
+        parts = parts.unsqueeze(0)
     p, m, n = parts.shape
+    assert parts.is_contiguous() and residual.is_contiguous()
     out = torch.empty((m, n), dtype=residual.dtype, device=residual.device)
     block = _next_pow2(n)
-    _parts_rmsnorm_kernel[(m,)](parts, residual, weight, out, n, eps, m * n, A_PARTS=p, BLOCK=block,
+    _parts_rmsnorm_kernel[(m,)](parts, residual, weight, out, n, eps, m * n, A_PARTS=p,
+                                WRITE_RES=write_residual, BLOCK=block,
                                 num_warps=min(16, max(1, block // 256)))
+    return out
+
+
+# ------------------------------------------------------------------- argmax
+
+
+@triton.jit
+def _argmax_stage1(x_ptr, vals_ptr, idx_ptr, V, stride, NB, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    mx = tl.max(x, axis=0)
+    idx = tl.min(tl.where(x == mx, offs, 2147483647), axis=0)
+    tl.store(vals_ptr + row * NB + blk, mx)
+    tl.store(idx_ptr + row * NB + blk, idx)
+
+
+@triton.jit
+def _argmax_stage2(vals_ptr, idx_ptr, out_ptr, NB, BLOCK_B: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    b = tl.arange(0, BLOCK_B)
+    m = b < NB
+    v = tl.load(vals_ptr + row * NB + b, mask=m, other=float("-inf"))
+    i = tl.load(idx_ptr + row * NB + b, mask=m, other=2147483647)
+    mx = tl.max(v, axis=0)
+    tl.store(out_ptr + row, tl.min(tl.where(v == mx, i, 2147483647), axis=0).to(tl.int64))
+
+
+def argmax(logits, block: int = 4096):
+    """Row-wise argmax (first index of the maximum, like torch) of ``[B, V]`` logits -> int64 [B].
+
+    Two small launches that use the whole GPU even for one row (torch's reduction runs one
+    row on a few SMs: ~36 us for a 128k vocabulary on an H200)."""
+    b, v = logits.shape
+    assert logits.stride(1) == 1
+    nb = triton.cdiv(v, block)
+    vals = torch.empty((b, nb), dtype=torch.float32, device=logits.device)
+    idx = torch.empty((b, nb), dtype=torch.int32, device=logits.device)
+    out = torch.empty((b,), dtype=torch.int64, device=logits.device)
+    _argmax_stage1[(b, nb)](logits, vals, idx, v, logits.stride(0), nb, BLOCK=block, num_warps=8)
+    _argmax_stage2[(b,)](vals, idx, out, nb, BLOCK_B=max(16, _next_pow2(nb)), num_warps=1)
     return out
 
 

@@ -107,35 +107,38 @@ class FusedLlama:
         return out
 
     def forward_small(self, input_ids, positions, slot_mapping, kv_caches, args: DecodeArgs) -> torch.Tensor:
-        """Decode for a few rows (CUDA-graph buckets <= 16): six launches per layer.
+        """Decode for a few rows (CUDA-graph buckets up to ``cuda_small_batch_max``).
 
-        add+RMSNorm+qkv GEMM -> RoPE+KV write+attention (+split merge) -> o GEMM (split-K)
-        -> add+RMSNorm+gate_up GEMM+SiLU*up -> down GEMM (split-K); each GEMM's split-K
-        partials are summed by the next launch, and the residual stream ping-pongs between
-        two buffers (the launch that reads one writes the other).
+        Per layer: RMSNorm -> qkv GEMM (cuBLAS) -> RoPE + KV write + attention (one launch,
+        plus the split merge) -> o GEMM (Triton split-K, float32 partials) -> partial sum +
+        residual add + RMSNorm -> gate_up GEMM (cuBLAS) -> SiLU*up -> down GEMM (Triton
+        split-K); the next layer's norm sums the down partials. cuBLAS keeps the GEMMs where
+        it streams well (large N); the small-N ones gain from split-K, whose reduction rides
+        along in the norm that follows anyway.
         """
         h, d = self.num_heads, self.head_dim
         cos, sin = self.model.rope_cos, self.model.rope_sin
         x = F.embedding(input_ids, self.embed_w)
         m = x.shape[0]
-        res = (torch.empty_like(x), torch.empty_like(x))
-        a, res_in, ri = x, None, 0
+        parts = None
         for L, (kc, vc) in zip(self.layers, kv_caches):
-            parts = a.shape[0] if a.dim() == 3 else 1
-            qkv = kernels.small_gemm(a, L.qkv_w, residual=res_in, residual_out=res[ri], norm_weight=L.in_w,
-                                     eps=self.eps, bias=L.qkv_b, x_parts=parts)
+            if parts is None:
+                hn, residual = kernels.add_rmsnorm(x, None, L.in_w, self.eps)
+            else:
+                hn = kernels.parts_rmsnorm(parts, residual, L.in_w, self.eps, write_residual=True)
+            qkv = F.linear(hn, L.qkv_w, L.qkv_b)
             o = kernels.decode_attention_rope(
                 qkv, positions, slot_mapping, cos, sin, kc, vc, args.block_tables, args.context_lens, h,
                 self.scale, num_splits=args.num_splits, workspace=args.workspace, q_norm=L.q_norm,
                 k_norm=L.k_norm, eps=self.eps)
             o_parts = kernels.small_gemm(o.view(m, h * d), L.o_w, bias=L.o_b)
-            act = kernels.small_gemm(o_parts, L.gu_w, residual=res[ri], residual_out=res[ri ^ 1],
-                                     norm_weight=L.post_w, eps=self.eps, gated=True, bias=L.gu_b,
-                                     x_parts=o_parts.shape[0] if o_parts.dim() == 3 else 1)
-            a = kernels.small_gemm(act, L.d_w, bias=L.d_b)
-            res_in = res[ri ^ 1]
-        parts = a if a.dim() == 3 else a.unsqueeze(0).float()
-        return kernels.parts_rmsnorm(parts, res_in, self.norm_w, self.eps)
+            hn = kernels.parts_rmsnorm(o_parts, residual, L.post_w, self.eps, write_residual=True)
+            if (L.gu_w.shape[0] // 2, L.gu_w.shape[1], True) in kernels.GEMM_CONFIGS:  # tuned faster
+                act = kernels.small_gemm(hn, L.gu_w, bias=L.gu_b, gated=True)
+            else:
+                act = kernels.silu_mul(F.linear(hn, L.gu_w, L.gu_b))
+            parts = kernels.small_gemm(act, L.d_w, bias=L.d_b)
+        return kernels.parts_rmsnorm(parts, residual, self.norm_w, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_w)

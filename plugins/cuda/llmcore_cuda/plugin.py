@@ -22,6 +22,34 @@ def _unusable(reason: str, hint: str = INSTALL_HINT) -> DeviceProbe:
     )
 
 
+def _nvml_gpu():
+    """(name, total bytes, (major, minor), count) through NVML, or None.
+
+    NVML answers without creating a CUDA context, so the probe stays cheap and
+    leaves nothing behind (a CUDA context creates the driver's ~/.nv cache).
+    """
+    if importlib.util.find_spec("pynvml") is None:
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+            if count < 1:
+                return None
+            h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            name = pynvml.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else name
+            total = int(pynvml.nvmlDeviceGetMemoryInfo(h).total)
+            cc = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h))
+            return name, total, cc, count
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
 @hookimpl
 def llmcore_probe(config):
     # cheap checks first: no driver means no need to import torch at all
@@ -31,12 +59,18 @@ def llmcore_probe(config):
         return _unusable("torch is not installed")
     import torch
 
-    if not torch.cuda.is_available():
-        if torch.version.cuda is None:
-            return _unusable(f"torch {torch.__version__} is a CPU-only build")
-        return _unusable("torch found no usable CUDA device (driver/runtime mismatch or no GPU visible)")
-    props = torch.cuda.get_device_properties(0)
-    major, minor = props.major, props.minor
+    if torch.version.cuda is None:
+        return _unusable(f"torch {torch.__version__} is a CPU-only build")
+    gpu = _nvml_gpu()
+    if gpu is not None:
+        name, total, (major, minor), count = gpu
+        sms = None
+    else:
+        if not torch.cuda.is_available():
+            return _unusable("torch found no usable CUDA device (driver/runtime mismatch or no GPU visible)")
+        props = torch.cuda.get_device_properties(0)
+        name, total, major, minor = props.name, props.total_memory, props.major, props.minor
+        count, sms = torch.cuda.device_count(), props.multi_processor_count
     dtypes = ("bfloat16", "float16", "float32") if major >= 8 else ("float16", "float32")
     notes = []
     if importlib.util.find_spec("triton") is not None:
@@ -53,12 +87,12 @@ def llmcore_probe(config):
         capabilities=Capabilities(
             dtypes=dtypes, default_dtype=dtypes[0], kv_layout=KV_PAGED,
             quantization=(),  # bnb/AWQ/EETQ arrive with their own issue
-            memory_bytes=props.total_memory, device_count=torch.cuda.device_count(),
+            memory_bytes=total, device_count=count,
             tensor_parallel=False,  # not implemented yet, whatever the GPU count
             notes=tuple(notes),
         ),
-        description=(f"{props.name} (sm_{major}{minor}, {props.total_memory / 2**30:.0f} GiB, "
-                     f"{props.multi_processor_count} SMs)"),
+        description=(f"{name} (sm_{major}{minor}, {total / 2**30:.0f} GiB"
+                     + (f", {sms} SMs)" if sms else ")")),
         plugin_version=__version__,
     )
 

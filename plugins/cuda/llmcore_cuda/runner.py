@@ -157,7 +157,7 @@ class CudaModelRunner(TorchModelRunner):
         self.enforce_eager = bool(ec.enforce_eager)
         self.overlap = bool(extra.get("cuda_overlap", True)) and not self.enforce_eager
         # decode buckets up to this size use the fused skinny-GEMM path (FusedLlama.forward_small)
-        self.small_max = int(extra.get("cuda_small_batch_max", 8))
+        self.small_max = int(extra.get("cuda_small_batch_max", 16))
         self.buckets = [] if self.enforce_eager else graph_buckets(
             ec.max_num_seqs, extra.get("cuda_graph_buckets", DEFAULT_BUCKETS))
         self.max_blocks = -(-max_model_len // block_size)
@@ -295,7 +295,12 @@ class CudaModelRunner(TorchModelRunner):
         fwd = self.fused.forward_small if b <= self.small_max else self.fused.forward
         hidden = fwd(meta[:, 0], meta[:, 1], meta[:, 2], self.kv_caches, args)
         logits = self.fused.logits(hidden)
-        return logits, logits.argmax(dim=-1)
+        return logits, self._argmax(logits)
+
+    def _argmax(self, logits):
+        from llmcore_cuda import kernels
+
+        return kernels.argmax(logits) if logits.stride(1) == 1 else logits.argmax(dim=-1)
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
