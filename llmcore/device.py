@@ -86,7 +86,15 @@ class Device:
         return plan_static(model_config, self.capabilities, self.name, **settings)
 
     def compile_key_inputs(self, plan: StaticPlan) -> dict[str, Any]:
-        """Compiler name/version/flags that go into the compile-cache key."""
+        """Compiler name/version/flags that go into the compile-cache key.
+
+        :returns: ``{"compiler", "compiler_version", "compiler_flags"}`` and
+            optionally ``"target"`` (the hardware the code is built for, e.g. a
+            CPU feature set or NPU generation) and ``"extra"`` (a dict of anything
+            else the artifact depends on). ``llmcore.compile.keys.build_key``
+            puts them in the key, and serving recomputes them to refuse an
+            artifact built for another environment.
+        """
         return {"compiler": "none", "compiler_version": "0", "compiler_flags": {}}
 
     def compile(

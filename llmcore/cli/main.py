@@ -69,8 +69,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "match Hugging Face greedy output exactly")
     g.add_argument("--quantization", "-q", default=None, help="weight quantization method, if the device offers it")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output, in tokens")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded at once (default 64)")
-    g.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (default 16)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded at once (default 64)")
+    g.add_argument("--block-size", type=int, default=None, help="KV-cache block size in tokens (default 16)")
     g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
                    help="GiB for the KV cache (default: the device decides, 2 GiB on CPU)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
@@ -84,13 +84,16 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kw = dict(
         model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
-        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
+        enable_prefix_caching=False if args.no_prefix_caching else None, num_threads=args.threads,
     )
     if args.kv_cache_memory:
         kw["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
     if args.compiled:
         kw["compiled"] = args.compiled
-    return kw
+    # options left unset keep the engine's defaults (or a compiled artifact's settings):
+    # passing argparse defaults would read as explicit choices
+    keep_none = {"model", "device"}
+    return {k: v for k, v in kw.items() if v is not None or k in keep_none}
 
 
 def build_parser() -> argparse.ArgumentParser:

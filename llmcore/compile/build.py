@@ -143,26 +143,33 @@ def plan_compile(request: CompileRequest, cache: CompileCache, registry: Any = N
     dtype = normalize_dtype(request.dtype)
     if dtype == "auto":
         dtype = caps.default_dtype
-    request = replace(request, dtype=dtype)
+    model = request.model
+    if model and Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())  # the entry must name it from any directory
+    request = replace(request, dtype=dtype, model=model)
     model_path = resolve_model(request.model)
     mc = ModelConfig.from_path(model_path)
-    plan = plan_static(
-        mc, caps, request.device, batch_size=request.batch_size, max_seq_len=request.max_seq_len,
-        dtype=dtype, tensor_parallel=request.tensor_parallel, quantization=request.quantization,
+    settings = dict(
+        batch_size=request.batch_size, max_seq_len=request.max_seq_len, dtype=dtype,
+        tensor_parallel=request.tensor_parallel, quantization=request.quantization,
         batch_buckets=request.buckets, seq_buckets=request.seq_buckets, block_size=request.block_size,
     )
-    planned = PlannedCompile(request, report.plugin, report.probe, plan, model_path, mc)
+    dev, problem = None, ""
     try:
         dev = registry.hook.llmcore_create_device(
             name=request.device, config=EngineConfig(device=request.device, dtype=dtype)
         )
+        if dev is None:
+            problem = f"plugin {report.plugin!r} creates no {request.device!r} device here"
     except Exception as exc:  # an SDK-less plugin may refuse; the plan is still worth showing
-        planned.key_problem = f"plugin {report.plugin!r} could not create its device here ({exc})"
-        return planned
+        problem = f"plugin {report.plugin!r} could not create its device here ({exc})"
+    # the device's own planner where there is one (its compiler may have further rules)
+    planner = getattr(dev, "plan", None)
+    plan = planner(mc, **settings) if planner else plan_static(mc, caps, request.device, **settings)
+    planned = PlannedCompile(request, report.plugin, report.probe, plan, model_path, mc, device=dev,
+                             key_problem=problem)
     if dev is None:
-        planned.key_problem = f"plugin {report.plugin!r} creates no {request.device!r} device here"
         return planned
-    planned.device = dev
     try:
         inputs = dev.compile_key_inputs(plan)
     except Exception as exc:

@@ -166,7 +166,8 @@ def run_compile_command(args: argparse.Namespace) -> int:
 def _print_plan(planned, cache, out) -> None:
     name = planned.model_path.name
     print(f"plan for {planned.plan.device} ({name}, {planned.model_config.architecture}):", file=out)
-    for line in planned.plan.describe().splitlines():
+    describe = getattr(planned.device, "describe_plan", None)  # a device may add its compiler's view
+    for line in (describe(planned.plan) if describe else planned.plan.describe()).splitlines():
         print("  " + line, file=out)
     print(f"model       {planned.model_path}", file=out)
     if planned.key is not None:

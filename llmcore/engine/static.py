@@ -128,7 +128,8 @@ def prepare_static(cfg: EngineConfig, explicit: dict[str, Any], cache: CompileCa
 
     After this, ``cfg`` holds the artifact's device, dtype, model, slots
     (``max_num_seqs``), ``max_model_len`` and a KV budget of exactly
-    ``slots x max_seq_len`` tokens, with prefix caching off (slots are private).
+    ``slots x max_seq_len`` tokens, with prefix caching off (slots are private; an explicit
+    ``enable_prefix_caching=True`` is logged, not refused, as every front end passes it).
     """
     from llmcore.compile.build import CompileRequest
 
@@ -162,9 +163,8 @@ def prepare_static(cfg: EngineConfig, explicit: dict[str, Any], cache: CompileCa
                               f"({plan.batch_size} slots x {plan.max_seq_len} tokens)",
                               f"Drop it, or recompile with other shapes: {request.command()}")
     if explicit.get("enable_prefix_caching"):
-        raise ConfigError("enable_prefix_caching", True, "is not available with a compiled artifact "
-                          "(each sequence owns a slot; blocks are not shared)",
-                          "Drop enable_prefix_caching, or serve without compiled=")
+        # on by default in every front end, so not treated as a conflicting setting
+        log.info("prefix caching is off when serving a compiled artifact: each sequence owns a slot")
 
     model_path, fingerprint = _model_for(cache, entry, request, explicit.get("model"))
 

@@ -23,8 +23,7 @@ def test_first_compile_prints_plan_progress_key_and_path(compiled_tiny):
         assert graph in err
     assert f"compiled    {compiled_tiny.path}" in out
     assert f"cache key   {compiled_tiny.key}" in out
-    entry = CompileCache(compiled_tiny.cache_dir).get(CompileCache(compiled_tiny.cache_dir).resolve(
-        compiled_tiny.key).key)
+    entry = CompileCache(compiled_tiny.cache_dir).resolve(compiled_tiny.key)
     assert sorted(entry.files) == ["decode-b1.pt2", "decode-b2.pt2", "graphs.json", "prefill-s16.pt2",
                                    "prefill-s64.pt2"]
     assert entry.metadata["plan"]["seq_buckets"] == [16, 64]
@@ -106,9 +105,10 @@ def test_neuron_dry_run_prints_the_plan_and_exits_0(tiny_llama, tmp_path):
     assert code == 0, err
     assert "plan for neuron" in out
     assert "device            neuron" in out
-    assert "batch slots       4 (decode buckets [1, 2, 4])" in out
+    assert "batch slots       4 (decode buckets " in out  # the buckets are the neuron planner's choice
     assert "max sequence len  512 (prefill buckets [512])" in out
-    assert "cannot compile here" in out
+    assert "cache key   " in out
+    assert "note: device 'neuron' cannot compile here" in out
 
 
 def test_neuron_without_dry_run_prints_the_plan_then_fails_with_the_probe_reason(tiny_llama, tmp_path):
