@@ -7,13 +7,18 @@ Run on a machine with an NVIDIA GPU (from the repository root)::
 Phases (each in its own process, so memory is clean between them):
 
 * ``roofline``: device-to-device copy bandwidth (bytes read + written), the
-  memory-bandwidth ceiling; plus cuBLAS bf16 GEMV bandwidth at the model's shapes.
+  memory-bandwidth ceiling; plus cuBLAS bf16 GEMV bandwidth at the model's shapes; with
+  ``--tune all|gemv`` the tile sweeps of the skinny GEMMs (batch <= 16) and batch-1 GEMVs,
+  whose winners the later phases get through ``LLMCORE_CUDA_GEMM_CONFIGS`` /
+  ``LLMCORE_CUDA_GEMV_CONFIGS``.
 * ``build``: a random Llama-1B-shaped bf16 model folder (hidden 2048, 16 layers,
   32 heads, 8 KV heads, intermediate 8192, vocab 128,256) with a generated tokenizer.
 * ``hf``: transformers ``generate`` (bf16, eager attention default, greedy):
   (a) one stream; (b) the mixed workload in left-padded batches of 32.
-* ``llmcore``: ``Engine(device="cuda")`` greedy: (a) one stream; (b) the mixed
-  workload through continuous batching.
+* ``llmcore``: ``Engine(device="cuda")`` greedy: (a) one stream; with ``--variants`` the
+  batch-1 decode graph of each forward variant (``DECODE_VARIANTS``) timed in the same
+  process, and (a) again with the fastest if it beats the default; (b) the mixed workload
+  through continuous batching.
 
 Workload (b): 256 requests, input and output lengths uniform in 100..1024
 (``random.Random(0)``), random prompt ids, ``ignore_eos``; the figure is useful
@@ -104,10 +109,11 @@ def phase_roofline(args) -> None:
         per = s.elapsed_time(e) / 1e3 / (reps * copies)
         gemv[name] = dict(us=per * 1e6, GBps=n * k * 2 / per / 1e9)
         del ws
-    tuned = tune_small_gemm() if not args.no_tune else {}
+    tuned = tune_small_gemm() if args.tune == "all" else {}
+    tuned_gemv = tune_gemv() if args.tune in ("all", "gemv") else {}
     emit(dict(phase="roofline", device=props.name, sms=props.multi_processor_count,
               memory_GiB=props.total_memory / 2**30, copy_GBps=copy_bw / 1e9, gemv_bf16_m1=gemv,
-              torch=torch.__version__, small_gemm=tuned))
+              torch=torch.__version__, small_gemm=tuned, gemv=tuned_gemv))
 
 
 def _replay_ms(graph, reps: int = 50) -> float:
@@ -225,6 +231,81 @@ def tune_small_gemm() -> dict:
     return out
 
 
+L2_DEFEAT_BYTES = 384 << 20  # weight copies per timed chain: several times the L2
+GEMV_CANDIDATES = {
+    # name: (N, K, gated, can_split, takes the norm, [(BLOCK_N, BLOCK_K, SPLIT_K, warps, programs/SM), ...])
+    # (programs/SM > 0: the persistent kernel, two tiles in flight per program)
+    "qkv": (3072, 2048, False, False, True, [(4, 2048, 1, 4, 0), (8, 2048, 1, 4, 0), (2, 2048, 1, 4, 0),
+                                             (4, 2048, 1, 4, 2), (4, 2048, 1, 4, 3)]),
+    "o": (2048, 2048, False, True, False, [(8, 2048, 1, 8, 0), (4, 2048, 1, 4, 0), (8, 2048, 1, 4, 0),
+                                           (4, 2048, 1, 4, 2)]),
+    "gate_up": (8192, 2048, True, False, True, [(2, 2048, 1, 4, 0), (4, 2048, 1, 4, 0), (2, 2048, 1, 4, 4),
+                                                (2, 2048, 1, 4, 3), (4, 2048, 1, 8, 2), (2, 2048, 1, 8, 2)]),
+    "down": (2048, 8192, False, True, False, [(2, 8192, 1, 4, 0), (2, 8192, 1, 8, 0), (2, 8192, 1, 8, 2),
+                                              (2, 8192, 1, 4, 2), (1, 8192, 1, 4, 4), (8, 2048, 4, 8, 2)]),
+}
+# the best tiles of the first measuring run (no persistent kernel, no fused norm), for comparison
+GEMV_RUN1 = [[3072, 2048, False, 4, 2048, 1, 4, 0], [2048, 2048, False, 8, 2048, 1, 8, 0],
+             [8192, 2048, True, 2, 2048, 1, 4, 0], [2048, 8192, False, 2, 8192, 1, 4, 0]]
+
+
+def tune_gemv() -> dict:
+    """Batch-1 GEMV per decode GEMM of the 1B shape: cuBLAS (+ SiLU kernel for gate_up) against
+    Triton ``kernels.gemv`` tiles, each timed in a CUDA graph as a chain over enough weight
+    copies to defeat the L2, launched as the runner launches them: with programmatic dependent
+    launch where supported (each GEMV streaming its weights while the one before finishes) and,
+    for qkv and gate_up, taking the previous GEMM's output through the fused residual add +
+    RMSNorm. Picks the fastest tile per shape."""
+    import torch
+    import torch.nn.functional as F
+
+    from llmcore_cuda import kernels
+
+    dev, bf = "cuda", torch.bfloat16
+    pdl = kernels.pdl_supported()
+    out, rows = {"pdl": pdl}, []
+    for name, (n, k, gated, can_split, norm, cfgs) in GEMV_CANDIDATES.items():
+        n_tot = 2 * n if gated else n
+        nbytes = n_tot * k * 2
+        copies = max(2, -(-L2_DEFEAT_BYTES // nbytes))
+        ws = [torch.randn(n_tot, k, device=dev, dtype=bf) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, k, device=dev, dtype=bf)
+        r, r2, nw = torch.randn_like(x), torch.empty_like(x), torch.ones(k, device=dev, dtype=bf)
+
+        def cublas():
+            for w in ws:
+                y = F.linear(x, w)
+                if gated:
+                    kernels.silu_mul(y)
+
+        res = {"cublas_us": round(_graph_time(cublas) / copies * 1e6, 2), "norm_fused": norm}
+        best = None
+        for cfg in cfgs:
+            def run(cfg=cfg):
+                for w in ws:
+                    kernels.gemv(x, w, gated=gated, can_split=can_split, config=cfg, pdl=pdl,
+                                 norm=(r, r2, nw, 1e-5) if norm else None)
+            try:
+                t = _graph_time(run) / copies
+            except Exception as exc:  # e.g. too many registers
+                res[str(cfg)] = f"failed: {type(exc).__name__}: {exc}"[:200]
+                continue
+            res[str(cfg)] = round(t * 1e6, 2)
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        if best:
+            res["best"] = list(best[1])
+            res["best_us"] = round(best[0] * 1e6, 2)
+            res["best_GBps"] = round(nbytes / best[0] / 1e9)
+            rows.append([n, k, gated, *best[1]])
+        out[name] = res
+        print(f"  gemv {name}: {res}", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    out["configs"] = rows
+    return out
+
+
 def phase_build(args) -> None:
     from llmcore_cuda.testing import LLAMA_1B, make_model_folder
 
@@ -292,6 +373,99 @@ def phase_hf(args) -> None:
     emit(dict(phase="hf_workload", requests=len(reqs), useful_tokens=useful, seconds=dt, tok_s=useful / dt))
 
 
+DECODE_VARIANTS = {
+    # name: settings of the batch-1 forward (FusedLlama.gemv / .pdl / .fuse_norm,
+    # kernels.GEMV_EARLY_TRIGGER, GEMV tiles: "run1" = GEMV_RUN1, None = as loaded)
+    "cuBLAS qkv + split-K skinny GEMMs (previous path)": dict(gemv=False, pdl=False, fuse=False),
+    "GEMV kernels, no PDL (run-1 tiles)": dict(gemv=True, pdl=False, fuse=False, tiles="run1"),
+    "GEMV + PDL (run-1 tiles)": dict(gemv=True, pdl=True, fuse=False, tiles="run1"),
+    "GEMV + PDL + norms fused into GEMVs (run-1 tiles)": dict(gemv=True, pdl=True, fuse=True, tiles="run1"),
+    "GEMV + PDL (tuned tiles)": dict(gemv=True, pdl=True, fuse=False),
+    "GEMV + PDL + norms fused into GEMVs (tuned tiles)": dict(gemv=True, pdl=True, fuse=True),
+    "the same, GEMVs signal after their wait": dict(gemv=True, pdl=True, fuse=True, early=False),
+}
+
+
+def _variant_settings(runner, v: dict | None = None, restore: dict | None = None) -> dict:
+    """Apply a DECODE_VARIANTS entry ``v`` (PDL and the fused norm only where the runner has them
+    on) or put back ``restore``, a dict this function returned; returns the settings before."""
+    from llmcore_cuda import kernels
+
+    f = runner.fused
+    old = dict(gemv=f.gemv, pdl=f.pdl, fuse=f.fuse_norm, early=kernels.GEMV_EARLY_TRIGGER,
+               configs=dict(kernels.GEMV_CONFIGS), splits=runner._splits[1])
+    if restore is not None:
+        f.gemv, f.pdl, f.fuse_norm = restore["gemv"], restore["pdl"], restore["fuse"]
+        kernels.GEMV_EARLY_TRIGGER = restore["early"]
+        kernels.GEMV_CONFIGS.clear()
+        kernels.GEMV_CONFIGS.update(restore["configs"])
+        runner._splits[1] = restore["splits"]
+    elif v is not None:
+        f.gemv = v["gemv"]
+        f.pdl = v["pdl"] and old["pdl"]
+        f.fuse_norm = v["fuse"] and old["fuse"]
+        kernels.GEMV_EARLY_TRIGGER = v.get("early", old["early"])
+        if v.get("tiles") == "run1":
+            kernels.GEMV_CONFIGS.clear()
+            kernels.load_gemv_configs(json.dumps(GEMV_RUN1))
+        runner._splits[1] = v.get("splits") or old["splits"]
+    return old
+
+
+def _capture_b1(runner, pool):
+    import torch
+
+    s0 = torch.cuda.Stream()
+    s0.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s0):
+        runner._decode_forward(1)
+        runner._decode_forward(1)
+    torch.cuda.current_stream().wait_stream(s0)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        logits, tokens = runner._decode_forward(1)
+    return g, logits, tokens
+
+
+def decode_variants(runner) -> dict:
+    """GPU time of the batch-1 decode graph per forward variant, same process, same weights and
+    context (the last step of (a)); two rounds in opposite orders to show the spread."""
+    import torch
+
+    names = [n for n, v in DECODE_VARIANTS.items()
+             if (not v["pdl"] or runner.fused.pdl) and (not v["fuse"] or runner.fused.fuse_norm)]
+    pool = torch.cuda.graph_pool_handle()
+    graphs = {}
+    g0 = runner.graphs[1]
+    with torch.inference_mode():
+        for name in names:
+            old = _variant_settings(runner, DECODE_VARIANTS[name])
+            graphs[name] = _capture_b1(runner, pool)
+            _variant_settings(runner, restore=old)
+        # the runner's own batch-1 graph (captured at start-up with the default settings), and the
+        # same captured again by the runner's capture_graphs() now
+        graphs["runner's graph, captured at start-up"] = (g0.graph, g0.logits, g0.tokens)
+        meta = runner._dec_dev.clone()
+        runner.capture_graphs()
+        runner._dec_dev.copy_(meta)
+        g1 = runner.graphs[1]
+        graphs["runner's graph, captured again by capture_graphs()"] = (g1.graph, g1.logits, g1.tokens)
+    names = list(graphs)
+    ms = {n: [] for n in names}
+    toks = {}
+    for order in (names, names[::-1]):
+        for n in order:
+            ms[n].append(round(_replay_ms(graphs[n][0], reps=200), 4))
+            toks[n] = graphs[n][2].tolist()
+    best = min((n for n in names if n in DECODE_VARIANTS), key=lambda n: min(ms[n]))
+    out = dict(phase="llmcore_variants", note="batch-1 decode graph replay ms, two rounds", ms=ms,
+               default_splits=runner._splits[1], tokens=toks, best=best)
+    for n in names:
+        print(f"  variant {n}: {ms[n]} ms", flush=True)
+    del graphs
+    return out
+
+
 def phase_llmcore(args) -> None:
     import logging
 
@@ -330,6 +504,11 @@ def phase_llmcore(args) -> None:
         assert len(out[0].outputs[0].token_ids) == k
         return time.perf_counter() - t
 
+    # warm-up: a few seconds of decode steps first. Measured right after start-up, (a) came out
+    # ~3% slower than seconds later (b=1 graph 0.759 vs 0.736 ms, the same graph; seen on an H200)
+    t_warm = time.perf_counter()
+    while time.perf_counter() - t_warm < args.warmup_s:
+        run(min(n + 1, 1024))
     run(16)
     t_first = statistics.median(run(1) for _ in range(3))
     before = dict(getattr(runner, "stats", {}))
@@ -357,6 +536,21 @@ def phase_llmcore(args) -> None:
         e.synchronize()
         res["graph_replay_ms_b1"] = s.elapsed_time(e) / 50
     emit(res)
+    if 1 in graphs and args.variants:
+        var = decode_variants(runner)
+        emit(var)
+        if min(var["ms"][var["best"]]) < 0.99 * res["graph_replay_ms_b1"]:  # beats the default: (a) with it
+            from llmcore_cuda.runner import _Graph
+
+            with torch.inference_mode():
+                _variant_settings(runner, DECODE_VARIANTS[var["best"]])
+                g, logits, tokens = _capture_b1(runner, torch.cuda.graph_pool_handle())
+            runner.graphs[1] = _Graph(g, logits, tokens)
+            run(16)
+            t_full = statistics.median(run(n + 1) for _ in range(3))
+            best_tok_s = n / (t_full - t_first)
+            emit(dict(phase="llmcore_single_best_variant", variant=var["best"], decode_tok_s=best_tok_s,
+                      achieved_GBps=(wb + kvb) * best_tok_s / 1e9, graph_replay_ms_b1=_replay_ms(g, reps=200)))
 
     if args.profile:
         import cProfile
@@ -371,21 +565,22 @@ def phase_llmcore(args) -> None:
 
     # (b) workload
     reqs = workload(vocab)
-    params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in reqs]
-    before = dict(getattr(runner, "stats", {}))
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    outs = eng.generate([r[0] for r in reqs], params)
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    after = dict(getattr(runner, "stats", {}))
-    useful = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert useful == sum(o for _, o in reqs)
-    st = eng.stats()
-    emit(dict(phase="llmcore_workload", requests=len(reqs), useful_tokens=useful, seconds=dt,
-              tok_s=useful / dt, steps=st["steps"], preemptions=st["num_preemptions"],
-              kv_waste_at_peak=st["kv_waste_at_peak"],
-              runner_stats={k: after.get(k, 0) - before.get(k, 0) for k in after}))
+    if not args.no_workload:
+        params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in reqs]
+        before = dict(getattr(runner, "stats", {}))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = eng.generate([r[0] for r in reqs], params)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        after = dict(getattr(runner, "stats", {}))
+        useful = sum(len(o.outputs[0].token_ids) for o in outs)
+        assert useful == sum(o for _, o in reqs)
+        st = eng.stats()
+        emit(dict(phase="llmcore_workload", requests=len(reqs), useful_tokens=useful, seconds=dt,
+                  tok_s=useful / dt, steps=st["steps"], preemptions=st["num_preemptions"],
+                  kv_waste_at_peak=st["kv_waste_at_peak"],
+                  runner_stats={k: after.get(k, 0) - before.get(k, 0) for k in after}))
 
     if graphs:  # GPU time of one decode step per bucket, small-batch path vs general path
         res2 = dict(phase="llmcore_decode_graphs", note="graph replay ms; row 0 live (last context), "
@@ -465,7 +660,12 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--no-overlap", action="store_true")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--no-tune", action="store_true", help="skip the skinny-GEMM tile sweep")
+    ap.add_argument("--tune", choices=["all", "gemv", "none"], default="all",
+                    help="tile sweeps in the roofline phase: skinny GEMMs (batch<=16) and batch-1 GEMVs")
+    ap.add_argument("--variants", action="store_true",
+                    help="time the batch-1 decode graph of each forward variant (DECODE_VARIANTS)")
+    ap.add_argument("--no-workload", action="store_true", help="skip workload (b) in the llmcore phase")
+    ap.add_argument("--warmup-s", type=float, default=5.0, help="seconds of single-stream decode before (a)")
     ap.add_argument("--small-batch-max", type=int, default=None,
                     help="decode buckets up to this use the fused skinny-GEMM path (0: off)")
     args = ap.parse_args()
@@ -490,6 +690,9 @@ def main() -> None:
         tuned = results.get("roofline", {}).get("small_gemm", {}).get("configs")
         if tuned and "LLMCORE_CUDA_GEMM_CONFIGS" not in os.environ:
             env["LLMCORE_CUDA_GEMM_CONFIGS"] = json.dumps(tuned)
+        tuned = results.get("roofline", {}).get("gemv", {}).get("configs")
+        if tuned and "LLMCORE_CUDA_GEMV_CONFIGS" not in os.environ:
+            env["LLMCORE_CUDA_GEMV_CONFIGS"] = json.dumps(tuned)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             if line.startswith("RESULT "):
@@ -519,6 +722,17 @@ def summarize(r: dict) -> None:
               f"{ls['achieved_GBps']:.0f} GB/s = {ls['decode_tok_s'] / roof:.1%} of roofline {roof:.0f} tok/s"
               + (f"; HF {hs['tok_s']:.0f} tok/s -> {ls['decode_tok_s'] / hs['tok_s']:.1f}x" if hs else "")
               + (f"; graph replay b=1 {ls['graph_replay_ms_b1']:.3f} ms" if "graph_replay_ms_b1" in ls else ""))
+    lb = r.get("llmcore_single_best_variant")
+    if lb and rf:
+        roof = rf["copy_GBps"] * 1e9 / (ls["weight_bytes"] + ls["kv_bytes_avg"])
+        print(f"    with the fastest variant ({lb['variant']}): {lb['decode_tok_s']:.0f} tok/s = "
+              f"{lb['decode_tok_s'] / roof:.1%} of roofline; graph replay b=1 {lb['graph_replay_ms_b1']:.3f} ms")
+    lv = r.get("llmcore_variants", {})
+    for name, ms in lv.get("ms", {}).items():
+        print(f"    b=1 decode graph, {name}: {' / '.join(f'{x:.3f}' for x in ms)} ms")
+    for name, g in r.get("roofline", {}).get("gemv", {}).items():
+        if isinstance(g, dict) and "best" in g:
+            print(f"    gemv {name}: best {g['best']} {g['best_us']} us ({g['best_GBps']} GB/s), cuBLAS {g['cublas_us']} us")
     if lw:
         line = f"(b) 256 requests: llmcore {lw['tok_s']:.0f} tok/s ({lw['seconds']:.1f} s)"
         if hw:

@@ -123,6 +123,34 @@ def test_greedy_matches_hf(model_dir, dtype, mode):
         assert stats["graph_steps"] == 0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_single_stream_matches_hf(model_dir, dtype):
+    """Batch 1 (the GEMV path with the norms fused into the GEMVs, programmatic dependent
+    launches on sm_90+) against HF, one prompt at a time; on llama also with the norms as
+    their own launches, and with all of it off (cuBLAS qkv, split-K skinny GEMMs)."""
+    from llmcore import SamplingParams
+    from llmcore.engine.engine import Engine
+
+    arch, folder = model_dir
+    plist = [p for p in prompts() if len(p) in (1, 17, 100, 250)]
+    want = hf_greedy(folder, getattr(torch, dtype), plist, N_NEW)
+    sp = SamplingParams(max_tokens=N_NEW, temperature=0, ignore_eos=True)
+    variants = [{}] + ([{"cuda_fuse_norm": False}, {"cuda_pdl": False, "cuda_gemv": False}]
+                       if arch == "llama" else [])
+    got = []
+    for extra in variants:
+        eng = Engine(model=str(folder), device="cuda", dtype=dtype, progress=False, max_num_seqs=1,
+                     max_model_len=512, extra=extra)
+        assert eng.runner.fused.gemv == extra.get("cuda_gemv", True)
+        got.append([eng.generate([p], sp)[0].outputs[0].token_ids for p in plist])
+        assert eng.runner.stats["graph_steps"] > 0
+        del eng
+        torch.cuda.empty_cache()
+    for extra, toks in zip(variants, got):
+        mism = check(f"{arch}/{dtype}/single{extra}", toks, want, dtype == "float32")
+        print(f"{arch} {dtype} single stream {extra}: near-tie divergences {mism}")
+
+
 def test_probe_reports_gpu():
     from llmcore_cuda.plugin import llmcore_probe
 

@@ -375,3 +375,143 @@ def test_small_gemm_gated_silu(kdev, dtype):
     ref = x.double() @ w.double().T + bias.double()
     g, u = ref.split(48, -1)
     assert rel_err(y.cpu(), (torch.nn.functional.silu(g) * u).cpu()) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+# ------------------------------------------------------------ batch-1 GEMV
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,k,gated,config,can_split", [
+    (96, 512, False, (8, 128, 1, 4), False),  # K loop, one slice
+    (96, 512, False, (16, 64, 4, 4), True),  # split-K float32 partials
+    (70, 1000, False, (4, 256, 3, 4), True),  # ragged N and K, ragged last slice
+    (50, 300, True, (4, 128, 1, 4), False),  # gated SiLU*up, ragged
+    (64, 256, True, (2, 256, 1, 8), False),  # the whole K in one tile
+    (33, 200, False, None, True),  # heuristic config
+    (40, 2048, True, None, False),
+    (96, 512, False, (4, 512, 1, 4, 1), False),  # persistent: several row blocks per program
+    (2000, 256, True, (2, 256, 1, 4, 1), False),  # persistent on a GPU too (1000 blocks)
+    (1100, 384, False, (4, 256, 2, 4, 2), True),  # persistent, split-K
+])
+def test_gemv(kdev, dtype, n, k, gated, config, can_split):
+    from llmcore_cuda import kernels
+
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(1, k, generator=gen).to(dtype).to(kdev)
+    rows = 2 * n if gated else n
+    w = (0.05 * torch.randn(rows, k, generator=gen)).to(dtype).to(kdev)
+    for bias in (None, torch.randn(rows, generator=gen).to(dtype).to(kdev)):
+        ref = x.double() @ w.double().T
+        if bias is not None:
+            ref = ref + bias.double()
+        if gated:
+            g, u = ref.split(n, -1)
+            ref = torch.nn.functional.silu(g) * u
+        y = kernels.gemv(x, w, bias=bias, gated=gated, can_split=can_split, config=config)
+        if y.dim() == 3:
+            assert can_split and y.dtype == torch.float32 and y.shape[1:] == (1, n)
+            tol = 1e-5
+            y = y.sum(0)
+        else:
+            assert y.dtype == dtype and y.shape == (1, n)
+            tol = 1e-6 if dtype == torch.float32 else 2e-2
+        assert rel_err(y.cpu(), ref.cpu()) < tol
+    if config is not None and config[2] > 1:
+        assert kernels.gemv(x, w, can_split=True, config=config).shape[0] > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("parts,gated,config", [
+    (3, False, (8, 512, 1, 4)), (1, True, (4, 512, 1, 4)), (2, True, (2, 512, 1, 4, 1)), (1, False, None),
+])
+def test_gemv_fused_residual_norm(kdev, dtype, parts, gated, config):
+    """The GEMV taking the previous GEMM's output: partial sum + residual add + RMSNorm in every
+    program (program 0 writes the new residual), then the product."""
+    from llmcore.models.llama import RMSNorm
+    from llmcore_cuda import kernels
+
+    gen = torch.Generator().manual_seed(parts * 10 + gated)
+    k, n = 448, 120
+    x = torch.randn(parts, 1, k, generator=gen).to(kdev) if parts > 1 else torch.randn(1, k, generator=gen).to(dtype).to(kdev)
+    r = torch.randn(1, k, generator=gen).to(dtype).to(kdev)
+    norm = RMSNorm(k, 1e-5).to(kdev).to(dtype)
+    norm.weight.data = (1 + 0.1 * torch.randn(k, generator=gen)).to(dtype).to(kdev)
+    w = (0.05 * torch.randn(2 * n if gated else n, k, generator=gen)).to(dtype).to(kdev)
+    r_out = torch.full_like(r, float("nan"))
+    y = kernels.gemv(x, w, gated=gated, config=config, norm=(r, r_out, norm.weight, 1e-5))
+    s = (x.sum(0) if parts > 1 else x).to(dtype) + r
+    assert torch.equal(r_out, s)
+    hn = kernels.parts_rmsnorm(x, r, norm.weight, 1e-5)
+    ref = norm(s).double() @ w.double().T
+    if gated:
+        g, u = ref.split(n, -1)
+        ref = torch.nn.functional.silu(g) * u
+    assert rel_err(y.cpu(), ref.cpu()) < (1e-5 if dtype == torch.float32 else 2e-2)
+    # same roundings as the separate norm kernel + GEMV (up to the order of the float32 sum of squares)
+    y2 = kernels.gemv(hn, w, gated=gated, config=config)
+    assert rel_err(y.cpu(), y2.double().cpu()) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def _decode_layer_chain(kernels, t, pdl):
+    """One batch-1 decode layer of forward_small's launches, as a function of ``pdl``."""
+    hn = kernels.parts_rmsnorm(t["parts"], t["res"], t["nw"], 1e-5, write_residual=True, pdl=pdl)
+    qkv = kernels.gemv(hn, t["qkv_w"], bias=t["qkv_b"], pdl=pdl)
+    o = kernels.decode_attention_rope(qkv, t["pos"], t["slot"], t["cos"], t["sin"], t["kc"], t["vc"], t["bt"],
+                                      t["ctx"], t["h"], t["scale"], num_splits=4, pdl=pdl)
+    op = kernels.gemv(o.view(1, -1), t["o_w"], can_split=True, config=(16, 64, 4, 4), pdl=pdl)
+    hn = kernels.parts_rmsnorm(op, t["res"], t["nw"], 1e-5, write_residual=True, pdl=pdl)
+    act = kernels.gemv(hn, t["gu_w"], gated=True, pdl=pdl)
+    parts = kernels.gemv(act, t["d_w"], can_split=True, config=(8, 128, 2, 4), pdl=pdl)
+    # the next layer's qkv with the norm fused (persistent tiles), then the o GEMV fused into a gated one
+    qkv2 = kernels.gemv(parts, t["qkv_w"], config=(2, 256, 1, 4, 1), pdl=pdl, norm=(t["res"], t["res2"], t["nw"], 1e-5))
+    act2 = kernels.gemv(o.view(1, -1), t["gu_w2"], gated=True, pdl=pdl, norm=(t["res2"], t["res3"], t["nw"], 1e-5))
+    return parts, qkv, o, qkv2, act2, t["res2"], t["res3"]
+
+
+def test_pdl_launches_match_plain_launches(gpu):
+    """forward_small's batch-1 chain with programmatic dependent launches (eagerly and in a
+    CUDA graph) gives bit-identical results to ordinary launches."""
+    from llmcore_cuda import kernels
+
+    if not kernels.pdl_supported():
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    dev, dt = "cuda", torch.bfloat16
+    gen = torch.Generator().manual_seed(21)
+    hid, h, kvh, d, inter, bs = 256, 4, 2, 64, 384, 16
+    k, v, tables, bt = make_paged([70], kvh, d, bs, dt, dev, gen)
+    emb = torch.cat([torch.arange(128.0)[:, None] * (1.0 / (10000 ** (torch.arange(0, d, 2) / d)))[None]] * 2, -1)
+
+    def r(*s, scale=0.05):
+        return (scale * torch.randn(*s, generator=gen)).to(dt).to(dev)
+
+    t = dict(parts=torch.randn(2, 1, hid, generator=gen).to(dev), res=r(1, hid, scale=1.0),
+             nw=(1 + r(hid)), qkv_w=r((h + 2 * kvh) * d, hid), qkv_b=r((h + 2 * kvh) * d),
+             o_w=r(hid, h * d), gu_w=r(2 * inter, hid), d_w=r(hid, inter), h=h, scale=d**-0.5,
+             gu_w2=r(2 * inter, h * d), res2=r(1, hid), res3=r(1, h * d),
+             pos=torch.tensor([69], device=dev), slot=torch.tensor([tables[0][69 // bs] * bs + 69 % bs], device=dev),
+             cos=emb.cos().to(dt).to(dev), sin=emb.sin().to(dt).to(dev), bt=bt,
+             ctx=torch.tensor([70], dtype=torch.int32, device=dev))
+    res0 = t["res"].clone()
+    outs = {}
+    for mode in ("plain", "pdl", "graph"):
+        t["res"].copy_(res0)
+        t["kc"], t["vc"] = k.clone(), v.clone()
+        if mode == "graph":
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                _decode_layer_chain(kernels, t, True)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                res = _decode_layer_chain(kernels, t, True)
+            for _ in range(3):
+                t["res"].copy_(res0)
+                g.replay()
+        else:
+            res = _decode_layer_chain(kernels, t, mode == "pdl")
+        torch.cuda.synchronize()
+        outs[mode] = [x.clone() for x in res] + [t["res"].clone(), t["kc"].clone()]
+    for mode in ("pdl", "graph"):
+        for a, b in zip(outs["plain"], outs[mode]):
+            assert torch.equal(a, b), mode

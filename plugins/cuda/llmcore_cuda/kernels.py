@@ -18,6 +18,9 @@ Kernels:
   split-K ("flash decoding"): ``num_splits`` programs per (sequence, KV head)
   each reduce one slice of the context, a second kernel merges the slices by
   their log-sum-exp. All query heads of a GQA group share each K/V load.
+* :func:`gemv` -- one decode row times a weight (batch 1): whole weight tiles loaded before
+  the grid-dependency wait (programmatic dependent launch), optionally persistent, split-K,
+  gated (SiLU*up) or taking the previous GEMM's output with residual add + RMSNorm fused.
 * :func:`prefill_attention` -- variable-length queries (chunked prefill, prefix
   cache hits, mixed prefill+decode batches): query ``j`` of a sequence sits at
   position ``ctx - qlen + j`` and attends to cached keys ``0 .. ctx - qlen + j``,
@@ -44,17 +47,59 @@ def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+# ------------------------------------------------- programmatic dependent launch
+
+# Kernels called with ``pdl=True`` are launched with CUDA's programmatic stream serialization
+# (Hopper+): such a launch may start while the previous kernel in the stream still runs. Each
+# of these kernels first does what depends on no earlier kernel (loading its weight tile, the
+# block table, cached K/V), then waits (``griddepcontrol.wait``: the previous grid has completed
+# and its writes are visible) before it reads activations or writes anything, and signals
+# (``griddepcontrol.launch_dependents``) that the next kernel may start its own prologue. Inside
+# a CUDA graph this overlaps one kernel's weight streaming with the previous one's tail.
+# Correctness needs every PDL-launched kernel to wait before its first dependent access; it
+# does not need the previous kernel to be PDL-aware (one that never signals releases its
+# dependents when it exits).
+
+
+def pdl_supported(device=None) -> bool:
+    """Programmatic dependent launch: a real CUDA device of compute capability >= 9.0."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        return False
+    if os.environ.get("LLMCORE_CUDA_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _pdl_kw(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr, EARLY: tl.constexpr):
+    """Wait for the previous grid; signal dependents before (``EARLY``) or after the wait."""
+    if PDL:
+        if EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        if not EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
 # --------------------------------------------------------------------- norms
 
 
 @triton.jit
 def _add_rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, N, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    _pdl_wait(PDL, True)
     x = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(res_ptr + row * N + offs, mask=mask, other=0.0)
@@ -63,11 +108,10 @@ def _add_rmsnorm_kernel(
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / N
     y = (xf * tl.rsqrt(var + eps)).to(x.dtype).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * N + offs, (w * y).to(x.dtype), mask=mask)
 
 
-def add_rmsnorm(x, residual, weight, eps, out=None):
+def add_rmsnorm(x, residual, weight, eps, out=None, pdl=False):
     """``residual += x`` (if given) then ``out = rmsnorm(residual) * weight``.
 
     Returns ``(out, new_residual)``. Without ``residual`` the new residual is ``x``.
@@ -84,7 +128,7 @@ def add_rmsnorm(x, residual, weight, eps, out=None):
     block = _next_pow2(n)
     _add_rmsnorm_kernel[(rows,)](
         x, residual if has_res else x, weight, out, residual if has_res else x, n, eps,
-        HAS_RES=has_res, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+        HAS_RES=has_res, BLOCK=block, PDL=pdl, num_warps=min(16, max(1, block // 256)), **_pdl_kw(pdl),
     )
     return out, (residual if has_res else x)
 
@@ -293,9 +337,11 @@ def _decode_attn_kernel(
 def _decode_reduce_kernel(
     pacc_ptr, plse_ptr, out_ptr, seq_ptr, qstart_ptr, H: tl.constexpr, D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, MAPPED: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    _pdl_wait(PDL, True)
     if MAPPED:
         qrow = tl.load(qstart_ptr + tl.load(seq_ptr + b).to(tl.int64)).to(tl.int64)
     else:
@@ -393,6 +439,7 @@ def _decode_attn_rope_kernel(
     H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
     BS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, QK_NORM: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Decode attention reading q/k/v straight from the qkv projection.
 
@@ -400,6 +447,11 @@ def _decode_attn_rope_kernel(
     split-0 program writes the new K/V into the cache, and the program whose slice
     holds the new position uses them from registers (nobody reads that cache slot
     in this launch, so there is no race).
+
+    The loop is software-pipelined: each iteration loads the next tile of cached K/V
+    before it computes on the current one. With ``PDL`` the first tile (the metadata,
+    block table and cached K/V, none written by the qkv GEMM before it) is loaded
+    before the grid-dependency wait, overlapping the previous kernel.
     """
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -417,10 +469,23 @@ def _decode_attn_rope_kernel(
     slot = tl.load(slot_ptr + b * slot_stride).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
     dm = d < HALF
+    dd = tl.arange(0, BLOCK_D)
+    ddm = dd < D
     c1 = tl.load(cos_ptr + pos * D + d, mask=dm, other=0.0).to(tl.float32)[None, :]
     c2 = tl.load(cos_ptr + pos * D + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
     s1 = tl.load(sin_ptr + pos * D + d, mask=dm, other=0.0).to(tl.float32)[None, :]
     s2 = tl.load(sin_ptr + pos * D + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    # first tile of cached K/V (positions < last: written by earlier steps)
+    t = start + tl.arange(0, BLOCK_N)
+    tm = t < loop_end
+    blk = tl.load(bt_ptr + b * bt_stride + t // BS, mask=tm, other=0).to(tl.int64)
+    off = (blk * BS + t % BS) * (KVH * D) + kvh * D
+    hm = tm[:, None] & dm[None, :]
+    ka = tl.load(k_ptr + off[:, None] + d[None, :], mask=hm, other=0.0)
+    kb = tl.load(k_ptr + off[:, None] + HALF + d[None, :], mask=hm, other=0.0)
+    v = tl.load(v_ptr + off[:, None] + dd[None, :], mask=tm[:, None] & ddm[None, :], other=0.0)
+    _pdl_wait(PDL, True)
+
     base = qkv_ptr + b * qkv_stride
     g = tl.arange(0, BLOCK_G)
     gm = g < G
@@ -441,8 +506,6 @@ def _decode_attn_rope_kernel(
     if QK_NORM:
         k1, k2 = _head_rmsnorm(k1, k2, kn_ptr, d, dm, eps, HALF, D, DT)
     k1, k2 = _rope_pair(k1, k2, c1, s1, c2, s2, DT)
-    dd = tl.arange(0, BLOCK_D)
-    ddm = dd < D
     vn = tl.load(base + (H + KVH) * D + kvh * D + dd, mask=ddm, other=0.0)
     wmask = (split == 0) & (ctx > 0)
     cp = slot * (KVH * D) + kvh * D
@@ -458,14 +521,7 @@ def _decode_attn_rope_kernel(
     qa = q1.to(DT)
     qb = q2.to(DT)
     for n0 in range(start, loop_end, BLOCK_N):
-        t = n0 + tl.arange(0, BLOCK_N)
-        tm = t < loop_end
-        blk = tl.load(bt_ptr + b * bt_stride + t // BS, mask=tm, other=0).to(tl.int64)
-        off = (blk * BS + t % BS) * (KVH * D) + kvh * D
-        hm = tm[:, None] & dm[None, :]
-        ka = tl.load(k_ptr + off[:, None] + d[None, :], mask=hm, other=0.0)
-        kb = tl.load(k_ptr + off[:, None] + HALF + d[None, :], mask=hm, other=0.0)
-        v = tl.load(v_ptr + off[:, None] + dd[None, :], mask=tm[:, None] & ddm[None, :], other=0.0)
+        tm = (n0 + tl.arange(0, BLOCK_N)) < loop_end
         if IEEE:
             sc = tl.dot(qa, tl.trans(ka), input_precision="ieee") + tl.dot(qb, tl.trans(kb), input_precision="ieee")
         else:
@@ -481,6 +537,15 @@ def _decode_attn_rope_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
         m_i = m_new
+        # next tile (all masked past the slice: no memory traffic)
+        t = n0 + BLOCK_N + tl.arange(0, BLOCK_N)
+        tm = t < loop_end
+        blk = tl.load(bt_ptr + b * bt_stride + t // BS, mask=tm, other=0).to(tl.int64)
+        off = (blk * BS + t % BS) * (KVH * D) + kvh * D
+        hm = tm[:, None] & dm[None, :]
+        ka = tl.load(k_ptr + off[:, None] + d[None, :], mask=hm, other=0.0)
+        kb = tl.load(k_ptr + off[:, None] + HALF + d[None, :], mask=hm, other=0.0)
+        v = tl.load(v_ptr + off[:, None] + dd[None, :], mask=tm[:, None] & ddm[None, :], other=0.0)
     denom = tl.where(l_i > 0, l_i, 1.0)
     o = acc / denom[:, None]
     om = gm[:, None] & ddm[None, :]
@@ -495,7 +560,7 @@ def _decode_attn_rope_kernel(
 
 def decode_attention_rope(qkv, positions, slot_mapping, cos, sin, k_cache, v_cache, block_tables,
                           context_lens, num_heads, scale, num_splits=1, workspace=None, out=None,
-                          q_norm=None, k_norm=None, eps=1e-6):
+                          q_norm=None, k_norm=None, eps=1e-6, pdl=False):
     """RoPE + KV-cache write + decode attention in one launch (plus the split merge).
 
     ``qkv`` [B, (H + 2 KVH) * D] straight from the projection; returns ``[B, H, D]``.
@@ -522,13 +587,13 @@ def decode_attention_rope(qkv, positions, slot_mapping, cos, sin, k_cache, v_cac
         context_lens.stride(0),
         H=h, KVH=kvh, G=h // kvh, D=d, HALF=half, BS=bs, BLOCK_G=max(16, _next_pow2(h // kvh)),
         BLOCK_HALF=max(16, _next_pow2(half)), BLOCK_D=bd, BLOCK_N=decode_block_n(bs),
-        NUM_SPLITS=num_splits, IEEE=k_cache.dtype == torch.float32, QK_NORM=qk_norm,
-        num_warps=4, num_stages=2,
+        NUM_SPLITS=num_splits, IEEE=k_cache.dtype == torch.float32, QK_NORM=qk_norm, PDL=pdl,
+        num_warps=4, num_stages=2, **_pdl_kw(pdl),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(bsz, h)](
             pacc, plse, out, context_lens, context_lens, H=h, D=d, NUM_SPLITS=num_splits,
-            BLOCK_S=_next_pow2(num_splits), BLOCK_D=bd, MAPPED=False, num_warps=2,
+            BLOCK_S=_next_pow2(num_splits), BLOCK_D=bd, MAPPED=False, PDL=pdl, num_warps=2, **_pdl_kw(pdl),
         )
     return out
 
@@ -713,11 +778,14 @@ def small_gemm(x, weight, *, residual=None, residual_out=None, norm_weight=None,
 
 @triton.jit
 def _parts_rmsnorm_kernel(a_ptr, r_ptr, w_ptr, out_ptr, N, eps, a_part_stride,
-                          A_PARTS: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK: tl.constexpr):
+                          A_PARTS: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK: tl.constexpr,
+                          PDL: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     DT = out_ptr.dtype.element_ty
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    _pdl_wait(PDL, True)
     x = tl.load(a_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
     for p in tl.static_range(1, A_PARTS):
         x += tl.load(a_ptr + p * a_part_stride + row * N + offs, mask=mask, other=0.0)
@@ -728,11 +796,10 @@ def _parts_rmsnorm_kernel(a_ptr, r_ptr, w_ptr, out_ptr, N, eps, a_part_stride,
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / N
     y = (xf * tl.rsqrt(var + eps)).to(DT).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * N + offs, (w * y).to(DT), mask=mask)
 
 
-def parts_rmsnorm(parts, residual, weight, eps, write_residual=False):
+def parts_rmsnorm(parts, residual, weight, eps, write_residual=False, pdl=False):
     """``residual += sum(parts)`` (rounded like a GEMM output; in place if ``write_residual``),
     then ``rmsnorm(residual) * weight``. ``parts``: float32 split-K partials ``[P, M, N]`` or a
     plain ``[M, N]`` GEMM output."""
@@ -743,8 +810,253 @@ def parts_rmsnorm(parts, residual, weight, eps, write_residual=False):
     out = torch.empty((m, n), dtype=residual.dtype, device=residual.device)
     block = _next_pow2(n)
     _parts_rmsnorm_kernel[(m,)](parts, residual, weight, out, n, eps, m * n, A_PARTS=p,
-                                WRITE_RES=write_residual, BLOCK=block,
-                                num_warps=min(16, max(1, block // 256)))
+                                WRITE_RES=write_residual, BLOCK=block, PDL=pdl,
+                                num_warps=min(16, max(1, block // 256)), **_pdl_kw(pdl))
+    return out
+
+
+# ------------------------------------------------------ GEMV for one decode row
+
+
+@triton.jit
+def _gemv_store(acc, acc2, n, nm, pid_k, bias_ptr, out_ptr, N, DT: tl.constexpr,
+                GATED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    if HAS_BIAS:
+        first = (pid_k == 0).to(tl.float32)
+        acc += first * tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        if GATED:
+            acc2 += first * tl.load(bias_ptr + N + n, mask=nm, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        if GATED:
+            gt = acc.to(DT).to(tl.float32)
+            up = acc2.to(DT).to(tl.float32)
+            act = (gt / (1.0 + tl.exp(-gt))).to(DT).to(tl.float32)
+            y = (act * up).to(DT)
+        else:
+            y = acc.to(DT)
+        tl.store(out_ptr + n, y, mask=nm)
+    else:
+        tl.store(out_ptr + pid_k * N + n, acc, mask=nm)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, r_ptr, r_out_ptr, nw_ptr, eps,
+    N, K, KC, NB, x_part_stride,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+    PERSIST: tl.constexpr, NORM: tl.constexpr, X_PARTS: tl.constexpr,
+):
+    """``y = W x`` for one activation row: program (i, j) reduces rows ``i*BLOCK_N ..`` of ``W``
+    over the ``j``-th slice of ``KC`` columns, ``BLOCK_K`` at a time, as float32 products summed
+    per row (CUDA cores: one row has nothing for the tensor cores to share).
+
+    The first ``[BLOCK_N, BLOCK_K]`` weight tile (all of it when ``BLOCK_K >= KC``) is loaded
+    before the grid-dependency wait: with PDL the weights stream in while the kernel before
+    this one (which produces ``x``) still runs.
+
+    ``PERSIST``: a fixed grid of programs, program ``i`` taking row blocks ``i, i + P, ..`` of
+    the ``NB``, each with its whole K slice in one tile (``BLOCK_K >= KC``); the next block's
+    tile is loaded before this one is reduced (two tiles in flight per program).
+
+    ``NORM`` (one K slice, ``BLOCK_K >= K``): ``x`` is the previous GEMM's output (``X_PARTS``
+    float32 split-K partials ``x_part_stride`` apart, or one plain row); every program computes
+    ``r_out = sum(x) + r`` and ``rmsnorm(r_out) * nw`` itself (transformers' roundings, as
+    :func:`parts_rmsnorm`), and program 0 writes ``r_out`` (a buffer other than ``r``).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    DT = w_ptr.dtype.element_ty
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = n < N
+    k_lo = pid_k * KC
+    k_hi = tl.minimum(k_lo + KC, K)
+    kk = tl.arange(0, BLOCK_K)
+    k = k_lo + kk
+    km = k < k_hi
+    wm = nm[:, None] & km[None, :]
+    w = tl.load(w_ptr + n.to(tl.int64)[:, None] * K + k[None, :], mask=wm, other=0.0,
+                eviction_policy="evict_first")
+    w2 = w
+    if GATED:
+        w2 = tl.load(w_ptr + (n + N).to(tl.int64)[:, None] * K + k[None, :], mask=wm, other=0.0,
+                     eviction_policy="evict_first")
+    if NORM:
+        nw = tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)
+    _pdl_wait(PDL, EARLY)
+    if NORM:
+        xs = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
+        for p in tl.static_range(1, X_PARTS):
+            xs += tl.load(x_ptr + p * x_part_stride + k, mask=km, other=0.0)
+        xs = xs.to(DT).to(tl.float32)
+        xr = (xs + tl.load(r_ptr + k, mask=km, other=0.0).to(tl.float32)).to(DT)
+        tl.store(r_out_ptr + k, xr, mask=km & (pid_n == 0))
+        xf = xr.to(tl.float32)
+        var = tl.sum(xf * xf, axis=0) / K
+        y = (xf * tl.rsqrt(var + eps)).to(DT).to(tl.float32)
+        x = (nw * y).to(DT).to(tl.float32)[None, :]
+    else:
+        x = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)[None, :]
+    if PERSIST:
+        step = tl.num_programs(0)
+        for i in range(pid_n, NB, step):
+            # the next row block's tile first (all masked past the last block: no traffic)
+            n2 = (i + step) * BLOCK_N + tl.arange(0, BLOCK_N)
+            nm2 = n2 < N
+            wm2 = nm2[:, None] & km[None, :]
+            w_nx = tl.load(w_ptr + n2.to(tl.int64)[:, None] * K + k[None, :], mask=wm2, other=0.0,
+                           eviction_policy="evict_first")
+            w2_nx = w_nx
+            if GATED:
+                w2_nx = tl.load(w_ptr + (n2 + N).to(tl.int64)[:, None] * K + k[None, :], mask=wm2, other=0.0,
+                                eviction_policy="evict_first")
+            acc = tl.sum(w.to(tl.float32) * x, axis=1)
+            acc2 = acc
+            if GATED:
+                acc2 = tl.sum(w2.to(tl.float32) * x, axis=1)
+            _gemv_store(acc, acc2, n, nm, pid_k, bias_ptr, out_ptr, N, DT, GATED, HAS_BIAS, SPLIT_K)
+            w = w_nx
+            w2 = w2_nx
+            n = n2
+            nm = nm2
+    else:
+        acc = tl.sum(w.to(tl.float32) * x, axis=1)
+        acc2 = acc
+        if GATED:
+            acc2 = tl.sum(w2.to(tl.float32) * x, axis=1)
+        for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+            k = k0 + kk
+            km = k < k_hi
+            wm = nm[:, None] & km[None, :]
+            w = tl.load(w_ptr + n.to(tl.int64)[:, None] * K + k[None, :], mask=wm, other=0.0,
+                        eviction_policy="evict_first")
+            x = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)[None, :]
+            acc += tl.sum(w.to(tl.float32) * x, axis=1)
+            if GATED:
+                w2 = tl.load(w_ptr + (n + N).to(tl.int64)[:, None] * K + k[None, :], mask=wm, other=0.0,
+                             eviction_policy="evict_first")
+                acc2 += tl.sum(w2.to(tl.float32) * x, axis=1)
+        _gemv_store(acc, acc2, n, nm, pid_k, bias_ptr, out_ptr, N, DT, GATED, HAS_BIAS, SPLIT_K)
+
+
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, programs per SM or 0) per weight shape (N, K, gated) for
+# one decode row; programs per SM > 0 selects the persistent kernel. Else gemv_config's heuristic.
+GEMV_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int, int, int]] = {
+    # Llama-1B shapes, tuned on an H200 by benchmarks/cuda_bench.py (roofline phase, tune_gemv:
+    # chained in a CUDA graph with PDL, qkv and gate_up with the norm fused; cuBLAS in brackets):
+    # qkv 4.35 us (6.41), o 3.21 (6.03), gate_up 17.12 (20.07 with the SiLU kernel), down 8.60 (13.48)
+    (3072, 2048, False): (4, 2048, 1, 4, 3),
+    (2048, 2048, False): (8, 2048, 1, 8, 0),
+    (8192, 2048, True): (2, 2048, 1, 4, 4),
+    (2048, 8192, False): (2, 8192, 1, 8, 2),
+}
+
+# Whether GEMV programs signal their dependents before their own wait (deeper overlap) rather
+# than after it. Measured on an H200 (batch-1 decode graph of the 1B shape): with the tuned
+# persistent tiles and fused norms, after the wait is faster (0.738 vs 0.742 ms); with one
+# program per row block and separate norm launches, before it was (0.791 vs 0.794 ms).
+GEMV_EARLY_TRIGGER = False
+
+
+def load_gemv_configs(text: str | None = None) -> None:
+    """Merge tuned GEMV configs: JSON ``[[N, K, gated, BLOCK_N, BLOCK_K, SPLIT_K, warps(, per_sm)], ...]``
+    (default: the ``LLMCORE_CUDA_GEMV_CONFIGS`` environment variable)."""
+    import json
+    import os
+
+    text = text if text is not None else os.environ.get("LLMCORE_CUDA_GEMV_CONFIGS")
+    for row in json.loads(text) if text else []:
+        n, k, gated, *cfg = row
+        cfg = [int(c) for c in cfg] + [0] * (5 - len(cfg))
+        GEMV_CONFIGS[(int(n), int(k), bool(gated))] = tuple(cfg[:5])
+
+
+load_gemv_configs()
+
+_SMS: dict = {}
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 8
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SMS[key]
+
+
+def gemv_can_fuse_norm(k: int) -> bool:
+    """Whether :func:`gemv` can take the RMSNorm of its input (one tile row holds all of K)."""
+    return _next_pow2(k) <= 8192
+
+
+def gemv_config(n: int, k: int, gated: bool, itemsize: int, can_split: bool, num_sms: int = 132,
+                norm: bool = False):
+    cfg = GEMV_CONFIGS.get((n, k, gated))
+    if cfg is not None:
+        cfg = tuple(cfg) + (0,) * (5 - len(cfg))
+        if (can_split or cfg[2] == 1) and (not norm or (cfg[2] == 1 and cfg[1] >= k)):
+            return cfg
+    # ~32 KB of weights per program, all loaded before the wait; split K only where N alone
+    # gives too few programs to keep every SM streaming
+    elems = (32768 // itemsize) // (2 if gated else 1)
+    block_k = _next_pow2(k) if norm else min(_next_pow2(k), 4096, elems)
+    block_n = max(1, min(64, elems // block_k))
+    split = 1
+    if can_split and not norm:
+        while -(-n // block_n) * split < 2 * num_sms and k // (split * 2) >= block_k and split < 8:
+            split *= 2
+    return block_n, block_k, split, 4, 0
+
+
+def gemv(x, weight, *, bias=None, gated=False, can_split=False, config=None, pdl=False, out=None,
+         norm=None):
+    """``y = x @ W.T`` for one row ``x`` ``[1, K]`` (decode at batch 1).
+
+    Returns ``[1, N]`` in the weight dtype, or with ``SPLIT_K`` > 1 (only if ``can_split``, the
+    consumer sums partials, e.g. :func:`parts_rmsnorm`) float32 partials ``[SPLIT_K, 1, N]``.
+    ``gated``: ``W`` is ``[2N, K]`` (gate; up) and the output ``silu(gate) * up``.
+
+    ``norm=(residual, residual_out, norm_weight, eps)``: ``x`` is the previous GEMM's output,
+    ``[1, K]`` or float32 partials ``[P, 1, K]``; the GEMV multiplies
+    ``rmsnorm(sum(x) + residual) * norm_weight`` and writes ``sum(x) + residual`` to
+    ``residual_out`` (see :func:`parts_rmsnorm`; needs :func:`gemv_can_fuse_norm`).
+    """
+    w = weight
+    n_tot, k = w.shape
+    n = n_tot // 2 if gated else n_tot
+    x_parts = x.shape[0] if x.dim() == 3 else 1
+    assert x.shape[-2] == 1 and x.shape[-1] == k and x.is_contiguous() and w.is_contiguous()
+    assert x_parts == 1 or norm is not None
+    sms = _num_sms(x.device)
+    cfg = tuple(config) + (0,) * (5 - len(config)) if config else None
+    cfg = cfg or gemv_config(n, k, gated, w.element_size(), can_split and not gated, sms, norm is not None)
+    block_n, block_k, split, warps, per_sm = cfg
+    assert split == 1 or not gated
+    kc = -(-k // split)
+    kc = -(-kc // block_k) * block_k if split > 1 else k
+    split = -(-k // kc)
+    if norm is not None:
+        assert split == 1 and block_k >= k, "a fused norm needs the whole row in one tile"
+        res, res_out, nw, eps = norm
+        assert res.is_contiguous() and res_out.is_contiguous() and res_out.data_ptr() != res.data_ptr()
+    else:
+        res = res_out = nw = w
+        eps = 0.0
+    persist = per_sm > 0 and block_k >= kc
+    nb = triton.cdiv(n, block_n)
+    grid0 = min(nb, per_sm * sms) if persist else nb
+    if out is None:
+        if split > 1:
+            out = torch.empty((split, 1, n), dtype=torch.float32, device=x.device)
+        else:
+            out = torch.empty((1, n), dtype=w.dtype, device=x.device)
+    _gemv_kernel[(grid0, split)](
+        x, w, bias if bias is not None else w, out, res, res_out, nw, eps, n, k, kc, nb, k,
+        GATED=gated, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=block_k,
+        PDL=pdl, EARLY=GEMV_EARLY_TRIGGER, PERSIST=persist, NORM=norm is not None, X_PARTS=x_parts,
+        num_warps=warps, num_stages=1, **_pdl_kw(pdl),
+    )
     return out
 
 

@@ -75,6 +75,14 @@ class FusedLlama:
         self.embed_w = model.model.embed_tokens.weight
         self.norm_w = model.model.norm.weight
         self.lm_w = self.embed_w if model.lm_head is None else model.lm_head.weight
+        # batch-1 decode: Triton GEMV for every projection (else cuBLAS qkv + Triton skinny GEMMs)
+        self.gemv = True
+        # ... with the residual add + RMSNorm folded into the qkv and gate_up GEMVs
+        h = cfg.hidden_size
+        self.fuse_norm = kernels.gemv_can_fuse_norm(h)
+        # programmatic dependent launch of forward_small's Triton kernels (set by the runner on
+        # Hopper+, off elsewhere and in Triton's interpreter)
+        self.pdl = False
 
     def forward(self, input_ids, positions, slot_mapping, kv_caches, args) -> torch.Tensor:
         """Hidden states after the final norm, ``[T, hidden]``."""
@@ -109,28 +117,56 @@ class FusedLlama:
     def forward_small(self, input_ids, positions, slot_mapping, kv_caches, args: DecodeArgs) -> torch.Tensor:
         """Decode for a few rows (CUDA-graph buckets up to ``cuda_small_batch_max``).
 
-        Per layer: RMSNorm -> qkv GEMM (cuBLAS) -> RoPE + KV write + attention (one launch,
-        plus the split merge) -> o GEMM (Triton split-K, float32 partials) -> partial sum +
-        residual add + RMSNorm -> gate_up GEMM (cuBLAS) -> SiLU*up -> down GEMM (Triton
-        split-K); the next layer's norm sums the down partials. cuBLAS keeps the GEMMs where
-        it streams well (large N); the small-N ones gain from split-K, whose reduction rides
-        along in the norm that follows anyway.
+        Per layer: RMSNorm -> qkv GEMM -> RoPE + KV write + attention (one launch, plus the
+        split merge) -> o GEMM -> partial sum + residual add + RMSNorm -> gate_up GEMM with
+        SiLU*up -> down GEMM; the next layer's norm sums the down partials.
+
+        One row (batch 1, ``self.gemv``): every GEMM is :func:`kernels.gemv`; with
+        ``self.fuse_norm`` the qkv and gate_up GEMVs take the previous GEMM's output and do the
+        residual add + RMSNorm themselves (six launches per layer); with ``self.pdl`` every
+        launch is a programmatic dependent launch that loads its weights (or cached K/V) before
+        waiting for the kernel before it. Several rows:
+        cuBLAS qkv, Triton split-K o/down (float32 partials summed by the next norm), gated
+        gate_up where tuned faster than cuBLAS + SiLU.
         """
         h, d = self.num_heads, self.head_dim
         cos, sin = self.model.rope_cos, self.model.rope_sin
         x = F.embedding(input_ids, self.embed_w)
         m = x.shape[0]
+        one = m == 1 and self.gemv
+        pdl = self.pdl and one
+        fuse = one and self.fuse_norm
+        if fuse:  # the fused GEMVs write the new residual next to the old one: two buffers, alternating
+            res_bufs = (torch.empty_like(x), torch.empty_like(x))
+            flip = 0
         parts = None
         for L, (kc, vc) in zip(self.layers, kv_caches):
             if parts is None:
-                hn, residual = kernels.add_rmsnorm(x, None, L.in_w, self.eps)
+                hn, residual = kernels.add_rmsnorm(x, None, L.in_w, self.eps, pdl=pdl)
+                qkv = kernels.gemv(hn, L.qkv_w, bias=L.qkv_b, pdl=pdl) if one else F.linear(hn, L.qkv_w, L.qkv_b)
+            elif fuse:
+                new_res, flip = res_bufs[flip], flip ^ 1
+                qkv = kernels.gemv(parts, L.qkv_w, bias=L.qkv_b, pdl=pdl, norm=(residual, new_res, L.in_w, self.eps))
+                residual = new_res
             else:
-                hn = kernels.parts_rmsnorm(parts, residual, L.in_w, self.eps, write_residual=True)
-            qkv = F.linear(hn, L.qkv_w, L.qkv_b)
+                hn = kernels.parts_rmsnorm(parts, residual, L.in_w, self.eps, write_residual=True, pdl=pdl)
+                qkv = kernels.gemv(hn, L.qkv_w, bias=L.qkv_b, pdl=pdl) if one else F.linear(hn, L.qkv_w, L.qkv_b)
             o = kernels.decode_attention_rope(
                 qkv, positions, slot_mapping, cos, sin, kc, vc, args.block_tables, args.context_lens, h,
                 self.scale, num_splits=args.num_splits, workspace=args.workspace, q_norm=L.q_norm,
-                k_norm=L.k_norm, eps=self.eps)
+                k_norm=L.k_norm, eps=self.eps, pdl=pdl)
+            if one:
+                o_parts = kernels.gemv(o.view(m, h * d), L.o_w, bias=L.o_b, can_split=True, pdl=pdl)
+                if fuse:
+                    new_res, flip = res_bufs[flip], flip ^ 1
+                    act = kernels.gemv(o_parts, L.gu_w, bias=L.gu_b, gated=True, pdl=pdl,
+                                       norm=(residual, new_res, L.post_w, self.eps))
+                    residual = new_res
+                else:
+                    hn = kernels.parts_rmsnorm(o_parts, residual, L.post_w, self.eps, write_residual=True, pdl=pdl)
+                    act = kernels.gemv(hn, L.gu_w, bias=L.gu_b, gated=True, pdl=pdl)
+                parts = kernels.gemv(act, L.d_w, bias=L.d_b, can_split=True, pdl=pdl)
+                continue
             o_parts = kernels.small_gemm(o.view(m, h * d), L.o_w, bias=L.o_b)
             hn = kernels.parts_rmsnorm(o_parts, residual, L.post_w, self.eps, write_residual=True)
             if (L.gu_w.shape[0] // 2, L.gu_w.shape[1], True) in kernels.GEMM_CONFIGS:  # tuned faster
@@ -138,7 +174,7 @@ class FusedLlama:
             else:
                 act = kernels.silu_mul(F.linear(hn, L.gu_w, L.gu_b))
             parts = kernels.small_gemm(act, L.d_w, bias=L.d_b)
-        return kernels.parts_rmsnorm(parts, residual, self.norm_w, self.eps)
+        return kernels.parts_rmsnorm(parts, residual, self.norm_w, self.eps, pdl=pdl)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_w)

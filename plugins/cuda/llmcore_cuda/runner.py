@@ -152,6 +152,12 @@ class CudaModelRunner(TorchModelRunner):
         extra = ec.extra or {}
         self.progress = progress
         self.fused = FusedLlama(self.model)
+        from llmcore_cuda import kernels
+
+        # batch-1 decode: Triton GEMVs, launched as programmatic dependent launches on Hopper+
+        self.fused.gemv = bool(extra.get("cuda_gemv", True))
+        self.fused.fuse_norm = self.fused.fuse_norm and bool(extra.get("cuda_fuse_norm", True))
+        self.fused.pdl = bool(extra.get("cuda_pdl", True)) and device.type == "cuda" and kernels.pdl_supported(device)
         self.max_num_seqs = ec.max_num_seqs
         self.max_num_tokens = ec.max_num_batched_tokens or max(2048, ec.max_num_seqs)
         self.enforce_eager = bool(ec.enforce_eager)
