@@ -59,8 +59,10 @@ def test_bad_dtype_and_quantization(tiny_llama):
     with pytest.raises(ConfigError, match="dtype='int3'"):
         Engine(model=str(tiny_llama), dtype="int3", progress=False)
     with pytest.raises(ConfigError) as exc:
+        Engine(model=str(tiny_llama), device="cpu", quantization="rbln-w8a16", progress=False)
+    assert "not available on cpu" in str(exc.value) and "rbln" in str(exc.value)
+    with pytest.raises(ConfigError, match="needs an AWQ checkpoint"):
         Engine(model=str(tiny_llama), device="cpu", quantization="awq", progress=False)
-    assert "not available on cpu" in str(exc.value)
 
 
 def test_max_model_len_beyond_model(tiny_llama):
