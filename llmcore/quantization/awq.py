@@ -4,17 +4,19 @@ Loading an AutoAWQ checkpoint: :meth:`AwqHandler.convert_weights` dequantizes
 each ``qweight``/``qzeros``/``scales`` triple into the float ``weight`` the
 model's loader expects (so fused q/k/v and gate/up slices land as usual) and
 keeps the packed tensors; :meth:`AwqHandler.apply` then replaces each fused
-layer with an :class:`AwqLinear` built from the exact packed values,
+layer with an :class:`Int4Linear` built from the exact packed values,
 concatenated along the output dimension.
 
 Kernels: on the CPU, ``torch._weight_int4pack_mm_for_cpu`` (computes
 ``(q - 8) * scale + offset``, so AWQ's ``(q - zero) * scale`` maps exactly to
-``offset = (8 - zero) * scale``); on CUDA, our Triton kernel reading the AWQ
-layout directly. A shape neither handles keeps the dequantized float layer.
+``offset = (8 - zero) * scale``); on CUDA, our Triton kernel reading AWQ's
+packed nibbles (zero points pre-multiplied into a float offset). A shape
+neither handles keeps the dequantized float layer.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from pathlib import Path
@@ -25,17 +27,21 @@ from torch import nn
 
 from llmcore.errors import ConfigError, ModelLoadError
 from llmcore.quantization.awq_format import (
-    dequantize_awq, pick_group_size, quantize_groups, to_checkpoint, unpack_awq,
+    dequantize_awq, pack_awq, pick_group_size, quantize_groups_minmax, unpack_awq,
 )
-from llmcore.quantization.handler import QuantHandler, checkpoint_format, checkpoint_quant_config, linear_layers
+from llmcore.quantization.handler import (
+    QuantHandler, checkpoint_format, checkpoint_quant_config, linear_layers, release_freed_memory,
+)
 from llmcore.quantization.int8 import quantize_output_int8
 
 log = logging.getLogger("llmcore.quantization")
 
 AWQ_SUFFIXES = (".qweight", ".qzeros", ".scales")
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
+INT4_GROUP_SIZE = 32
 
 
+@functools.lru_cache(maxsize=None)
 def int4pack_available() -> bool:
     try:
         packed = torch._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 64, dtype=torch.int32), 1)
@@ -57,28 +63,39 @@ def pick_kernel(device: torch.device, out_features: int, in_features: int, group
     return None
 
 
-class AwqLinear(nn.Module):
-    """A linear layer holding AWQ 4-bit weights in the layout its kernel reads."""
+class Int4Linear(nn.Module):
+    """A linear layer with 4-bit weights ``W[n, k] = q[n, k] * scale[k // g, n] + offset[k // g, n]``.
 
-    def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+    The float offset covers both AWQ's integer zero points (``offset = -zero *
+    scale``) and min/max quantization (``offset = min``). Each kernel gets the
+    layout it reads: torch's CPU int4pack (``(q - 8) * scale + (offset + 8 *
+    scale)``), or AWQ-packed nibbles for the Triton kernel.
+    """
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None, dtype: torch.dtype, kernel: str) -> None:
         super().__init__()
-        self.in_features, self.out_features = qweight.shape[0], scales.shape[1]
+        self.out_features, self.in_features = q.shape
         self.group_size = group_size
         self.kernel = kernel
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+        s, o = scales.float(), offsets.float()
         if kernel == "int4pack":
-            q = unpack_awq(qweight).t().to(torch.int32).contiguous()  # [N, K]
-            zeros = unpack_awq(qzeros).float()  # [K/g, N]
-            s = scales.float()
-            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
-            self.register_buffer("scales_and_zeros", torch.stack([s, (8 - zeros) * s], -1).to(dtype).contiguous())
+            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1))
+            self.register_buffer("scales_and_zeros", torch.stack([s, o + 8 * s], -1).to(dtype).contiguous())
         elif kernel == "triton":
-            self.register_buffer("qweight", qweight.contiguous())
-            self.register_buffer("qzeros", qzeros.contiguous())
-            self.register_buffer("scales", scales.to(dtype).contiguous())
+            self.register_buffer("qweight", pack_awq(q.t()))
+            self.register_buffer("scales", s.to(dtype).contiguous())
+            self.register_buffer("offsets", o.to(dtype).contiguous())
         else:
-            raise ValueError(f"unknown AWQ kernel {kernel!r}")
+            raise ValueError(f"unknown int4 kernel {kernel!r}")
+
+    @classmethod
+    def from_awq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None, dtype: torch.dtype, kernel: str) -> "Int4Linear":
+        q = unpack_awq(qweight).t()
+        s = scales.float()
+        return cls(q, s, -unpack_awq(qzeros).float() * s, group_size, bias, dtype, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -86,9 +103,9 @@ class AwqLinear(nn.Module):
         if self.kernel == "int4pack":
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         else:
-            from llmcore.quantization.triton.awq_gemm import awq_gemm
+            from llmcore.quantization.triton.int4_mm import int4_mm
 
-            y = awq_gemm(x2, self.qweight, self.qzeros, self.scales, self.group_size)
+            y = int4_mm(x2, self.qweight, self.scales, self.offsets, self.group_size)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -203,12 +220,13 @@ class AwqHandler(QuantHandler):
                 kept += 1  # the dequantized float weight is already in place
                 continue
             parent_name, _, attr = target.rpartition(".")
-            new = AwqLinear(cat["qweight"].to(layer.weight.device), cat["qzeros"].to(layer.weight.device),
-                            cat["scales"].to(layer.weight.device), self.group_size, layer.bias,
-                            self.torch_dtype, kernel)
+            dev = layer.weight.device
+            new = Int4Linear.from_awq(cat["qweight"].to(dev), cat["qzeros"].to(dev), cat["scales"].to(dev),
+                                      self.group_size, layer.bias, self.torch_dtype, kernel)
             setattr(modules[parent_name], attr, new)
             swapped += 1
         self.packed.clear()
+        release_freed_memory()
         log.info("awq: %d layers on 4-bit kernels, %d kept dequantized (shape unsupported by the kernel)",
                  swapped, kept)
         if not swapped and kept:
@@ -223,31 +241,44 @@ def load_awq(method, device: str, dtype: str, **options) -> AwqHandler:
 # ----------------------------------------------------------------- int4 (at load)
 
 
-def awq_linear_from_float(layer: nn.Linear, group_size: int, dtype: torch.dtype) -> AwqLinear | None:
-    n, k = layer.weight.shape
+def int4_linear_from_float(layer: nn.Linear, group_size: int, dtype: torch.dtype) -> Int4Linear | None:
+    return int4_from_weight(layer.weight, layer.bias, group_size, dtype)
+
+
+def int4_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+                     dtype: torch.dtype) -> Int4Linear | None:
+    """Min/max 4-bit groups for ``weight``, or None where no kernel takes the shape."""
+    n, k = weight.shape
     g = pick_group_size(k, group_size)
-    kernel = None if g is None else pick_kernel(layer.weight.device, n, k, g)
+    kernel = None if g is None else pick_kernel(weight.device, n, k, g)
     if kernel is None:
         return None
-    q, scales, zeros = quantize_groups(layer.weight, g)
-    t = to_checkpoint(q, scales, zeros)
-    return AwqLinear(t["qweight"], t["qzeros"], t["scales"], g, layer.bias, dtype, kernel)
+    q, scales, mins = quantize_groups_minmax(weight, g, dtype)
+    return Int4Linear(q, scales.t(), mins.t(), g, bias, dtype, kernel)
 
 
 class Int4Handler(QuantHandler):
-    """``int4``: round-to-nearest 4-bit groups at load (no calibration), int8 output projection."""
+    """``int4``: min/max 4-bit groups of 32 at load (no calibration), int8 output projection.
+
+    Groups of 32 with a float offset are llama.cpp's Q4_1 block: 5 bits per
+    weight with the scales, and the embedded SmolLM2 (which ships as Q4_1)
+    loses nothing to it.
+    """
 
     def apply(self, model: nn.Module) -> None:
-        group_size = int(self.options.get("group_size", 128))
+        group_size = int(self.options.get("group_size", INT4_GROUP_SIZE))
         swapped, kept = 0, []
         for parent, name, layer in linear_layers(model):
-            new = awq_linear_from_float(layer, group_size, self.torch_dtype)
+            new = int4_linear_from_float(layer, group_size, self.torch_dtype)
             if new is None:
                 kept.append(tuple(layer.weight.shape))
                 continue
             setattr(parent, name, new)
             swapped += 1
+        # int8, not 4-bit: the embedded SmolLM2's output table is not Q4_1, and 4-bit groups of
+        # 32 there cost +6.5% perplexity for ~1 ms a token (docs/quantization.md)
         quantize_output_int8(model, self.torch_dtype)
+        release_freed_memory()
         log.info("int4: %d layers to 4-bit, output projection int8%s", swapped,
                  f"; kept float (shape unsupported): {kept}" if kept else "")
 

@@ -67,6 +67,24 @@ def quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     return q.reshape(n, k).to(torch.uint8), scales, zeros.to(torch.uint8)
 
 
+def quantize_groups_minmax(weight: torch.Tensor, group_size: int,
+                           dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4-bit min/max per group with a float offset (llama.cpp's Q4_1 recipe).
+
+    Returns ``(q [N, K] uint8, scales [N, K/g], mins [N, K/g])`` with
+    ``W ~= q * scale + min``; scales and mins are rounded to ``dtype`` (what the
+    kernel stores) before the codes are chosen.
+    """
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"in_features {k} is not a multiple of group_size {group_size}")
+    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    mn = w.amin(-1).to(dtype).float()
+    scales = ((w.amax(-1) - mn).clamp(min=1e-6) / 15).to(dtype).float()
+    q = torch.round((w - mn[..., None]) / scales[..., None]).clamp(0, 15)
+    return q.reshape(n, k).to(torch.uint8), scales, mn
+
+
 def to_checkpoint(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
     """``qweight``/``qzeros``/``scales`` tensors (AutoAWQ GEMM) from :func:`quantize_groups` output."""
     return {

@@ -12,7 +12,7 @@ import logging
 
 from torch import nn
 
-from llmcore.quantization.handler import QuantHandler, linear_layers
+from llmcore.quantization.handler import QuantHandler, linear_layers, release_freed_memory
 
 log = logging.getLogger("llmcore.quantization")
 
@@ -43,6 +43,7 @@ class BnbInt8Handler(QuantHandler):
             if layer.bias is not None:
                 new.bias = nn.Parameter(layer.bias.data.to(self.torch_dtype), requires_grad=False)
             setattr(parent, name, new.to(device))
+        release_freed_memory()
         log.info("bnb-int8: %d linear layers (threshold %.1f)", len(layers), threshold)
 
 
@@ -60,6 +61,7 @@ class BnbNf4Handler(QuantHandler):
             if layer.bias is not None:
                 new.bias = nn.Parameter(layer.bias.data.to(self.torch_dtype), requires_grad=False)
             setattr(parent, name, new.to(device))
+        release_freed_memory()
         log.info("bnb-nf4: %d linear layers (block size %d)", len(layers), blocksize)
 
 

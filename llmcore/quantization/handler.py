@@ -13,6 +13,8 @@ The model code stays single-purpose: it never knows it is quantized.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from llmcore.errors import ConfigError, ModelLoadError
+from llmcore.errors import ConfigError
 
 log = logging.getLogger("llmcore.quantization")
 
@@ -108,8 +110,9 @@ def set_output(model: nn.Module, module: nn.Module) -> None:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every weight tensor the model holds, each storage counted once.
 
-    Counts parameters, buffers and bitsandbytes' quantization state (absmax,
-    code tables); not the RoPE tables, which are not weights.
+    Counts parameters, buffers, tensors held as plain attributes (prepacked
+    weights) and bitsandbytes' quantization state (absmax, code tables); not
+    the RoPE tables, which are not weights.
     """
     seen: set[int] = set()
     total = 0
@@ -118,11 +121,14 @@ def weight_bytes(model: nn.Module) -> int:
         nonlocal total
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return
-        key = t.untyped_storage().data_ptr()
+        try:
+            key, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # opaque layouts (oneDNN-prepacked weights)
+            key, size = id(t), t.numel() * t.element_size()
         if key in seen:
             return
         seen.add(key)
-        total += t.untyped_storage().nbytes()
+        total += size
 
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -137,9 +143,20 @@ def weight_bytes(model: nn.Module) -> int:
             add(getattr(p, "SCB", None))
         for b in module.buffers(recurse=False):
             add(b)
+        for name, value in vars(module).items():  # tensors kept as plain attributes (prepacked weights)
+            if isinstance(value, torch.Tensor) and not name.startswith("rope_"):
+                add(value)
     return total
 
 
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ModelLoadError(message)
+def release_freed_memory() -> None:
+    """Hand the float weights just replaced back to the OS.
+
+    Quantizing frees hundreds of MB in pieces that glibc's allocator keeps
+    mapped (a SmolLM2 AWQ load: 1.3 GB resident, 0.8 GB after a trim).
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -12,6 +12,7 @@ calibration; activations stay in the model dtype. Kernels, by device:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -20,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcore.quantization.handler import QuantHandler, linear_layers, output_weight, set_output
+from llmcore.quantization.handler import (
+    QuantHandler, linear_layers, output_weight, release_freed_memory, set_output,
+)
 
 log = logging.getLogger("llmcore.quantization")
 
@@ -33,6 +36,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+@functools.lru_cache(maxsize=None)
 def int8pack_available() -> bool:
     try:
         x = torch.ones(1, 32)
@@ -115,13 +119,18 @@ class Int8Linear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """Token embedding read from the (tied) int8 output projection: one copy of the table."""
+    """Token embedding from an int8 table with one scale per token."""
 
-    def __init__(self, output: Int8Linear, dtype: torch.dtype) -> None:
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight = output.weight  # shared storage, not a second table
-        self.scale = output.scale
+        # plain attributes: the table is usually the int8 output projection's, stored once
+        self.weight = qweight
+        self.scale = scale
         self.dtype = dtype
+
+    @classmethod
+    def shared_with(cls, output: Int8Linear, dtype: torch.dtype) -> "Int8Embedding":
+        return cls(output.weight, output.scale, dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return (self.weight[ids].to(self.dtype) * self.scale[ids].unsqueeze(-1)).to(self.dtype)
@@ -137,7 +146,7 @@ def quantize_output_int8(model: nn.Module, dtype: torch.dtype, share_embedding: 
         share_embedding = False  # eetq's layout is not row-addressable
     set_output(model, out)
     if tied and share_embedding:
-        model.model.embed_tokens = Int8Embedding(out, dtype)
+        model.model.embed_tokens = Int8Embedding.shared_with(out, dtype)
 
 
 class EetqHandler(QuantHandler):
@@ -148,6 +157,7 @@ class EetqHandler(QuantHandler):
         for parent, name, layer in layers:
             setattr(parent, name, Int8Linear.from_linear(layer, self.torch_dtype))
         quantize_output_int8(model, self.torch_dtype, self.options.get("share_embedding", True))
+        release_freed_memory()
         kernels = {m.kernel for m in model.modules() if isinstance(m, Int8Linear)}
         log.info("eetq: %d linear layers + output projection to int8 (kernel %s)", len(layers),
                  ", ".join(sorted(kernels)))
