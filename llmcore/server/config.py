@@ -19,6 +19,9 @@
         dtype: bfloat16
         max_queue: 64                  # per-model override
         request_timeout: 120
+    ray:                               # optional: serve replicas on Ray Serve (llmcore serve --ray)
+      replicas: 2                      # or autoscaling_config: {min_replicas: 1, max_replicas: 4}
+      num_cpus_per_replica: 1
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 from llmcore.errors import ConfigError
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-_TOP_KEYS = {"host", "port", "api_keys", "max_queue", "request_timeout", "models", "log_level"}
+_TOP_KEYS = {"host", "port", "api_keys", "max_queue", "request_timeout", "models", "log_level", "ray"}
 _SERVER_MODEL_KEYS = {"name", "model", "max_queue", "request_timeout"}
 
 
@@ -56,6 +59,7 @@ class ServeConfig:
     request_timeout: float | None = 600.0
     models: list[ModelSpec] = field(default_factory=list)
     log_level: str = "info"
+    ray: Any = None  # a llmcore.server.ray_serve.RaySettings when served on Ray Serve, else None
 
 
 def default_name(model: str | None) -> str:
@@ -133,6 +137,10 @@ def load_config(path: str | Path) -> ServeConfig:
         cfg.request_timeout = _positive_or_none(data["request_timeout"], f"{path}: request_timeout", float)
     if "log_level" in data:
         cfg.log_level = str(data["log_level"]).lower()
+    if "ray" in data:
+        from llmcore.server.ray_serve import settings_from_yaml  # settings only: ray is not imported
+
+        cfg.ray = settings_from_yaml(data["ray"], f"{path}: ray")
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{path}: models", models, "must be a non-empty list",
