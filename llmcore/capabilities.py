@@ -35,6 +35,9 @@ class Capabilities:
     tensor_parallel: bool = False
     max_batch_size: int | None = None
     max_seq_len: int | None = None
+    # KV block size (tokens) used when the user sets none: smaller blocks waste less memory in
+    # each sequence's last, partly filled block; kernels may need a minimum
+    default_block_size: int = 16
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

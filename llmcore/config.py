@@ -43,7 +43,7 @@ class EngineConfig:
     quantization: str | None = None
     max_num_seqs: int = 64
     max_model_len: int | None = None
-    block_size: int = 16
+    block_size: int | None = None  # None = the device's default (Capabilities.default_block_size)
     num_kv_blocks: int | None = None
     kv_cache_memory: int | None = None  # bytes for KV; None = device's policy
     gpu_memory_utilization: float = 0.90
@@ -54,7 +54,12 @@ class EngineConfig:
     seed: int = 0
     compiled: str | None = None  # a compile-cache key or entry path
     enforce_eager: bool = False
+    # compile the decode step with the device's graph compiler where it has one (CPU: Inductor;
+    # the first use compiles for a minute or two, later starts read the on-disk cache)
+    compile_decode: bool = False
     num_threads: int | None = None
+    # shard the model over this many devices, one process per rank (llmcore.parallel)
+    tensor_parallel_size: int = 1
     progress: bool = True  # progress bars for weight loading / compile
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -62,11 +67,13 @@ class EngineConfig:
         self.dtype = normalize_dtype(self.dtype)
         for name in ("max_num_seqs", "block_size"):
             value = getattr(self, name)
+            if name == "block_size" and value is None:
+                continue
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(name, value, "must be a positive integer")
-        if self.block_size & (self.block_size - 1):
+        if self.block_size is not None and self.block_size & (self.block_size - 1):
             raise ConfigError(
-                "block_size", self.block_size, "must be a power of two", "Use 16 (default) or 32"
+                "block_size", self.block_size, "must be a power of two", "Use 8, 16 or 32 (default: the device's, 8 on the CPU and 16 on CUDA)"
             )
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ConfigError("max_model_len", self.max_model_len, "must be a positive integer")
@@ -75,6 +82,12 @@ class EngineConfig:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
             raise ConfigError(
                 "max_num_batched_tokens", self.max_num_batched_tokens, "must be a positive integer"
+            )
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ConfigError(
+                "tensor_parallel_size", tp, "must be an integer >= 1",
+                "Use 1 (one device) or the number of devices to shard the model over",
             )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(

@@ -44,13 +44,27 @@ class Device:
     Optional members have defaults that state the conservative answer.
     """
 
+    #: torch.distributed backend for run-time tensor parallelism (``llmcore.parallel``): a device
+    #: that sets it ("nccl", "gloo") builds rank ``r``'s runner on its device ``r`` while
+    #: ``llmcore.parallel.tensor_parallel.current_rank()`` says ``r``. None: not supported.
+    tensor_parallel_backend: str | None = None
+
     def __init__(self, probe: DeviceProbe, config: EngineConfig) -> None:
         self.probe = probe
         self.config = config
 
+    def tensor_parallel_limit(self) -> tuple[int, str]:
+        """The most tensor-parallel ranks this device can run here, and what they are ("GPUs")."""
+        return self.capabilities.device_count, "devices"
+
     @property
     def name(self) -> str:
         return self.probe.name
+
+    @property
+    def block_size(self) -> int:
+        """KV block size in tokens: the user's ``block_size``, else the device's default."""
+        return self.config.block_size or self.capabilities.default_block_size
 
     @property
     def capabilities(self) -> Capabilities:

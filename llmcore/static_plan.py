@@ -164,6 +164,12 @@ def plan_static(
     if tp > 1 and not caps.tensor_parallel:
         raise ConfigError("tensor_parallel", tp, f"{device} does not support tensor parallelism",
                           "Use --tensor-parallel 1")
+    if tp > 1 and not caps.needs_compile:
+        # torch devices (cpu, cuda) shard at run time (llmcore.parallel); a compiled artifact is one device's
+        raise ConfigError("tensor_parallel", tp,
+                          f"{device} shards a model at run time, not in a compiled artifact",
+                          f"Compile with --tensor-parallel 1, or serve the model uncompiled with "
+                          f"--tensor-parallel {tp} (llmcore generate/serve, Engine(tensor_parallel_size={tp}))")
     if tp > caps.device_count:
         raise ConfigError("tensor_parallel", tp,
                           f"exceeds the {caps.device_count} cores/devices {device} reports",

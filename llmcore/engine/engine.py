@@ -64,6 +64,8 @@ class Engine:
         self.probe = chosen.probe
         self.dtype = validate_against(cfg, self.probe, reports)
         caps = self.probe.capabilities
+        if cfg.block_size is None:
+            cfg.block_size = caps.default_block_size
 
         self.model_path = resolve_model(model)
         self.model_config = mc = ModelConfig.from_path(self.model_path)
@@ -78,14 +80,25 @@ class Engine:
                  self.model_path)
         if self.static is not None:
             self.runner = self.static.create_runner(dev, chosen, mc, self.tokenizer.eos_token_ids)
+        elif cfg.tensor_parallel_size > 1:
+            # one process per rank; validates the size against model and device before loading
+            from llmcore.parallel.executor import TensorParallelRunner
+
+            self.runner = TensorParallelRunner(
+                dev, mc, self.model_path, self.dtype, self.tokenizer.eos_token_ids, self.max_model_len
+            )
         else:
             self.runner = dev.create_runner(
                 mc, self.model_path, self.dtype, self.tokenizer.eos_token_ids, self.max_model_len
             )
-        if cfg.num_threads and hasattr(self.runner, "set_num_threads"):
-            self.runner.set_num_threads(cfg.num_threads)
-        num_blocks = self._num_kv_blocks(cfg)
-        self.runner.allocate_kv_cache(num_blocks)
+        try:
+            if cfg.num_threads and hasattr(self.runner, "set_num_threads"):
+                self.runner.set_num_threads(cfg.num_threads)
+            num_blocks = self._num_kv_blocks(cfg)
+            self.runner.allocate_kv_cache(num_blocks)
+        except BaseException:
+            self.shutdown()  # tensor-parallel workers must not outlive a failed start
+            raise
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         budget = cfg.max_num_batched_tokens or max(2048, cfg.max_num_seqs)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, budget, cfg.enable_chunked_prefill,
@@ -99,6 +112,22 @@ class Engine:
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len %d",
                  num_blocks, cfg.block_size, num_blocks * self.runner.kv_bytes_per_block() / 2**20,
                  self.max_model_len)
+
+    def shutdown(self) -> None:
+        """Stop what the runner runs outside this process (tensor-parallel worker processes).
+
+        Idempotent. Single-device runners have nothing to stop; a tensor-parallel engine cannot
+        step afterwards.
+        """
+        stop = getattr(self.__dict__.get("runner"), "shutdown", None)
+        if stop is not None:
+            stop()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
 
     # ----------------------------------------------------------------- set-up
 

@@ -40,6 +40,7 @@ PLAN_OPTIONS = {
     "max_num_seqs": ("batch_size", "batch_size"),
     "max_model_len": ("max_seq_len", "max_seq_len"),
     "block_size": ("block_size", "block_size"),
+    "tensor_parallel_size": ("tensor_parallel", "tensor_parallel"),
 }
 #: options that size a paged KV cache; a compiled plan fixes the cache instead
 FIXED_BY_PLAN = ("num_kv_blocks", "kv_cache_memory")
@@ -176,6 +177,8 @@ def prepare_static(cfg: EngineConfig, explicit: dict[str, Any], cache: CompileCa
     cfg.max_model_len = plan.max_seq_len
     if plan.block_size:
         cfg.block_size = plan.block_size
+    elif cfg.block_size is None:
+        cfg.block_size = 16  # slots are whole sequences; the block size only counts tokens
     cfg.num_kv_blocks = plan.batch_size * -(-plan.max_seq_len // cfg.block_size)
     cfg.enable_prefix_caching = False
     log.info("serving compiled artifact %s: %s, %d slots, max_seq_len %d, decode buckets %s, prefill "

@@ -140,7 +140,7 @@ def _add_engine_options(p: argparse.ArgumentParser, multi_model: bool) -> None:
     g.add_argument("--max-num-seqs", type=_positive_int, default=None, metavar="N",
                    help="sequences decoded at once (default 64)")
     g.add_argument("--block-size", type=_positive_int, default=None, metavar="N",
-                   help="KV-cache block size in tokens (default 16)")
+                   help="KV-cache block size in tokens (default: the device's; 8 on the CPU, 16 on CUDA)")
     g.add_argument("--kv-cache-memory", type=_gib, default=None, metavar="GIB",
                    help="GiB for the KV cache (default: the device decides, 2 GiB on CPU)")
     g.add_argument("--no-prefix-caching", action="store_true", default=None, help="disable prefix caching")
@@ -152,8 +152,8 @@ def _add_engine_options(p: argparse.ArgumentParser, multi_model: bool) -> None:
     g.add_argument("--tensor-parallel", type=_positive_int, default=None, metavar="N",
                    help="shard each model over N GPUs, one process per GPU (default 1; see docs/parallel.md)")
     g.add_argument("--compile-decode", action="store_true", default=None,
-                   help="compile the decode step (CPU: torch.compile/Inductor, ~1.4x faster decode; the "
-                        "first start compiles for 1-2 minutes, later starts read the on-disk cache)")
+                   help="compile the decode step (CPU: torch.compile/Inductor, ~1.2x faster single-stream decode; the "
+                        "first start compiles for 1-3 minutes, later starts read the on-disk cache)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -95,7 +95,8 @@ def test_tensor_parallel_quantization_and_block_size_change_the_key(tiny_llama, 
 
 
 def test_cpu_plan_refuses_tensor_parallel(tiny_llama, cache):
-    with pytest.raises(ConfigError, match="cpu does not support tensor parallelism"):
+    # the CPU shards at run time (llmcore.parallel); a compiled CPU artifact is one device
+    with pytest.raises(ConfigError, match="cpu shards a model at run time, not in a compiled artifact"):
         planned(cache, tiny_llama, tensor_parallel=2)
 
 

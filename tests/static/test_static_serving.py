@@ -117,6 +117,7 @@ def test_n_beyond_the_slots_and_prompt_logprobs_are_refused(static):
     (dict(max_num_seqs=4), "max_num_seqs: requested 4, compiled batch_size 2"),
     (dict(dtype="bf16"), "dtype: requested 'bfloat16', compiled 'float32'"),
     (dict(device="cuda"), "device: requested 'cuda', compiled 'cpu'"),
+    (dict(tensor_parallel_size=2), "tensor_parallel_size: requested 2, compiled tensor_parallel 1"),
 ])
 def test_settings_that_disagree_with_the_artifact_name_both_values_and_the_command(
         compiled_tiny, isolated_cache_env, setting, expected):
@@ -129,7 +130,7 @@ def test_settings_that_disagree_with_the_artifact_name_both_values_and_the_comma
     assert "Drop those options to serve the artifact as compiled, or recompile: llmcore compile" in msg
     option, value = next(iter(setting.items()))
     flag = {"max_model_len": "--max-seq-len", "max_num_seqs": "--batch-size", "dtype": "--dtype",
-            "device": "--device"}[option]
+            "device": "--device", "tensor_parallel_size": "--tensor-parallel"}[option]
     assert f"{flag} {value if option != 'dtype' else 'bfloat16'}" in msg
 
 

@@ -63,6 +63,10 @@ def capabilities() -> Capabilities:
         static_shapes=False,
         memory_bytes=_memory_bytes(),
         device_count=1,
+        # 8-token blocks: half the KV memory left empty in each sequence's last block at 16, at no
+        # measured decode cost (docs/benchmarks.md, "KV waste at peak")
+        default_block_size=8,
+        tensor_parallel=True,  # at run time, ranks sharing the cores (gloo; for testing)
         notes=(() if bf16 else ("no AVX512-BF16/AMX: bfloat16 works but float32 is faster",)),
     )
 
@@ -80,6 +84,12 @@ def llmcore_probe(config):
 
 
 class CpuDevice(Device):
+    # tensor parallelism over processes on the same CPU (gloo): for testing, not for speed
+    tensor_parallel_backend = "gloo"
+
+    def tensor_parallel_limit(self):
+        return os.cpu_count() or 1, "CPU cores (at least one thread per rank)"
+
     def create_runner(self, model_config, folder, dtype, eos_token_ids, max_model_len):
         import torch
 
@@ -90,11 +100,15 @@ class CpuDevice(Device):
         torch.set_num_threads(threads)
         runner = TorchModelRunner(
             model_config, folder, torch.device("cpu"), dtype, TorchPagedAttention(),
-            block_size=self.config.block_size, max_model_len=max_model_len,
+            block_size=self.block_size, max_model_len=max_model_len,
             eos_token_ids=eos_token_ids, seed=self.config.seed, progress=self.config.progress,
             quantization=self.config.quantization,
         )
-        if dtype == "bfloat16" and not self.config.enforce_eager:
+        if self.config.compile_decode and not self.config.enforce_eager:
+            from llmcore_cpu.compiled_decode import install
+
+            install(runner)  # Inductor prepacks the weights itself: no packed modules to trace
+        elif dtype == "bfloat16" and not self.config.enforce_eager:
             from llmcore_cpu.packed_linear import pack_model
 
             quantized_head = runner.model.logits_proj  # set by a quantization; packing must not replace it
@@ -130,7 +144,7 @@ class CpuDevice(Device):
         torch.set_num_threads(default_threads(self.config))
         return CpuStaticRunner(
             Path(artifact_dir), plan, model_config, Path(model_path), eos_token_ids,
-            block_size=self.config.block_size, seed=self.config.seed,
+            block_size=self.block_size, seed=self.config.seed,
             progress=self.config.progress,
         )
 

@@ -15,10 +15,19 @@ def triton_available() -> bool:
 
 
 class CudaDevice(Device):
+    tensor_parallel_backend = "nccl"  # llmcore.parallel: rank r runs on cuda:r
+
+    def tensor_parallel_limit(self):
+        import torch
+
+        return torch.cuda.device_count(), "GPUs (torch.cuda.device_count())"
+
     def create_runner(self, model_config, folder, dtype, eos_token_ids, max_model_len):
         import torch
 
-        dev = torch.device("cuda", 0)
+        from llmcore.parallel.tensor_parallel import current_rank
+
+        dev = torch.device("cuda", current_rank())
         torch.cuda.set_device(dev)
         if not triton_available():
             from llmcore.runtime.attention import TorchPagedAttention
@@ -28,13 +37,13 @@ class CudaDevice(Device):
                         "(slow). Install it with: pip install 'llmcore[cuda]'")
             return TorchModelRunner(
                 model_config, folder, dev, dtype, TorchPagedAttention(),
-                block_size=self.config.block_size, max_model_len=max_model_len,
+                block_size=self.block_size, max_model_len=max_model_len,
                 eos_token_ids=eos_token_ids, seed=self.config.seed,
             )
         from llmcore_cuda.runner import CudaModelRunner
 
         return CudaModelRunner(
-            model_config, folder, dev, dtype, block_size=self.config.block_size,
+            model_config, folder, dev, dtype, block_size=self.block_size,
             max_model_len=max_model_len, eos_token_ids=eos_token_ids, engine_config=self.config,
             seed=self.config.seed,
         )

@@ -83,11 +83,15 @@ class FusedLlama:
         # programmatic dependent launch of forward_small's Triton kernels (set by the runner on
         # Hopper+, off elsewhere and in Triton's interpreter)
         self.pdl = False
+        # tensor parallelism (llmcore.parallel): the model holds this rank's heads and MLP columns
+        # (o/down biases on rank 0 only); the o and down GEMM outputs are summed over the ranks
+        self.tp = getattr(model, "tp", None)
 
     def forward(self, input_ids, positions, slot_mapping, kv_caches, args) -> torch.Tensor:
         """Hidden states after the final norm, ``[T, hidden]``."""
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = self.model.rope_cos, self.model.rope_sin
+        tp = self.tp
         x = F.embedding(input_ids, self.embed_w)
         residual = None
         decode = isinstance(args, DecodeArgs)
@@ -108,9 +112,13 @@ class FusedLlama:
                                              num_splits=args.decode_splits, out=o,
                                              seq_map=args.decode_seqs, query_starts=args.query_starts)
             x = F.linear(o.view(t, h * d), L.o_w, L.o_b)
+            if tp is not None:
+                tp.all_reduce(x)
             hn, residual = kernels.add_rmsnorm(x, residual, L.post_w, self.eps)
             gu = F.linear(hn, L.gu_w, L.gu_b)
             x = F.linear(kernels.silu_mul(gu), L.d_w, L.d_b)
+            if tp is not None:
+                tp.all_reduce(x)
         out, _ = kernels.add_rmsnorm(x, residual, self.norm_w, self.eps)
         return out
 
@@ -128,9 +136,13 @@ class FusedLlama:
         waiting for the kernel before it. Several rows:
         cuBLAS qkv, Triton split-K o/down (float32 partials summed by the next norm), gated
         gate_up where tuned faster than cuBLAS + SiLU.
+
+        Tensor parallel: the o and down outputs (float32 split-K partials, or one plain output)
+        are all-reduced as they are; the consumer sums the partials as before.
         """
         h, d = self.num_heads, self.head_dim
         cos, sin = self.model.rope_cos, self.model.rope_sin
+        tp = self.tp
         x = F.embedding(input_ids, self.embed_w)
         m = x.shape[0]
         one = m == 1 and self.gemv
@@ -157,6 +169,8 @@ class FusedLlama:
                 k_norm=L.k_norm, eps=self.eps, pdl=pdl)
             if one:
                 o_parts = kernels.gemv(o.view(m, h * d), L.o_w, bias=L.o_b, can_split=True, pdl=pdl)
+                if tp is not None:
+                    tp.all_reduce(o_parts)
                 if fuse:
                     new_res, flip = res_bufs[flip], flip ^ 1
                     act = kernels.gemv(o_parts, L.gu_w, bias=L.gu_b, gated=True, pdl=pdl,
@@ -166,14 +180,20 @@ class FusedLlama:
                     hn = kernels.parts_rmsnorm(o_parts, residual, L.post_w, self.eps, write_residual=True, pdl=pdl)
                     act = kernels.gemv(hn, L.gu_w, bias=L.gu_b, gated=True, pdl=pdl)
                 parts = kernels.gemv(act, L.d_w, bias=L.d_b, can_split=True, pdl=pdl)
+                if tp is not None:
+                    tp.all_reduce(parts)
                 continue
             o_parts = kernels.small_gemm(o.view(m, h * d), L.o_w, bias=L.o_b)
+            if tp is not None:
+                tp.all_reduce(o_parts)
             hn = kernels.parts_rmsnorm(o_parts, residual, L.post_w, self.eps, write_residual=True)
             if (L.gu_w.shape[0] // 2, L.gu_w.shape[1], True) in kernels.GEMM_CONFIGS:  # tuned faster
                 act = kernels.small_gemm(hn, L.gu_w, bias=L.gu_b, gated=True)
             else:
                 act = kernels.silu_mul(F.linear(hn, L.gu_w, L.gu_b))
             parts = kernels.small_gemm(act, L.d_w, bias=L.d_b)
+            if tp is not None:
+                tp.all_reduce(parts)
         return kernels.parts_rmsnorm(parts, residual, self.norm_w, self.eps, pdl=pdl)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ INSTALL_HINT = "Install a CUDA build of torch (pip install 'llmcore[cuda]') on a
 def _unusable(reason: str, hint: str = INSTALL_HINT) -> DeviceProbe:
     return DeviceProbe(
         name="cuda", score=0, reason=reason, hint=hint, plugin_version=__version__,
-        capabilities=Capabilities(dtypes=("float16", "bfloat16", "float32"), default_dtype="bfloat16"),
+        capabilities=Capabilities(dtypes=("float16", "bfloat16", "float32"), default_dtype="bfloat16",
+                                  tensor_parallel=True),
     )
 
 
@@ -88,7 +89,7 @@ def llmcore_probe(config):
             dtypes=dtypes, default_dtype=dtypes[0], kv_layout=KV_PAGED,
             quantization=(),  # bnb/AWQ/EETQ arrive with their own issue
             memory_bytes=total, device_count=count,
-            tensor_parallel=False,  # not implemented yet, whatever the GPU count
+            tensor_parallel=True,  # at run time over up to device_count GPUs (llmcore.parallel)
             notes=tuple(notes),
         ),
         description=(f"{name} (sm_{major}{minor}, {total / 2**30:.0f} GiB"
