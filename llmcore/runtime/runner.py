@@ -20,6 +20,7 @@ from llmcore.models import registry
 from llmcore.models.config import ModelConfig
 from llmcore.models.loader import count_tensors, iter_safetensors
 from llmcore.outputs import Logprob
+from llmcore.parallel import tensor_parallel
 from llmcore.runtime.attention import AttentionBackend, AttentionMetadata
 from llmcore.runtime.sampler import Sampler
 
@@ -54,6 +55,10 @@ class TorchModelRunner:
         self.sampler = Sampler(eos_token_ids, seed, device)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_kv_blocks = 0
+        # a device may install a compiled decode step: called as
+        # ``decode_graph(input_ids, positions, meta, kv_caches) -> float32 logits [B, vocab]``
+        # for batches where every sequence decodes one token and samples it
+        self.decode_graph = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -61,11 +66,16 @@ class TorchModelRunner:
         cls = registry.get_architecture(self.config.architecture)
         t0 = time.perf_counter()
         quant = self._quant_handler(folder)  # refuses a mismatched checkpoint before any tensor is read
+        tp = tensor_parallel.active()  # one rank of a tensor-parallel group: build and load its shard only
+        if tp is not None:
+            self.config = tp.local_config(self.config)
         with torch.device("meta"):
             model = cls(self.config)
         model = model.to_empty(device=self.device).to(self.dtype)
         total = count_tensors(folder)
         weights = iter_safetensors(folder)
+        if tp is not None:
+            weights = tp.shard_weights(weights)
         if progress:
             from tqdm.auto import tqdm
 
@@ -75,6 +85,8 @@ class TorchModelRunner:
         model.load_weights(weights)
         if quant is not None:
             quant.apply(model)
+        if tp is not None:
+            tp.finish(model)  # all-reduce after o_proj / down_proj
         model.init_rope(self.max_model_len, self.device, self.dtype)
         model.backend = self.backend
         model.eval()
@@ -127,6 +139,10 @@ class TorchModelRunner:
         if not batch.seqs:
             return []
         input_ids, positions, meta, logit_rows = self._prepare(batch)
+        if (self.decode_graph is not None and meta.decode_only
+                and all(s.sample and not s.want_prompt_logprobs for s in batch.seqs)):
+            logits = self.decode_graph(input_ids, positions, meta, self.kv_caches)
+            return list(self.sampler(logits, batch.seqs))
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         results: list[SampleResult | None] = [None] * len(batch.seqs)
         sample_idx = [i for i, s in enumerate(batch.seqs) if s.sample]
@@ -142,6 +158,8 @@ class TorchModelRunner:
         return results
 
     def _prepare(self, batch: ScheduledBatch):
+        if all(len(s.token_ids) == 1 for s in batch.seqs):
+            return self._prepare_decode(batch)
         bs = self.block_size
         ids: list[int] = []
         pos_chunks: list[torch.Tensor] = []
@@ -178,6 +196,33 @@ class TorchModelRunner:
             meta.block_table_tensor = torch.tensor(padded, dtype=torch.long).to(dev)
             meta.context_lens_tensor = torch.tensor(clens, dtype=torch.long).to(dev)
         return input_ids, positions, meta, last_rows
+
+    def _prepare_decode(self, batch: ScheduledBatch):
+        """One token per sequence: plain lists and one tensor each (no per-sequence tensors)."""
+        bs = self.block_size
+        seqs = batch.seqs
+        ids = [s.token_ids[0] for s in seqs]
+        pos = [s.start_pos for s in seqs]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
+        tables = [list(s.block_table) for s in seqs]
+        clens = [p + 1 for p in pos]
+        n = len(seqs)
+        width = max(len(t) for t in tables)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev),
+            query_starts=list(range(n)),
+            query_lens=[1] * n,
+            context_lens=clens,
+            block_tables=tables,
+            decode_only=True,
+            block_table_tensor=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                            dtype=torch.long).to(dev),
+            context_lens_tensor=torch.tensor(clens, dtype=torch.long).to(dev),
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev)
+        positions = torch.tensor(pos, dtype=torch.long).to(dev)
+        return input_ids, positions, meta, list(range(n))
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         src = torch.tensor([p[0] for p in pairs], device=self.device)
