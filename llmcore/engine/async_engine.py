@@ -209,6 +209,10 @@ class AsyncEngine:
             self._cond.notify_all()
         if self._started and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        # then what the engine runs outside this process (tensor-parallel workers)
+        stop = getattr(self.engine, "shutdown", None)
+        if stop is not None and (not self._started or not self._thread.is_alive()):
+            stop()
 
     def __enter__(self) -> "AsyncEngine":
         return self

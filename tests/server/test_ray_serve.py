@@ -211,9 +211,12 @@ def test_two_replicas_through_openai_client(tiny_model, monkeypatch):
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     old_term = signal.getsignal(signal.SIGTERM)
     assert not ray.is_initialized()
+    # other fixtures' processes (e.g. a session-scoped server) are children of pytest too: only
+    # what appears with ray.init is Ray's
+    before = {p.pid for p in _descendants(os.getpid())}
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False,
              logging_level=logging.WARNING)
-    started = _descendants(os.getpid())
+    started = [p for p in _descendants(os.getpid()) if p.pid not in before]
     try:
         cfg = ServeConfig(host="127.0.0.1", port=0, request_timeout=60, models=[ModelSpec(
             "tiny", str(tiny_model), {"device": "cpu", "dtype": "float32", "max_model_len": 256})])
