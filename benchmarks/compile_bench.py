@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from llmcore.bench import machine  # noqa: E402  (no torch at import)
 PROMPTS = [
     "What is the capital of France?",
     "Write a short poem about the sea.",
@@ -65,18 +67,6 @@ engine.generate("Hello", SamplingParams(max_tokens=1, temperature=0))
 t3 = time.perf_counter()
 print("RESULT " + json.dumps({"import": t1 - t0, "engine": t2 - t1, "first_token": t3 - t2}))
 """
-
-
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def load() -> str:

@@ -35,19 +35,12 @@ from pathlib import Path
 
 import httpx
 
+from llmcore.bench import machine
+
 REPO = Path(__file__).resolve().parents[1]
 
 TOPICS = ["photosynthesis", "the water cycle", "binary search", "the French revolution", "plate tectonics",
           "compound interest", "how vaccines work", "the rules of chess", "black holes", "recursion"]
-
-
-def machine() -> str:
-    try:
-        from llmcore.bench import machine as m
-
-        return m()
-    except Exception:  # pragma: no cover - the bench module is optional here
-        return f"{os.cpu_count()} cores"
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -61,3 +61,30 @@ def hf_greedy(model_dir, prompt_ids, max_new_tokens, model_cache={}):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=0, eos_token_id=None)
     return out[0, len(prompt_ids):].tolist()
+
+
+# ------------------------------------------------ Triton kernel tests (CUDA plugin, quantization)
+
+def kernel_device() -> str:
+    """Where Triton kernel tests run: an NVIDIA GPU, else Triton's CPU interpreter."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    pytest.skip("needs an NVIDIA GPU (or TRITON_INTERPRET=1 for the kernel tests)")
+
+
+@pytest.fixture
+def kdev(request):
+    """The device for Triton kernel tests (tests/cuda, tests/quantization); skips without one."""
+    import torch
+
+    dev = kernel_device()
+    pytest.importorskip("triton")
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if dev == "cpu" and any(v is torch.bfloat16 for v in params.values()):
+        # Triton's interpreter truncates float32->bfloat16 and mis-computes bf16 dots
+        pytest.skip("bfloat16 is not emulated correctly by Triton's interpreter")
+    return dev

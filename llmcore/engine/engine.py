@@ -64,8 +64,6 @@ class Engine:
         self.probe = chosen.probe
         self.dtype = validate_against(cfg, self.probe, reports)
         caps = self.probe.capabilities
-        if cfg.block_size is None:
-            cfg.block_size = caps.default_block_size
 
         self.model_path = resolve_model(model)
         self.model_config = mc = ModelConfig.from_path(self.model_path)
@@ -76,6 +74,7 @@ class Engine:
         if dev is None:
             raise PluginError(f"no plugin created device {self.probe.name!r} (plugin {chosen.plugin!r})")
         self.device = dev
+        cfg.block_size = dev.block_size  # the user's, else the device's default
         log.info("device %s (%s), dtype %s, model %s", dev.name, self.probe.description, self.dtype,
                  self.model_path)
         if self.static is not None:

@@ -158,7 +158,7 @@ class TorchModelRunner:
         return results
 
     def _prepare(self, batch: ScheduledBatch):
-        if all(len(s.token_ids) == 1 for s in batch.seqs):
+        if all(len(s.token_ids) == 1 for s in batch.seqs):  # decode only (incl. 1-token chunks)
             return self._prepare_decode(batch)
         bs = self.block_size
         ids: list[int] = []
@@ -188,13 +188,7 @@ class TorchModelRunner:
             query_lens=qlens,
             context_lens=clens,
             block_tables=tables,
-            decode_only=all(q == 1 for q in qlens),
         )
-        if meta.decode_only:
-            width = max(len(t) for t in tables)
-            padded = [t + [0] * (width - len(t)) for t in tables]
-            meta.block_table_tensor = torch.tensor(padded, dtype=torch.long).to(dev)
-            meta.context_lens_tensor = torch.tensor(clens, dtype=torch.long).to(dev)
         return input_ids, positions, meta, last_rows
 
     def _prepare_decode(self, batch: ScheduledBatch):

@@ -7,29 +7,12 @@ Skipped cleanly otherwise.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from llmcore.quantization.awq_format import pack_awq, quantize_groups_minmax  # noqa: E402
 from llmcore.quantization.int8 import quantize_int8  # noqa: E402
-
-
-def kernel_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "cpu"
-    pytest.skip("needs an NVIDIA GPU (or TRITON_INTERPRET=1 with triton installed)")
-
-
-@pytest.fixture
-def kdev():
-    dev = kernel_device()
-    pytest.importorskip("triton")
-    return dev
 
 
 def dtypes_for(dev):

@@ -62,24 +62,24 @@ class CompiledDecode:
         if n < 2:
             input_ids, positions, slots = input_ids.repeat(2), positions.repeat(2), slots.repeat(2)
             tables, lens = tables.repeat(2, 1), lens.repeat(2)
-        t0 = time.perf_counter() if self.calls == 0 else 0.0
+        args = (input_ids, positions, tables, lens, slots, kv_caches)
         if self.calls == 0:
-            logits = self._compile_call(input_ids, positions, tables, lens, slots, kv_caches)
+            t0 = time.perf_counter()
+            logits = self._compile_call(*args)
+            log.info("compiled the decode step in %.1f s (Inductor; cached on disk for later starts)",
+                     time.perf_counter() - t0)
         else:
             # one graph, inputs of fixed dtypes and ranks: skip re-checking every guard on the
             # model's ~300 parameters each step (~1 ms of a ~19 ms single-stream step)
             try:
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    logits = self._fn(input_ids, positions, tables, lens, slots, kv_caches)
+                    logits = self._fn(*args)
             except RuntimeError as exc:  # an input the graph does not cover: compile another
                 if "Recompilation triggered" not in str(exc):
                     raise
                 log.warning("decode step needs another graph (%s); compiling it", exc)
                 self.recompiles += 1
-                logits = self._compile_call(input_ids, positions, tables, lens, slots, kv_caches)
-        if self.calls == 0:
-            log.info("compiled the decode step in %.1f s (Inductor; cached on disk for later starts)",
-                     time.perf_counter() - t0)
+                logits = self._compile_call(*args)
         self.calls += 1
         return logits[:n]
 
