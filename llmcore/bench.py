@@ -101,39 +101,42 @@ def run(args: argparse.Namespace) -> int:
     if not args.skip_hf:
         hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
         hf_tok = AutoTokenizer.from_pretrained(str(folder))
-    compiled = None
-    if args.compile_decode:  # a second engine with the compiled decode step, same weights
+    # further engines on the same weights, each measured on the same prompts in this process
+    variants = [("llmcore", engine)]
+    if args.torch_decode:
+        variants.append(("llmcore torch decode", Engine(
+            model=args.model, device=args.device, dtype=args.dtype, progress=False,
+            max_num_seqs=max(args.batch, 1), num_threads=args.threads, native_decode=False)))
+    if args.compile_decode:
         compiled = Engine(model=args.model, device=args.device, dtype=args.dtype, progress=False,
                           max_num_seqs=max(args.batch, 1), num_threads=args.threads, compile_decode=True)
         bench_llmcore(compiled, prompts[:2], 4, 1)  # compiles (or reads Inductor's cache) outside the timing
+        variants.append(("llmcore --compile-decode", compiled))
     rows = []
     work = [("single stream", prompts[:1]), (f"{args.batch} concurrent", prompts[: args.batch])]
     for name, ps in tqdm(work, desc="Benchmarks", unit="workload"):
-        ours = bench_llmcore(engine, ps, args.new_tokens, args.repeats)
-        comp = bench_llmcore(compiled, ps, args.new_tokens, args.repeats) if compiled is not None else None
+        rates = [bench_llmcore(e, ps, args.new_tokens, args.repeats) for _, e in variants]
         ref = bench_hf(hf, hf_tok, ps, args.new_tokens, args.repeats) if hf is not None else None
-        rows.append((name, ours, comp, ref))
+        rows.append((name, rates, ref))
+    decode = type(engine.runner.decode_graph).__name__ if getattr(engine, "runner", None) is not None else "-"
     print(f"\nmachine:  {machine()}")
     print(f"model:    {folder.name} ({engine.model_config.num_params() / 1e6:.0f}M params), {engine.dtype}, "
           f"device {engine.probe.name}")
     print(f"settings: greedy, {args.new_tokens} new tokens, ~{n_prompt}-token chat prompts, "
-          f"median of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    head = "| workload | llmcore tok/s | ratio to HF |"
-    if compiled is not None:
-        head += " llmcore --compile-decode tok/s | ratio to HF |"
+          f"median of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"llmcore decode step: {decode}\n")
+    head = "| workload |" + "".join(f" {n} tok/s | ratio to HF |" for n, _ in variants)
     print(head + " HF transformers tok/s |")
     print("|---" + "|---:" * (head.count("|") - 1) + "|")
 
     def cell(v, ref):
         return f" {v:.1f} | {v / ref:.2f}x |" if ref else f" {v:.1f} | - |"
 
-    for name, ours, comp, ref in rows:
-        line = f"| {name} |" + cell(ours, ref)
-        if compiled is not None:
-            line += cell(comp, ref)
-        print(line + (f" {ref:.1f} |" if ref else " - |"))
+    for name, rates, ref in rows:
+        print(f"| {name} |" + "".join(cell(v, ref) for v in rates) + (f" {ref:.1f} |" if ref else " - |"))
     if args.json:
-        print(json.dumps([{"workload": n, "llmcore": o, "llmcore_compiled": c, "hf": r} for n, o, c, r in rows]))
+        print(json.dumps([{"workload": n, **{v: r for (v, _), r in zip(variants, rates)}, "hf": ref}
+                          for n, rates, ref in rows]))
     return 0
 
 
@@ -152,5 +155,7 @@ def add_parser(sub) -> None:
     p.add_argument("--skip-hf", action="store_true", help="measure llmcore only")
     p.add_argument("--compile-decode", action="store_true",
                    help="also measure an engine with the compiled decode step (--compile-decode)")
+    p.add_argument("--torch-decode", action="store_true",
+                   help="also measure an engine without the CPU's native decode step (--no-native-decode)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)

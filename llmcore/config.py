@@ -57,6 +57,9 @@ class EngineConfig:
     # compile the decode step with the device's graph compiler where it has one (CPU: Inductor;
     # the first use compiles for a minute or two, later starts read the on-disk cache)
     compile_decode: bool = False
+    # CPU: run decode batches through the native step (llmcore_cpu.native: one C++ call per step,
+    # built at first use); the torch path when False, when it cannot run, or with enforce_eager
+    native_decode: bool = True
     num_threads: int | None = None
     # shard the model over this many devices, one process per rank (llmcore.parallel)
     tensor_parallel_size: int = 1

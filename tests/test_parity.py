@@ -44,11 +44,12 @@ def test_smollm2_greedy_matches_transformers_with_staggered_joins(smol_engine, s
         assert out.outputs[0].token_ids == ref, prompt
 
 
+@pytest.mark.parametrize("native_decode", [True, False], ids=["native-decode", "torch-decode"])
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
-def test_random_models_match_transformers(fixture, request):
+def test_random_models_match_transformers(fixture, native_decode, request):
     model_dir = request.getfixturevalue(fixture)
     engine = Engine(model=str(model_dir), device="cpu", dtype="float32", progress=False,
-                    num_kv_blocks=64, block_size=16, max_num_batched_tokens=32)
+                    num_kv_blocks=64, block_size=16, max_num_batched_tokens=32, native_decode=native_decode)
     # lengths straddle block boundaries; the 40-token prompt is prefilled in chunks of <= 32
     prompts = [list(range(100, 100 + n)) for n in (3, 16, 17, 40, 9)]
     outs = run_staggered(engine, prompts, max_tokens=20, join_every=3)

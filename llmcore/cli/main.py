@@ -83,6 +83,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile-decode", action="store_true",
                    help="compile the decode step (CPU: torch.compile/Inductor, ~1.2x faster single-stream decode; "
                         "the first run compiles for 1-3 minutes, later runs read the on-disk cache)")
+    g.add_argument("--no-native-decode", action="store_true",
+                   help="CPU: decode with torch ops instead of the native C++ step (built with g++ at first "
+                        "use, ~2 s; used by default when it covers the model, see docs/cpu.md)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -99,6 +102,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kw["tensor_parallel_size"] = args.tensor_parallel
     if getattr(args, "compile_decode", False):
         kw["compile_decode"] = True
+    if getattr(args, "no_native_decode", False):
+        kw["native_decode"] = False
     # options left unset keep the engine's defaults (or a compiled artifact's settings):
     # passing argparse defaults would read as explicit choices
     keep_none = {"model", "device"}

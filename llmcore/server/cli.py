@@ -154,6 +154,9 @@ def _add_engine_options(p: argparse.ArgumentParser, multi_model: bool) -> None:
     g.add_argument("--compile-decode", action="store_true", default=None,
                    help="compile the decode step (CPU: torch.compile/Inductor, ~1.2x faster single-stream decode; the "
                         "first start compiles for 1-3 minutes, later starts read the on-disk cache)")
+    g.add_argument("--no-native-decode", action="store_true", default=None,
+                   help="CPU: decode with torch ops instead of the native C++ step (default: native where it "
+                        "covers the model; see docs/cpu.md)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,6 +172,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
     if getattr(args, "compile_decode", None):
         kw["compile_decode"] = True
+    if getattr(args, "no_native_decode", None):
+        kw["native_decode"] = False
     if getattr(args, "no_prefix_caching", None):
         kw["enable_prefix_caching"] = False
     return kw

@@ -6,6 +6,7 @@ so ``llmcore devices`` answers instantly.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from pathlib import Path
@@ -15,6 +16,8 @@ from llmcore.capabilities import KV_PAGED, Capabilities, DeviceProbe
 from llmcore.device import Device
 from llmcore.quantization import available_names
 from llmcore_cpu import __version__
+
+log = logging.getLogger("llmcore.cpu")
 
 LLMCORE_CONTRACT_VERSION = 1
 
@@ -108,7 +111,18 @@ class CpuDevice(Device):
             from llmcore_cpu.compiled_decode import install
 
             install(runner)  # Inductor prepacks the weights itself: no packed modules to trace
-        elif dtype == "bfloat16" and not self.config.enforce_eager:
+            return runner
+        if self.config.native_decode and not self.config.enforce_eager:
+            from llmcore_cpu import native
+
+            try:
+                native.install(runner, threads)
+                log.info("decode: native step (%s)", ", ".join(k for k, v in native.features().items() if v)
+                         or "portable kernels")
+                return runner  # reads the plain weights in place: nothing to prepack
+            except native.NativeUnavailable as exc:
+                log.info("decode: torch path (native step unavailable: %s)", exc)
+        if dtype == "bfloat16" and not self.config.enforce_eager:
             from llmcore_cpu.packed_linear import pack_model
 
             quantized_head = runner.model.logits_proj  # set by a quantization; packing must not replace it

@@ -1,0 +1,309 @@
+"""The native CPU decode step: ``decode.cpp`` built at first use and called through ctypes.
+
+A decode batch (every sequence one token) runs as one foreign call that does every layer:
+the weights are read where the torch model holds them (no copy of a weight matrix), the KV
+cache is the runner's, and the result is the float32 logits the sampler takes. Prefill,
+mixed batches and prompt logprobs stay on the torch path. Why a kernel of our own:
+docs/benchmarks.md ("native decode") has the measurements; in short, torch's bf16/int8
+matrix-vector products reach a third to a half of the memory bandwidth a decode step is
+bound by, and the step pays ~20 dispatches per layer.
+
+Build: ``g++ -O3 -march=native -fopenmp`` (about 2 s), cached under
+``$XDG_CACHE_HOME/llmcore/native/<hash of source, compiler, CPU flags>/``. The library links
+the OpenMP runtime torch already loaded (same soname), so the two share one thread pool.
+No compiler, a failed build or a model the step does not cover: the engine logs why and
+uses the torch path, which gives the same tokens up to float rounding.
+
+Covered: the Llama-family models of :mod:`llmcore.models.llama` (biases, Qwen3 q/k norms,
+GQA, tied or separate output projection), float32 or bfloat16, unquantized or ``eetq``
+(int8 per channel, int8 output projection and embedding). Not covered (torch path):
+``int4``/``awq``/bitsandbytes layers, tensor parallelism, float16.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger("llmcore.cpu")
+
+SOURCE = Path(__file__).with_name("decode.cpp")
+KIND_F32, KIND_BF16, KIND_I8 = 0, 1, 2
+ERRORS = {-1: "head_dim > 512, odd head_dim or block_size > 256", -2: "token id outside the vocabulary",
+          -3: "position beyond the RoPE table (max_model_len)", -4: "context length outside the block table"}
+
+
+class NativeUnavailable(RuntimeError):
+    """The native step cannot run here or for this model; the message says why."""
+
+
+# ------------------------------------------------------------------ the library
+
+
+def cache_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "llmcore" / "native"
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not cxx:
+        raise NativeUnavailable("no C++ compiler found (install g++, or set CXX)")
+    return cxx
+
+
+def _cpu_id() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL:
+    """The built library (built once per source, compiler and CPU; then loaded from disk)."""
+    if os.environ.get("LLMCORE_CPU_NATIVE", "1") == "0":
+        raise NativeUnavailable("disabled by LLMCORE_CPU_NATIVE=0")
+    cxx = _compiler()
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeUnavailable(f"{cxx} does not run: {exc}") from exc
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_id().encode()
+                         + " ".join(flags).encode()).hexdigest()[:16]
+    out = cache_dir() / key / "libllmcore_cpu_native.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            tmp_out = Path(tmp) / out.name
+            proc = subprocess.run([cxx, *flags, "-o", str(tmp_out), str(SOURCE)],
+                                  capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise NativeUnavailable(f"building {SOURCE.name} with {cxx} failed: "
+                                        f"{proc.stderr.strip()[-2000:]}")
+            os.replace(tmp_out, out)  # atomic: a concurrent build leaves one whole file
+        log.info("built the native CPU decode step in %.1f s (%s)", time.perf_counter() - t0, out)
+    lib = ctypes.CDLL(str(out))
+    lib.llmcore_decode_step.restype = ctypes.c_int
+    lib.llmcore_decode_step.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
+    lib.llmcore_linear.restype = ctypes.c_int
+    lib.llmcore_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_int32]
+    lib.llmcore_native_features.restype = ctypes.c_int
+    return lib
+
+
+def features() -> dict[str, bool]:
+    f = library().llmcore_native_features()
+    return {"avx512": bool(f & 1), "avx512_bf16": bool(f & 2)}
+
+
+# ------------------------------------------------------------------ structs (mirror decode.cpp)
+
+P = ctypes.c_void_p
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("w", P), ("scale", P), ("bias", P), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("kind", ctypes.c_int32), ("pad", ctypes.c_int32)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
+                ("in_norm", P), ("post_norm", P), ("q_norm", P), ("k_norm", P),
+                ("k_cache", P), ("v_cache", P)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int64) for n in ("hidden", "n_heads", "n_kv_heads", "head_dim", "inter",
+                                               "vocab", "n_layers", "block_size", "max_pos")] + [
+        ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float),
+        ("cache_kind", ctypes.c_int32), ("round_bf16", ctypes.c_int32),
+        ("embed", P), ("embed_scale", P), ("embed_kind", ctypes.c_int32), ("pad", ctypes.c_int32),
+        ("final_norm", P), ("lm_head", _Linear), ("rope_cos", P), ("rope_sin", P), ("layers", P)]
+
+
+class _Work(ctypes.Structure):
+    _fields_ = [("x", P), ("h", P), ("qkv", P), ("att", P), ("gu", P), ("hh", P)]
+
+
+_KINDS = {torch.float32: KIND_F32, torch.bfloat16: KIND_BF16, torch.int8: KIND_I8}
+
+
+class _Keep:
+    """Holds the float32 copies (norms, biases, scales, RoPE tables) the structs point into."""
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+
+    def f32(self, t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        t = t.detach().float().contiguous()
+        self.tensors.append(t)
+        return t.data_ptr()
+
+
+def _linear(module: nn.Module, keep: _Keep, what: str) -> _Linear:
+    from llmcore.quantization.int8 import Int8Linear
+
+    if isinstance(module, nn.Linear):
+        w, scale = module.weight.detach(), None
+        if w.dtype not in (torch.float32, torch.bfloat16):
+            raise NativeUnavailable(f"{what} has {w.dtype} weights (float32 or bfloat16 only)")
+    elif isinstance(module, Int8Linear) and module.kernel in ("int8pack", "dequant"):
+        w, scale = module.weight, module.scale
+    else:
+        raise NativeUnavailable(f"{what} is a {type(module).__name__} "
+                                f"({getattr(module, 'kernel', 'no native kernel')})")
+    if not w.is_contiguous():
+        raise NativeUnavailable(f"{what}'s weight is not contiguous")
+    keep.tensors.append(w)
+    n, k = w.shape
+    return _Linear(w.data_ptr(), keep.f32(scale), keep.f32(getattr(module, "bias", None)), n, k, _KINDS[w.dtype], 0)
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise :class:`NativeUnavailable` (with the reason) if the native step cannot run ``model``."""
+    from llmcore.models.llama import LlamaForCausalLM
+
+    if not isinstance(model, LlamaForCausalLM):
+        raise NativeUnavailable(f"{type(model).__name__} is not a Llama-family model of llmcore.models.llama")
+    if getattr(model, "tp", None) is not None:
+        raise NativeUnavailable("tensor parallel ranks need an all-reduce inside the step")
+    dtype = model.model.norm.weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise NativeUnavailable(f"dtype {dtype} (float32 or bfloat16 only)")
+    if model.config.head_dim > 512 or model.config.head_dim % 2:
+        raise NativeUnavailable(f"head_dim {model.config.head_dim}")
+
+
+class NativeDecode:
+    """``decode_graph`` for :class:`~llmcore.runtime.runner.TorchModelRunner` (see the runner)."""
+
+    def __init__(self, model: nn.Module, block_size: int, threads: int | None = None) -> None:
+        from llmcore.quantization.int8 import Int8Embedding
+
+        check_model(model)
+        self.lib = library()
+        self.model = model
+        self.threads = threads
+        cfg = model.config
+        keep = self.keep = _Keep()
+        layers = (_Layer * cfg.num_layers)()
+        for i, layer in enumerate(model.model.layers):
+            a, m = layer.self_attn, layer.mlp
+            L = layers[i]
+            L.qkv = _linear(a.qkv_proj, keep, f"layer {i} qkv_proj")
+            L.o = _linear(a.o_proj, keep, f"layer {i} o_proj")
+            L.gate_up = _linear(m.gate_up_proj, keep, f"layer {i} gate_up_proj")
+            L.down = _linear(m.down_proj, keep, f"layer {i} down_proj")
+            L.in_norm = keep.f32(layer.input_layernorm.weight)
+            L.post_norm = keep.f32(layer.post_attention_layernorm.weight)
+            L.q_norm = keep.f32(a.q_norm.weight if a.q_norm is not None else None)
+            L.k_norm = keep.f32(a.k_norm.weight if a.k_norm is not None else None)
+        self.layers = layers
+        dtype = model.model.norm.weight.dtype
+        emb = model.model.embed_tokens
+        if isinstance(emb, Int8Embedding):
+            e_w, e_scale, e_kind = emb.weight, keep.f32(emb.scale), KIND_I8
+        elif isinstance(emb, nn.Embedding) and emb.weight.dtype in (torch.float32, torch.bfloat16):
+            e_w, e_scale, e_kind = emb.weight.detach(), None, _KINDS[emb.weight.dtype]
+        else:
+            raise NativeUnavailable(f"embedding is a {type(emb).__name__}")
+        keep.tensors.append(e_w)
+        if model.logits_proj is not None:
+            head = _linear(model.logits_proj, keep, "output projection")
+        elif model.lm_head is not None:
+            head = _linear(model.lm_head, keep, "lm_head")
+        else:
+            w = model.model.embed_tokens.weight
+            if not isinstance(emb, nn.Embedding):
+                raise NativeUnavailable("tied output projection of a quantized embedding without its own head")
+            head = _Linear(w.data_ptr(), None, None, w.shape[0], w.shape[1], _KINDS[w.dtype], 0)
+        if model.rope_cos is None:
+            raise NativeUnavailable("RoPE tables not initialised")
+        self.vocab = head.n
+        self.struct = _Model(
+            hidden=cfg.hidden_size, n_heads=cfg.num_heads, n_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            inter=cfg.intermediate_size, vocab=head.n, n_layers=cfg.num_layers, block_size=block_size,
+            max_pos=model.rope_cos.shape[0], eps=cfg.rms_norm_eps, attn_scale=cfg.head_dim ** -0.5,
+            cache_kind=_KINDS[dtype], round_bf16=int(dtype == torch.bfloat16),
+            embed=e_w.data_ptr(), embed_scale=e_scale, embed_kind=e_kind, pad=0,
+            final_norm=keep.f32(model.model.norm.weight), lm_head=head,
+            rope_cos=keep.f32(model.rope_cos), rope_sin=keep.f32(model.rope_sin),
+            layers=ctypes.cast(layers, P))
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise NativeUnavailable("num_heads is not a multiple of num_kv_heads")
+        self._caches_key: tuple | None = None
+        self._work: dict[str, torch.Tensor] = {}
+        self._work_rows = 0
+        self.calls = 0
+
+    def _bind_caches(self, kv_caches) -> None:
+        key = tuple(t.data_ptr() for kv in kv_caches for t in kv)
+        if key == self._caches_key:
+            return
+        dtype = self.model.model.norm.weight.dtype
+        for i, (k, v) in enumerate(kv_caches):
+            if k.dtype != dtype or not (k.is_contiguous() and v.is_contiguous()):
+                raise NativeUnavailable(f"KV cache of layer {i} is {k.dtype}, expected contiguous {dtype}")
+            self.layers[i].k_cache = k.data_ptr()
+            self.layers[i].v_cache = v.data_ptr()
+        self._caches_key = key
+
+    def _buffers(self, rows: int) -> _Work:
+        if rows > self._work_rows:
+            cfg = self.model.config
+            wide = max(cfg.hidden_size, cfg.intermediate_size)
+            qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+            e = torch.empty
+            self._work = dict(x=e(rows, cfg.hidden_size), h=e(rows, wide), qkv=e(rows, qkv),
+                              att=e(rows, cfg.num_heads * cfg.head_dim), gu=e(rows, 2 * cfg.intermediate_size),
+                              hh=e(rows, max(wide, cfg.num_heads * cfg.head_dim), dtype=torch.int16))
+            self._work_rows = rows
+            self._work_struct = _Work(**{k: v.data_ptr() for k, v in self._work.items()})
+        return self._work_struct
+
+    def __call__(self, input_ids, positions, meta, kv_caches) -> torch.Tensor:
+        self._bind_caches(kv_caches)
+        b = input_ids.shape[0]
+        tables = meta.block_table_tensor
+        ids, pos = input_ids.contiguous(), positions.contiguous()
+        slots, lens = meta.slot_mapping.contiguous(), meta.context_lens_tensor.contiguous()
+        tables = tables.contiguous()
+        logits = torch.empty(b, self.vocab, dtype=torch.float32)
+        work = self._buffers(b)
+        rc = self.lib.llmcore_decode_step(
+            ctypes.addressof(self.struct), b, ids.data_ptr(), pos.data_ptr(), slots.data_ptr(),
+            tables.data_ptr(), tables.shape[1], lens.data_ptr(), ctypes.addressof(work), logits.data_ptr(),
+            self.threads or torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"native decode step refused its input: {ERRORS.get(rc, rc)}")
+        self.calls += 1
+        return logits
+
+
+def install(runner, threads: int | None = None) -> NativeDecode:
+    """Give ``runner`` the native decode step; raises :class:`NativeUnavailable` with the reason."""
+    runner.decode_graph = NativeDecode(runner.model, runner.block_size, threads)
+    return runner.decode_graph

@@ -1,0 +1,506 @@
+// llmcore native CPU decode step: every layer of a Llama-family model for a batch of
+// single-token rows, in one call, with the weights read in place from the torch model.
+//
+// Why: a decode step on a CPU streams every weight once. torch's bf16 and int8 matmuls
+// reach 9-14 GB/s on matrix-vector shapes on this project's machine (27 GB/s is what a
+// plain read gets), and the step pays ~20 dispatches per layer on top. Here each
+// projection is a register-tiled loop (rows x batch rows) over the weight as stored, the
+// norms, RoPE, KV-cache write, paged attention (online softmax over the block table),
+// SiLU and residual adds run between them inside one OpenMP region, and the step is one
+// foreign call.
+//
+// Built at first use by llmcore_cpu/native/__init__.py (g++ -O3 -march=native -fopenmp),
+// loaded with ctypes; the structs below mirror the ctypes Structures there field for field.
+// Kernels: AVX-512 (BF16 dot products where the CPU has them) with a portable scalar path.
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_I8 = 2 };
+
+struct Linear {
+    const void* w;       // [n, k] row-major: float32, bfloat16 or int8
+    const float* scale;  // [n] per-row scale (int8 only) or null
+    const float* bias;   // [n] or null
+    int64_t n, k;
+    int32_t kind, pad;
+};
+
+struct Layer {
+    Linear qkv, o, gate_up, down;
+    const float* in_norm;   // [hidden]
+    const float* post_norm; // [hidden]
+    const float* q_norm;    // [head_dim] or null (Qwen3)
+    const float* k_norm;    // [head_dim] or null
+    void* k_cache;          // [blocks, block_size, kv_heads, head_dim] (cache_kind)
+    void* v_cache;
+};
+
+struct Model {
+    int64_t hidden, n_heads, n_kv_heads, head_dim, inter, vocab, n_layers, block_size, max_pos;
+    float eps, attn_scale;
+    int32_t cache_kind;    // KIND_F32 or KIND_BF16
+    int32_t round_bf16;    // round activations to bf16 where a bf16 model would (HF numerics)
+    const void* embed;     // [vocab, hidden]
+    const float* embed_scale;  // int8 table: per-row scale
+    int32_t embed_kind, pad;
+    const float* final_norm;
+    Linear lm_head;
+    const float* rope_cos;  // [max_pos, head_dim]
+    const float* rope_sin;
+    const Layer* layers;
+};
+
+// ------------------------------------------------------------------ scalar helpers
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+// ------------------------------------------------------------------ matrix products
+//
+// y[b, r] (+)= sum_k x[b, k] * W[r, k] for rows r in [r0, r1) and every batch row b.
+// Register tiles of R weight rows x BT batch rows: each weight vector loaded feeds BT
+// products, each activation vector R products; single-stream decode is the R x 1 case.
+
+#if defined(__AVX512F__)
+
+static inline __m512 load_bf16_as_f32(const uint16_t* p, __mmask16 m) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+#if defined(__AVX512BF16__)
+// bf16 x bf16 -> f32 dot products, 32 elements per instruction
+template <int R, int BT>
+static inline void tile_bf16(const uint16_t* w, int64_t k, const uint16_t* x, int64_t xs, float* out) {
+    __m512 acc[R][BT];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < BT; j++) acc[i][j] = _mm512_setzero_ps();
+    int64_t kk = 0;
+    for (; kk + 32 <= k; kk += 32) {
+        __m512i xv[BT];
+        for (int j = 0; j < BT; j++) xv[j] = _mm512_loadu_si512(x + j * xs + kk);
+        for (int i = 0; i < R; i++) {
+            __m512i wv = _mm512_loadu_si512(w + i * k + kk);
+            for (int j = 0; j < BT; j++)
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)wv, (__m512bh)xv[j]);
+        }
+    }
+    if (kk < k) {
+        __mmask32 m = (__mmask32)((1ull << (k - kk)) - 1);
+        __m512i xv[BT];
+        for (int j = 0; j < BT; j++) xv[j] = _mm512_maskz_loadu_epi16(m, x + j * xs + kk);
+        for (int i = 0; i < R; i++) {
+            __m512i wv = _mm512_maskz_loadu_epi16(m, w + i * k + kk);
+            for (int j = 0; j < BT; j++)
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)wv, (__m512bh)xv[j]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < BT; j++) out[i * BT + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+#else
+template <int R, int BT>
+static inline void tile_bf16(const uint16_t* w, int64_t k, const uint16_t* x, int64_t xs, float* out) {
+    __m512 acc[R][BT];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < BT; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < k; kk += 16) {
+        __mmask16 m = k - kk >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - kk)) - 1);
+        __m512 xv[BT];
+        for (int j = 0; j < BT; j++) xv[j] = load_bf16_as_f32(x + j * xs + kk, m);
+        for (int i = 0; i < R; i++) {
+            __m512 wv = load_bf16_as_f32(w + i * k + kk, m);
+            for (int j = 0; j < BT; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < BT; j++) out[i * BT + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+#endif
+
+template <int R, int BT>
+static inline void tile_f32(const float* w, int64_t k, const float* x, int64_t xs, float* out) {
+    __m512 acc[R][BT];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < BT; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < k; kk += 16) {
+        __mmask16 m = k - kk >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - kk)) - 1);
+        __m512 xv[BT];
+        for (int j = 0; j < BT; j++) xv[j] = _mm512_maskz_loadu_ps(m, x + j * xs + kk);
+        for (int i = 0; i < R; i++) {
+            __m512 wv = _mm512_maskz_loadu_ps(m, w + i * k + kk);
+            for (int j = 0; j < BT; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < BT; j++) out[i * BT + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <int R, int BT>
+static inline void tile_i8(const int8_t* w, int64_t k, const float* x, int64_t xs, float* out) {
+    __m512 acc[R][BT];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < BT; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < k; kk += 16) {
+        __mmask16 m = k - kk >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - kk)) - 1);
+        __m512 xv[BT];
+        for (int j = 0; j < BT; j++) xv[j] = _mm512_maskz_loadu_ps(m, x + j * xs + kk);
+        for (int i = 0; i < R; i++) {
+            __m128i b = _mm_maskz_loadu_epi8(m, w + i * k + kk);
+            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+            for (int j = 0; j < BT; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < BT; j++) out[i * BT + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+#else  // portable: the compiler vectorises what it can
+
+template <int R, int BT>
+static inline void tile_bf16(const uint16_t* w, int64_t k, const uint16_t* x, int64_t xs, float* out) {
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < BT; j++) {
+            float s = 0.f;
+            for (int64_t kk = 0; kk < k; kk++) s += bf16_to_f32(w[i * k + kk]) * bf16_to_f32(x[j * xs + kk]);
+            out[i * BT + j] = s;
+        }
+}
+template <int R, int BT>
+static inline void tile_f32(const float* w, int64_t k, const float* x, int64_t xs, float* out) {
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < BT; j++) {
+            float s = 0.f;
+            for (int64_t kk = 0; kk < k; kk++) s += w[i * k + kk] * x[j * xs + kk];
+            out[i * BT + j] = s;
+        }
+}
+template <int R, int BT>
+static inline void tile_i8(const int8_t* w, int64_t k, const float* x, int64_t xs, float* out) {
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < BT; j++) {
+            float s = 0.f;
+            for (int64_t kk = 0; kk < k; kk++) s += (float)w[i * k + kk] * x[j * xs + kk];
+            out[i * BT + j] = s;
+        }
+}
+#endif
+
+// Activations for one product: float32 rows, plus their bf16 copy for bf16 weights.
+struct Act {
+    const float* f;
+    const uint16_t* h;
+    int64_t stride;  // elements between batch rows
+};
+
+enum { OUT_STORE = 0, OUT_ADD = 1 };
+
+template <int R, int BT>
+static inline void tile(const Linear& L, int64_t r, const Act& x, int64_t b, float* out) {
+    const int64_t k = L.k;
+    switch (L.kind) {
+        case KIND_BF16:
+            tile_bf16<R, BT>((const uint16_t*)L.w + r * k, k, x.h + b * x.stride, x.stride, out);
+            break;
+        case KIND_I8:
+            tile_i8<R, BT>((const int8_t*)L.w + r * k, k, x.f + b * x.stride, x.stride, out);
+            break;
+        default:
+            tile_f32<R, BT>((const float*)L.w + r * k, k, x.f + b * x.stride, x.stride, out);
+    }
+}
+
+static inline void emit(const Linear& L, int64_t r, int64_t b, float v, float* y, int64_t ys, int mode, int rnd) {
+    if (L.scale) v *= L.scale[r];
+    if (L.bias) v += L.bias[r];
+    if (rnd) v = round_bf16(v);
+    float* p = y + b * ys + r;
+    if (mode == OUT_ADD) {
+        v += *p;
+        if (rnd) v = round_bf16(v);
+    }
+    *p = v;
+}
+
+// rows [r0, r1) of y = x W^T for all B batch rows
+template <int R>
+static void rows_block(const Linear& L, int64_t r0, int64_t r1, const Act& x, int64_t B, float* y,
+                       int64_t ys, int mode, int rnd) {
+    const int BT = 4;
+    float out[R * BT];
+    int64_t r = r0;
+    for (; r + R <= r1; r += R) {
+        int64_t b = 0;
+        for (; b + BT <= B; b += BT) {
+            tile<R, BT>(L, r, x, b, out);
+            for (int i = 0; i < R; i++)
+                for (int j = 0; j < BT; j++) emit(L, r + i, b + j, out[i * BT + j], y, ys, mode, rnd);
+        }
+        for (; b < B; b++) {
+            tile<R, 1>(L, r, x, b, out);
+            for (int i = 0; i < R; i++) emit(L, r + i, b, out[i], y, ys, mode, rnd);
+        }
+    }
+    for (; r < r1; r++)
+        for (int64_t b = 0; b < B; b++) {
+            tile<1, 1>(L, r, x, b, out);
+            emit(L, r, b, out[0], y, ys, mode, rnd);
+        }
+}
+
+// Inside a parallel region: the rows split over the threads in chunks of 16 (dynamic,
+// so a thread slowed by the other process on its core does not hold the rest back).
+static void linear_par(const Linear& L, const Act& x, int64_t B, float* y, int64_t ys, int mode, int rnd) {
+    const int64_t chunk = 16;
+    const int64_t nchunks = (L.n + chunk - 1) / chunk;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        int64_t r0 = c * chunk, r1 = r0 + chunk < L.n ? r0 + chunk : L.n;
+        rows_block<4>(L, r0, r1, x, B, y, ys, mode, rnd);
+    }
+}
+
+// ------------------------------------------------------------------ small ops
+
+// out = bf16?(normalized x) * w, also written as bf16 for the next product
+static void rmsnorm_row(const float* x, const float* w, int64_t n, float eps, int rnd, float* out, uint16_t* out_h) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i] * inv;
+        if (rnd) v = round_bf16(round_bf16(v) * w[i]);
+        else v = v * w[i];
+        out[i] = v;
+        if (out_h) out_h[i] = f32_to_bf16(v);
+    }
+}
+
+static void rope(float* v, const float* cos, const float* sin, int64_t d, int rnd) {
+    const int64_t h = d / 2;
+    float tmp[512];
+    for (int64_t i = 0; i < h; i++) {
+        tmp[i] = v[i] * cos[i] - v[i + h] * sin[i];
+        tmp[i + h] = v[i + h] * cos[i + h] + v[i] * sin[i + h];
+    }
+    for (int64_t i = 0; i < d; i++) v[i] = rnd ? round_bf16(tmp[i]) : tmp[i];
+}
+
+static inline float cache_at(const void* c, int kind, int64_t idx) {
+    return kind == KIND_BF16 ? bf16_to_f32(((const uint16_t*)c)[idx]) : ((const float*)c)[idx];
+}
+
+static inline float dot_cache(const float* q, const void* c, int kind, int64_t off, int64_t d) {
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+        __mmask16 m = d - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+        __m512 kv = kind == KIND_BF16 ? load_bf16_as_f32((const uint16_t*)c + off + i, m)
+                                      : _mm512_maskz_loadu_ps(m, (const float*)c + off + i);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), kv, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float s = 0.f;
+    for (int64_t i = 0; i < d; i++) s += q[i] * cache_at(c, kind, off + i);
+    return s;
+#endif
+}
+
+static inline void axpy_cache(float* acc, float a, const void* c, int kind, int64_t off, int64_t d) {
+#if defined(__AVX512F__)
+    __m512 av = _mm512_set1_ps(a);
+    for (int64_t i = 0; i < d; i += 16) {
+        __mmask16 m = d - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+        __m512 vv = kind == KIND_BF16 ? load_bf16_as_f32((const uint16_t*)c + off + i, m)
+                                      : _mm512_maskz_loadu_ps(m, (const float*)c + off + i);
+        _mm512_mask_storeu_ps(acc + i, m, _mm512_fmadd_ps(av, vv, _mm512_maskz_loadu_ps(m, acc + i)));
+    }
+#else
+    for (int64_t i = 0; i < d; i++) acc[i] += a * cache_at(c, kind, off + i);
+#endif
+}
+
+// One query row, one head: softmax(q K^T * scale) V over the row's context, block by block
+// with a running max (no score buffer), reading K/V where the block table says they are.
+static void attend(const Model& M, const Layer& L, const float* q, int64_t kvh, const int64_t* table,
+                   int64_t ctx, float* out) {
+    const int64_t d = M.head_dim, bs = M.block_size, nkv = M.n_kv_heads;
+    float m = -INFINITY, l = 0.f;
+    float acc[512];
+    float s[256];
+    for (int64_t i = 0; i < d; i++) acc[i] = 0.f;
+    for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
+        const int64_t block = table[t0 / bs];
+        const int64_t n = ctx - t0 < bs ? ctx - t0 : bs;
+        float mb = m;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t off = ((block * bs + j) * nkv + kvh) * d;
+            s[j] = dot_cache(q, L.k_cache, M.cache_kind, off, d) * M.attn_scale;
+            if (s[j] > mb) mb = s[j];
+        }
+        const float corr = expf(m - mb);  // m = -inf on the first block: corr = 0
+        l *= corr;
+        for (int64_t i = 0; i < d; i++) acc[i] *= corr;
+        for (int64_t j = 0; j < n; j++) {
+            const float p = expf(s[j] - mb);
+            l += p;
+            axpy_cache(acc, p, L.v_cache, M.cache_kind, ((block * bs + j) * nkv + kvh) * d, d);
+        }
+        m = mb;
+    }
+    const float inv = 1.f / l;
+    for (int64_t i = 0; i < d; i++) out[i] = acc[i] * inv;
+}
+
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+// ------------------------------------------------------------------ the step
+
+// Work buffers (float32 unless noted), sized for B rows by the caller:
+//   x [B, hidden] residual stream, h [B, max(hidden, inter)] normed/activated input,
+//   hh [B, max(hidden, inter)] uint16 bf16 copy of h, qkv [B, (H + 2 KVH) D],
+//   att [B, H D], gu [B, 2 inter]
+struct Work {
+    float *x, *h, *qkv, *att, *gu;
+    uint16_t* hh;
+};
+
+// Returns 0, or a negative code for an argument the step cannot take.
+extern "C" int llmcore_decode_step(const Model* Mp, int64_t B, const int64_t* ids, const int64_t* pos,
+                        const int64_t* slots, const int64_t* tables, int64_t table_width,
+                        const int64_t* ctx_lens, const Work* W, float* logits, int32_t threads) {
+    const Model& M = *Mp;
+    const int64_t H = M.hidden, D = M.head_dim, NH = M.n_heads, NKV = M.n_kv_heads, I = M.inter;
+    const int64_t QKV = (NH + 2 * NKV) * D, WIDE = H > I ? H : I;
+    if (D > 512 || M.block_size > 256 || (D & 1)) return -1;
+    for (int64_t b = 0; b < B; b++) {
+        if (ids[b] < 0 || ids[b] >= M.vocab) return -2;
+        if (pos[b] < 0 || pos[b] >= M.max_pos) return -3;
+        if (ctx_lens[b] < 1 || ctx_lens[b] > table_width * M.block_size) return -4;
+    }
+    const int rnd = M.round_bf16;
+    float* x = W->x;
+    // embedding rows -> residual stream
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t i = 0; i < H; i++) {
+            float v;
+            if (M.embed_kind == KIND_BF16) v = bf16_to_f32(((const uint16_t*)M.embed)[ids[b] * H + i]);
+            else if (M.embed_kind == KIND_I8) {
+                v = (float)((const int8_t*)M.embed)[ids[b] * H + i] * M.embed_scale[ids[b]];
+                if (rnd) v = round_bf16(v);
+            } else v = ((const float*)M.embed)[ids[b] * H + i];
+            x[b * H + i] = v;
+        }
+    }
+    Act hin = {W->h, W->hh, WIDE};
+    Act ain = {W->att, W->hh, NH * D};  // attention output (bf16 copy reuses hh)
+#pragma omp parallel num_threads(threads)
+    {
+        for (int64_t li = 0; li < M.n_layers; li++) {
+            const Layer& L = M.layers[li];
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; b++)
+                rmsnorm_row(x + b * H, L.in_norm, H, M.eps, rnd, W->h + b * WIDE, W->hh + b * WIDE);
+            linear_par(L.qkv, hin, B, W->qkv, QKV, OUT_STORE, rnd);
+            // per row: q/k norms, RoPE, K/V into the cache at the row's slot
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; b++) {
+                float* q = W->qkv + b * QKV;
+                float* k = q + NH * D;
+                float* v = k + NKV * D;
+                const float* c = M.rope_cos + pos[b] * D;
+                const float* s = M.rope_sin + pos[b] * D;
+                for (int64_t hh = 0; hh < NH + NKV; hh++) {
+                    float* t = q + hh * D;
+                    const float* nw = hh < NH ? L.q_norm : L.k_norm;
+                    if (nw) rmsnorm_row(t, nw, D, M.eps, rnd, t, nullptr);
+                    rope(t, c, s, D, rnd);
+                }
+                const int64_t base = slots[b] * NKV * D;
+                for (int64_t i = 0; i < NKV * D; i++) {
+                    if (M.cache_kind == KIND_BF16) {
+                        ((uint16_t*)L.k_cache)[base + i] = f32_to_bf16(k[i]);
+                        ((uint16_t*)L.v_cache)[base + i] = f32_to_bf16(v[i]);
+                    } else {
+                        ((float*)L.k_cache)[base + i] = k[i];
+                        ((float*)L.v_cache)[base + i] = v[i];
+                    }
+                }
+            }
+            // attention: every (row, head) independent
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t bh = 0; bh < B * NH; bh++) {
+                const int64_t b = bh / NH, h = bh % NH;
+                float* o = W->att + b * NH * D + h * D;
+                attend(M, L, W->qkv + b * QKV + h * D, h / (NH / NKV), tables + b * table_width, ctx_lens[b], o);
+                for (int64_t i = 0; i < D; i++) {
+                    if (rnd) o[i] = round_bf16(o[i]);
+                    W->hh[b * NH * D + h * D + i] = f32_to_bf16(o[i]);
+                }
+            }
+            linear_par(L.o, ain, B, x, H, OUT_ADD, rnd);
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; b++)
+                rmsnorm_row(x + b * H, L.post_norm, H, M.eps, rnd, W->h + b * WIDE, W->hh + b * WIDE);
+            linear_par(L.gate_up, hin, B, W->gu, 2 * I, OUT_STORE, rnd);
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; b++) {
+                const float* g = W->gu + b * 2 * I;
+                float* a = W->h + b * WIDE;
+                for (int64_t i = 0; i < I; i++) {
+                    float v = rnd ? round_bf16(round_bf16(silu(g[i])) * g[I + i]) : silu(g[i]) * g[I + i];
+                    a[i] = v;
+                    W->hh[b * WIDE + i] = f32_to_bf16(v);
+                }
+            }
+            linear_par(L.down, hin, B, x, H, OUT_ADD, rnd);
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++)
+            rmsnorm_row(x + b * H, M.final_norm, H, M.eps, rnd, W->h + b * WIDE, W->hh + b * WIDE);
+        linear_par(M.lm_head, hin, B, logits, M.vocab, OUT_STORE, 0);
+    }
+    return 0;
+}
+
+// For the build check and tests: which kernels this build has.
+extern "C" int llmcore_native_features(void) {
+    int f = 0;
+#if defined(__AVX512F__)
+    f |= 1;
+#endif
+#if defined(__AVX512BF16__)
+    f |= 2;
+#endif
+    return f;
+}
+
+// y = x W^T (+ bias) for tests of the tiled products alone.
+extern "C" int llmcore_linear(const Linear* L, int64_t B, const float* xf, const uint16_t* xh, float* y, int32_t threads) {
+    Act a = {xf, xh, L->k};
+#pragma omp parallel num_threads(threads)
+    linear_par(*L, a, B, y, L->n, OUT_STORE, 0);
+    return 0;
+}
+
