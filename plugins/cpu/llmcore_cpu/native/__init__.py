@@ -143,7 +143,8 @@ class _Model(ctypes.Structure):
 
 
 class _Work(ctypes.Structure):
-    _fields_ = [("x", P), ("h", P), ("qkv", P), ("att", P), ("gu", P), ("hh", P)]
+    _fields_ = [("x", P), ("qkv", P), ("att", P), ("act", P), ("h", P), ("scratch", P),
+                ("att_h", P), ("act_h", P), ("hh", P)]
 
 
 _KINDS = {torch.float32: KIND_F32, torch.bfloat16: KIND_BF16, torch.int8: KIND_I8}
@@ -256,7 +257,7 @@ class NativeDecode:
             raise NativeUnavailable("num_heads is not a multiple of num_kv_heads")
         self._caches_key: tuple | None = None
         self._work: dict[str, torch.Tensor] = {}
-        self._work_rows = 0
+        self._work_rows = self._work_threads = 0
         self.calls = 0
 
     def _bind_caches(self, kv_caches) -> None:
@@ -271,16 +272,16 @@ class NativeDecode:
             self.layers[i].v_cache = v.data_ptr()
         self._caches_key = key
 
-    def _buffers(self, rows: int) -> _Work:
-        if rows > self._work_rows:
+    def _buffers(self, rows: int, threads: int) -> _Work:
+        if rows > self._work_rows or threads > self._work_threads:
             cfg = self.model.config
-            wide = max(cfg.hidden_size, cfg.intermediate_size)
+            h, att, inter = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size
             qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-            e = torch.empty
-            self._work = dict(x=e(rows, cfg.hidden_size), h=e(rows, wide), qkv=e(rows, qkv),
-                              att=e(rows, cfg.num_heads * cfg.head_dim), gu=e(rows, 2 * cfg.intermediate_size),
-                              hh=e(rows, max(wide, cfg.num_heads * cfg.head_dim), dtype=torch.int16))
-            self._work_rows = rows
+            e, bf = torch.empty, torch.int16
+            self._work = dict(x=e(rows, h), qkv=e(rows, qkv), att=e(rows, att), act=e(rows, inter),
+                              h=e(threads, rows, h), scratch=e(threads, rows, 32), att_h=e(rows, att, dtype=bf),
+                              act_h=e(rows, inter, dtype=bf), hh=e(threads, rows, h, dtype=bf))
+            self._work_rows, self._work_threads = rows, threads
             self._work_struct = _Work(**{k: v.data_ptr() for k, v in self._work.items()})
         return self._work_struct
 
@@ -292,11 +293,12 @@ class NativeDecode:
         slots, lens = meta.slot_mapping.contiguous(), meta.context_lens_tensor.contiguous()
         tables = tables.contiguous()
         logits = torch.empty(b, self.vocab, dtype=torch.float32)
-        work = self._buffers(b)
+        threads = self.threads or torch.get_num_threads()
+        work = self._buffers(b, threads)
         rc = self.lib.llmcore_decode_step(
             ctypes.addressof(self.struct), b, ids.data_ptr(), pos.data_ptr(), slots.data_ptr(),
             tables.data_ptr(), tables.shape[1], lens.data_ptr(), ctypes.addressof(work), logits.data_ptr(),
-            self.threads or torch.get_num_threads())
+            threads)
         if rc != 0:
             raise RuntimeError(f"native decode step refused its input: {ERRORS.get(rc, rc)}")
         self.calls += 1

@@ -230,11 +230,13 @@ static inline void tile(const Linear& L, int64_t r, const Act& x, int64_t b, flo
     }
 }
 
-static inline void emit(const Linear& L, int64_t r, int64_t b, float v, float* y, int64_t ys, int mode, int rnd) {
+// y[b, r - roff] = v * scale[r] + bias[r] (stored or added to what is there)
+static inline void emit(const Linear& L, int64_t r, int64_t b, float v, float* y, int64_t ys, int64_t roff,
+                        int mode, int rnd) {
     if (L.scale) v *= L.scale[r];
     if (L.bias) v += L.bias[r];
     if (rnd) v = round_bf16(v);
-    float* p = y + b * ys + r;
+    float* p = y + b * ys + (r - roff);
     if (mode == OUT_ADD) {
         v += *p;
         if (rnd) v = round_bf16(v);
@@ -245,7 +247,7 @@ static inline void emit(const Linear& L, int64_t r, int64_t b, float v, float* y
 // rows [r0, r1) of y = x W^T for all B batch rows
 template <int R>
 static void rows_block(const Linear& L, int64_t r0, int64_t r1, const Act& x, int64_t B, float* y,
-                       int64_t ys, int mode, int rnd) {
+                       int64_t ys, int64_t roff, int mode, int rnd) {
     const int BT = 4;
     float out[R * BT];
     int64_t r = r0;
@@ -254,17 +256,17 @@ static void rows_block(const Linear& L, int64_t r0, int64_t r1, const Act& x, in
         for (; b + BT <= B; b += BT) {
             tile<R, BT>(L, r, x, b, out);
             for (int i = 0; i < R; i++)
-                for (int j = 0; j < BT; j++) emit(L, r + i, b + j, out[i * BT + j], y, ys, mode, rnd);
+                for (int j = 0; j < BT; j++) emit(L, r + i, b + j, out[i * BT + j], y, ys, roff, mode, rnd);
         }
         for (; b < B; b++) {
             tile<R, 1>(L, r, x, b, out);
-            for (int i = 0; i < R; i++) emit(L, r + i, b, out[i], y, ys, mode, rnd);
+            for (int i = 0; i < R; i++) emit(L, r + i, b, out[i], y, ys, roff, mode, rnd);
         }
     }
     for (; r < r1; r++)
         for (int64_t b = 0; b < B; b++) {
             tile<1, 1>(L, r, x, b, out);
-            emit(L, r, b, out[0], y, ys, mode, rnd);
+            emit(L, r, b, out[0], y, ys, roff, mode, rnd);
         }
 }
 
@@ -276,7 +278,31 @@ static void linear_par(const Linear& L, const Act& x, int64_t B, float* y, int64
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < nchunks; c++) {
         int64_t r0 = c * chunk, r1 = r0 + chunk < L.n ? r0 + chunk : L.n;
-        rows_block<4>(L, r0, r1, x, B, y, ys, mode, rnd);
+        rows_block<4>(L, r0, r1, x, B, y, ys, 0, mode, rnd);
+    }
+}
+
+// The gate/up product with SiLU(gate) * up as its epilogue: chunk c computes gate rows
+// [r0, r1) and the matching up rows [I + r0, I + r1) into the thread's scratch (B x 2 x 16)
+// and writes act[b, r] (float32 and bf16) directly, so no gate/up buffer and no pass after.
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+static void gate_up_par(const Linear& L, const Act& x, int64_t B, float* scratch, float* act, uint16_t* act_h,
+                        int rnd) {
+    const int64_t chunk = 16, I = L.n / 2;
+    const int64_t nchunks = (I + chunk - 1) / chunk;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        int64_t r0 = c * chunk, r1 = r0 + chunk < I ? r0 + chunk : I;
+        rows_block<4>(L, r0, r1, x, B, scratch, 2 * chunk, r0, OUT_STORE, rnd);
+        rows_block<4>(L, I + r0, I + r1, x, B, scratch + chunk, 2 * chunk, I + r0, OUT_STORE, rnd);
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t r = r0; r < r1; r++) {
+                const float g = scratch[b * 2 * chunk + (r - r0)], u = scratch[b * 2 * chunk + chunk + (r - r0)];
+                const float v = rnd ? round_bf16(round_bf16(silu(g)) * u) : silu(g) * u;
+                act[b * I + r] = v;
+                act_h[b * I + r] = f32_to_bf16(v);
+            }
     }
 }
 
@@ -373,27 +399,72 @@ static void attend(const Model& M, const Layer& L, const float* q, int64_t kvh, 
     for (int64_t i = 0; i < d; i++) out[i] = acc[i] * inv;
 }
 
-static inline float silu(float g) { return g / (1.f + expf(-g)); }
-
 // ------------------------------------------------------------------ the step
 
-// Work buffers (float32 unless noted), sized for B rows by the caller:
-//   x [B, hidden] residual stream, h [B, max(hidden, inter)] normed/activated input,
-//   hh [B, max(hidden, inter)] uint16 bf16 copy of h, qkv [B, (H + 2 KVH) D],
-//   att [B, H D], gu [B, 2 inter]
+// Work buffers (float32 unless noted), sized by the caller for B rows and T threads:
+//   x [B, hidden] residual stream; qkv [B, (H + 2 KVH) D]; att [B, H D] + att_h (bf16);
+//   act [B, inter] + act_h (bf16); per thread: h [T, B, hidden] + hh (bf16) normed input,
+//   scratch [T, B, 32]
 struct Work {
-    float *x, *h, *qkv, *att, *gu;
-    uint16_t* hh;
+    float *x, *qkv, *att, *act, *h, *scratch;
+    uint16_t *att_h, *act_h, *hh;
 };
+
+// Each thread normalises every row into its own buffer: cheaper than a barrier.
+static Act norm_rows(const Model& M, const float* x, const float* w, int64_t B, const Work* W, int tid, int rnd) {
+    const int64_t H = M.hidden;
+    float* h = W->h + (int64_t)tid * B * H;
+    uint16_t* hh = W->hh + (int64_t)tid * B * H;
+    for (int64_t b = 0; b < B; b++) rmsnorm_row(x + b * H, w, H, M.eps, rnd, h + b * H, hh + b * H);
+    return Act{h, hh, H};
+}
+
+// One task per (row, KV head): RoPE + K/V write for the head, then its group of query heads.
+// A decode row only reads its own sequence's slots, and the slot it writes is in a block no
+// other row writes (a shared prefix block is copied before it is written), so tasks are independent.
+static void attention_task(const Model& M, const Layer& L, int64_t b, int64_t g, const int64_t* pos,
+                           const int64_t* slots, const int64_t* tables, int64_t table_width,
+                           const int64_t* ctx_lens, const Work* W, int rnd) {
+    const int64_t D = M.head_dim, NH = M.n_heads, NKV = M.n_kv_heads, QKV = (NH + 2 * NKV) * D;
+    const int64_t rep = NH / NKV;
+    float* q = W->qkv + b * QKV;
+    float* k = q + NH * D + g * D;
+    float* v = q + (NH + NKV) * D + g * D;
+    const float* c = M.rope_cos + pos[b] * D;
+    const float* s = M.rope_sin + pos[b] * D;
+    if (L.k_norm) rmsnorm_row(k, L.k_norm, D, M.eps, rnd, k, nullptr);
+    rope(k, c, s, D, rnd);
+    const int64_t base = (slots[b] * NKV + g) * D;
+    for (int64_t i = 0; i < D; i++) {
+        if (M.cache_kind == KIND_BF16) {
+            ((uint16_t*)L.k_cache)[base + i] = f32_to_bf16(k[i]);
+            ((uint16_t*)L.v_cache)[base + i] = f32_to_bf16(v[i]);
+        } else {
+            ((float*)L.k_cache)[base + i] = k[i];
+            ((float*)L.v_cache)[base + i] = v[i];
+        }
+    }
+    for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
+        float* qh = q + h * D;
+        if (L.q_norm) rmsnorm_row(qh, L.q_norm, D, M.eps, rnd, qh, nullptr);
+        rope(qh, c, s, D, rnd);
+        float* o = W->att + b * NH * D + h * D;
+        attend(M, L, qh, g, tables + b * table_width, ctx_lens[b], o);
+        for (int64_t i = 0; i < D; i++) {
+            if (rnd) o[i] = round_bf16(o[i]);
+            W->att_h[b * NH * D + h * D + i] = f32_to_bf16(o[i]);
+        }
+    }
+}
 
 // Returns 0, or a negative code for an argument the step cannot take.
 extern "C" int llmcore_decode_step(const Model* Mp, int64_t B, const int64_t* ids, const int64_t* pos,
-                        const int64_t* slots, const int64_t* tables, int64_t table_width,
-                        const int64_t* ctx_lens, const Work* W, float* logits, int32_t threads) {
+                                   const int64_t* slots, const int64_t* tables, int64_t table_width,
+                                   const int64_t* ctx_lens, const Work* W, float* logits, int32_t threads) {
     const Model& M = *Mp;
     const int64_t H = M.hidden, D = M.head_dim, NH = M.n_heads, NKV = M.n_kv_heads, I = M.inter;
-    const int64_t QKV = (NH + 2 * NKV) * D, WIDE = H > I ? H : I;
-    if (D > 512 || M.block_size > 256 || (D & 1)) return -1;
+    const int64_t QKV = (NH + 2 * NKV) * D;
+    if (D > 512 || M.block_size > 256 || (D & 1) || NH % NKV) return -1;
     for (int64_t b = 0; b < B; b++) {
         if (ids[b] < 0 || ids[b] >= M.vocab) return -2;
         if (pos[b] < 0 || pos[b] >= M.max_pos) return -3;
@@ -413,72 +484,27 @@ extern "C" int llmcore_decode_step(const Model* Mp, int64_t B, const int64_t* id
             x[b * H + i] = v;
         }
     }
-    Act hin = {W->h, W->hh, WIDE};
-    Act ain = {W->att, W->hh, NH * D};  // attention output (bf16 copy reuses hh)
+    const Act att = {W->att, W->att_h, NH * D};
+    const Act act = {W->act, W->act_h, I};
+    // five barriers per layer: after the qkv product, the attention, the o product, the
+    // gate/up product and the down product (each `omp for` ends in one)
 #pragma omp parallel num_threads(threads)
     {
+        const int tid = omp_get_thread_num();
+        float* scratch = W->scratch + (int64_t)tid * B * 32;
         for (int64_t li = 0; li < M.n_layers; li++) {
             const Layer& L = M.layers[li];
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < B; b++)
-                rmsnorm_row(x + b * H, L.in_norm, H, M.eps, rnd, W->h + b * WIDE, W->hh + b * WIDE);
+            Act hin = norm_rows(M, x, L.in_norm, B, W, tid, rnd);
             linear_par(L.qkv, hin, B, W->qkv, QKV, OUT_STORE, rnd);
-            // per row: q/k norms, RoPE, K/V into the cache at the row's slot
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < B; b++) {
-                float* q = W->qkv + b * QKV;
-                float* k = q + NH * D;
-                float* v = k + NKV * D;
-                const float* c = M.rope_cos + pos[b] * D;
-                const float* s = M.rope_sin + pos[b] * D;
-                for (int64_t hh = 0; hh < NH + NKV; hh++) {
-                    float* t = q + hh * D;
-                    const float* nw = hh < NH ? L.q_norm : L.k_norm;
-                    if (nw) rmsnorm_row(t, nw, D, M.eps, rnd, t, nullptr);
-                    rope(t, c, s, D, rnd);
-                }
-                const int64_t base = slots[b] * NKV * D;
-                for (int64_t i = 0; i < NKV * D; i++) {
-                    if (M.cache_kind == KIND_BF16) {
-                        ((uint16_t*)L.k_cache)[base + i] = f32_to_bf16(k[i]);
-                        ((uint16_t*)L.v_cache)[base + i] = f32_to_bf16(v[i]);
-                    } else {
-                        ((float*)L.k_cache)[base + i] = k[i];
-                        ((float*)L.v_cache)[base + i] = v[i];
-                    }
-                }
-            }
-            // attention: every (row, head) independent
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t bh = 0; bh < B * NH; bh++) {
-                const int64_t b = bh / NH, h = bh % NH;
-                float* o = W->att + b * NH * D + h * D;
-                attend(M, L, W->qkv + b * QKV + h * D, h / (NH / NKV), tables + b * table_width, ctx_lens[b], o);
-                for (int64_t i = 0; i < D; i++) {
-                    if (rnd) o[i] = round_bf16(o[i]);
-                    W->hh[b * NH * D + h * D + i] = f32_to_bf16(o[i]);
-                }
-            }
-            linear_par(L.o, ain, B, x, H, OUT_ADD, rnd);
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < B; b++)
-                rmsnorm_row(x + b * H, L.post_norm, H, M.eps, rnd, W->h + b * WIDE, W->hh + b * WIDE);
-            linear_par(L.gate_up, hin, B, W->gu, 2 * I, OUT_STORE, rnd);
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < B; b++) {
-                const float* g = W->gu + b * 2 * I;
-                float* a = W->h + b * WIDE;
-                for (int64_t i = 0; i < I; i++) {
-                    float v = rnd ? round_bf16(round_bf16(silu(g[i])) * g[I + i]) : silu(g[i]) * g[I + i];
-                    a[i] = v;
-                    W->hh[b * WIDE + i] = f32_to_bf16(v);
-                }
-            }
-            linear_par(L.down, hin, B, x, H, OUT_ADD, rnd);
+            for (int64_t t = 0; t < B * NKV; t++)
+                attention_task(M, L, t / NKV, t % NKV, pos, slots, tables, table_width, ctx_lens, W, rnd);
+            linear_par(L.o, att, B, x, H, OUT_ADD, rnd);
+            hin = norm_rows(M, x, L.post_norm, B, W, tid, rnd);
+            gate_up_par(L.gate_up, hin, B, scratch, W->act, W->act_h, rnd);
+            linear_par(L.down, act, B, x, H, OUT_ADD, rnd);
         }
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++)
-            rmsnorm_row(x + b * H, M.final_norm, H, M.eps, rnd, W->h + b * WIDE, W->hh + b * WIDE);
+        Act hin = norm_rows(M, x, M.final_norm, B, W, tid, rnd);
         linear_par(M.lm_head, hin, B, logits, M.vocab, OUT_STORE, 0);
     }
     return 0;
