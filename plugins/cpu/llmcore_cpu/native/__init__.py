@@ -114,7 +114,7 @@ def library() -> ctypes.CDLL:
 
 def features() -> dict[str, bool]:
     f = library().llmcore_native_features()
-    return {"avx512": bool(f & 1), "avx512_bf16": bool(f & 2)}
+    return {"avx512": bool(f & 1), "avx512_bf16": bool(f & 2), "avx512_vnni int8": bool(f & 4)}
 
 
 # ------------------------------------------------------------------ structs (mirror decode.cpp)
