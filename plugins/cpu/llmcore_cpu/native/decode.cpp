@@ -17,6 +17,11 @@
 #include <stdint.h>
 #include <string.h>
 #include <vector>
+// Software prefetch distance, bytes ahead in each weight row being read: the tiles read R
+// rows at once, which the hardware prefetchers follow poorly (measured on the 2-core EPYC:
+// int8 rows 1.4x faster at 2 KB ahead, bf16 rows 1.1x at 4 KB)
+#define PF_BF16 4096
+#define PF_I8 2048
 #include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -101,6 +106,7 @@ static inline void tile_bf16(const uint16_t* w, int64_t k, const uint16_t* x, in
         __m512i xv[BT];
         for (int j = 0; j < BT; j++) xv[j] = _mm512_loadu_si512(x + j * xs + kk);
         for (int i = 0; i < R; i++) {
+            _mm_prefetch((const char*)(w + i * k + kk) + PF_BF16, _MM_HINT_T0);
             __m512i wv = _mm512_loadu_si512(w + i * k + kk);
             for (int j = 0; j < BT; j++)
                 acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)wv, (__m512bh)xv[j]);
@@ -190,6 +196,7 @@ static inline void tile_i8q(const int8_t* w, int64_t k, const int16_t* x, int64_
         __m512i xv[BT];
         for (int j = 0; j < BT; j++) xv[j] = _mm512_maskz_loadu_epi16(m, x + j * xs + kk);
         for (int i = 0; i < R; i++) {
+            _mm_prefetch((const char*)(w + i * k + kk) + PF_I8, _MM_HINT_T0);
             __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, w + i * k + kk));
             for (int j = 0; j < BT; j++) acc[i][j] = _mm512_dpwssd_epi32(acc[i][j], wv, xv[j]);
         }
