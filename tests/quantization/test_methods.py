@@ -61,8 +61,16 @@ def test_eetq_tied_embedding_shares_the_int8_table(mha_qwen2):
     biases = c.num_layers * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim * 2  # qwen2's q/k/v bias, bf16
     expected = sum(n * k + 2 * n for n, k in shapes) + c.vocab_size * (c.hidden_size + 2) + biases + norm_bytes(c)
     assert weight_bytes(model) == expected
+    # 8-bit weights keep this model's clear greedy choices: the tokens agree up to the first
+    # near-tie of the float model (a random model's distributions are flat: top-2 gaps of 0.05 nats)
     fp = engine(mha_qwen2)
-    assert greedy(e) == greedy(fp)  # 8-bit weights keep this model's clear greedy choices
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+    prompts = ["The river runs through", "Bread needs flour"]
+    for q, f in zip(e.generate(prompts, params), fp.generate(prompts, params)):
+        gaps = [sorted((lp.logprob for lp in d.values()), reverse=True) for d in f.outputs[0].logprobs]
+        clear = next((i for i, g in enumerate(gaps) if g[0] - g[1] < 0.1), len(gaps))
+        assert clear >= 3
+        assert q.outputs[0].token_ids[:clear] == f.outputs[0].token_ids[:clear]
 
 
 def test_int4_weight_bytes_are_half_a_byte_plus_group_scales(tiny_llama):
