@@ -7,6 +7,12 @@ SmolLM2-135M-Instruct through ``Engine()``:
   step streams (all of them but the input-embedding table, unless the output
   projection reads it);
 * peak RSS of the process (loading included) and RSS after loading;
+* with ``--load-memory``: only the load, each method in a fresh process — RSS
+  when the runner starts loading (torch, the tokenizer and the plugins are in),
+  peak RSS when the runner's load returns and when ``Engine()`` returns (the
+  CPU plugin's set-up and the KV cache included), and the anonymous /
+  file-backed split at the peak (the safetensors file is memory-mapped, so
+  pages read from it count as RSS too);
 * perplexity on tests/data/perplexity.txt (prose written for the project);
 * single-stream decode tok/s (one ~40-token chat prompt, 128 new tokens, greedy,
   EOS ignored; timed from the first token to the last) and the memory bandwidth
@@ -18,6 +24,7 @@ peer baseline. Speeds are the median of ``--repeats``; the machine's load
 average is printed next to them (figures taken under load are not comparable).
 
     .venv/bin/python benchmarks/quant_bench.py --threads 2 [--llama-cpp-python /path/bin/python]
+    .venv/bin/python benchmarks/quant_bench.py --load-memory --methods none,eetq,int4
 """
 
 from __future__ import annotations
@@ -46,6 +53,16 @@ def rss_now() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def proc_status() -> dict[str, int]:
+    """``VmRSS``, ``VmHWM`` (peak RSS), ``RssAnon`` and ``RssFile`` of this process, in bytes."""
+    out = {}
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
 
 
 def decode_bytes(model) -> int:
@@ -130,6 +147,85 @@ def worker(args) -> dict:
     row["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     row["load_avg_end"] = load_avg()
     return row
+
+
+def load_memory_worker(args) -> dict:
+    """Peak RSS of loading alone: ``Engine()`` in this (fresh) process, nothing run afterwards.
+
+    ``VmHWM`` is the kernel's high-water mark of RSS, so reading it when the runner's load
+    returns gives the load's peak exactly; a thread sampling ``/proc/self/status`` every 2 ms
+    tells how much of the peak was anonymous memory (tensors) and how much file pages (the
+    memory-mapped checkpoint), which the kernel does not record.
+    """
+    import threading
+
+    import torch
+
+    from llmcore import Engine
+    from llmcore.models.loader import resolve_model
+    from llmcore.runtime import runner as runner_mod
+
+    method = args.worker
+    model = str(awq_checkpoint(Path(args.cache))) if method == "awq" else str(args.model or resolve_model(None))
+    before = proc_status()
+    at_peak = {"VmRSS": 0}  # the sample with the highest RSS
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            s = proc_status()
+            if s["VmRSS"] > at_peak["VmRSS"]:
+                at_peak.update(s)
+            time.sleep(0.002)
+
+    marks: dict[str, int] = {}
+    original = runner_mod.TorchModelRunner._load
+
+    def timed_load(self, *a, **kw):
+        marks["rss_load_start"] = proc_status()["VmRSS"]  # the tokenizer and the plugins are in by now
+        out = original(self, *a, **kw)
+        marks["runner_load_hwm"] = proc_status()["VmHWM"]
+        return out
+
+    runner_mod.TorchModelRunner._load = timed_load
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    engine = Engine(model=model, device="cpu", dtype="bfloat16", quantization=None if method == "none" else method,
+                    num_threads=args.threads, progress=False, kv_cache_memory=16 << 20)
+    load_s = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    after = proc_status()
+    from llmcore.quantization.handler import weight_bytes
+
+    return {"method": method, "load_s": load_s, "threads": torch.get_num_threads(),
+            "rss_before": before["VmRSS"], "rss_load_start": marks.get("rss_load_start", 0),
+            "runner_load_hwm": marks.get("runner_load_hwm", 0),
+            "engine_hwm": after["VmHWM"], "rss_after": after["VmRSS"],
+            "sampled_peak_anon": at_peak.get("RssAnon", 0), "sampled_peak_file": at_peak.get("RssFile", 0),
+            "weight_bytes": weight_bytes(engine.runner.model), "load_avg": load_avg()}
+
+
+def report_load_memory(rows: list[dict]) -> None:
+    from llmcore.bench import machine
+
+    import torch
+
+    print(f"\nmachine:  {machine()}; torch {torch.__version__}, {rows[0]['threads']} threads; load average "
+          f"{min(r['load_avg'] for r in rows):.1f}-{max(r['load_avg'] for r in rows):.1f}")
+    print("each method in a fresh process; Engine(quantization=..., dtype='bfloat16', device='cpu', "
+          "kv_cache_memory=16 MB); MB = 10^6 bytes\n")
+    print("| method | weights MB | RSS when the runner starts loading MB | peak RSS, runner load MB | "
+          "load added MB | peak RSS, Engine() MB | at the peak: anon / file MB | RSS after MB | Engine() s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        name = "bf16 (none)" if r["method"] == "none" else r["method"]
+        print(f"| {name} | {r['weight_bytes'] / 1e6:.0f} | {r['rss_load_start'] / 1e6:.0f} | "
+              f"{r['runner_load_hwm'] / 1e6:.0f} | {(r['runner_load_hwm'] - r['rss_load_start']) / 1e6:.0f} | "
+              f"{r['engine_hwm'] / 1e6:.0f} | "
+              f"{r['sampled_peak_anon'] / 1e6:.0f} / {r['sampled_peak_file'] / 1e6:.0f} | "
+              f"{r['rss_after'] / 1e6:.0f} | {r['load_s']:.1f} |")
 
 
 LLAMA_CPP = r"""
@@ -264,13 +360,15 @@ def main() -> int:
                    help="where the AWQ checkpoint made for the run is kept")
     p.add_argument("--json", action="store_true")
     p.add_argument("--gpu-kernels", action="store_true", help="time the Triton kernels on CUDA and exit")
+    p.add_argument("--load-memory", action="store_true",
+                   help="measure only the peak RSS of loading each method (a fresh process each), and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.gpu_kernels:
         gpu_kernels()
         return 0
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)))
+        print("RESULT " + json.dumps(load_memory_worker(args) if args.load_memory else worker(args)))
         return 0
     rows = []
     for method in args.methods.split(","):
@@ -281,16 +379,26 @@ def main() -> int:
                 cmd += [flag, str(value)]
         if args.skip_ppl:
             cmd.append("--skip-ppl")
+        if args.load_memory:
+            cmd.append("--load-memory")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             print(f"{method}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(lines[-1][7:]))
+        if args.load_memory:
+            print(f"{method}: done (peak RSS {rows[-1]['runner_load_hwm'] / 1e6:.0f} MB)", file=sys.stderr)
+            continue
         print(f"{method}: done ({rows[-1]['decode_tok_s']:.1f} tok/s single stream)", file=sys.stderr)
-    lcpp = llama_cpp(args) if args.llama_cpp_python else None
     if not rows:
         return 1
+    if args.load_memory:
+        report_load_memory(rows)
+        if args.json:
+            print(json.dumps({"rows": rows}))
+        return 0
+    lcpp = llama_cpp(args) if args.llama_cpp_python else None
     report(rows, lcpp, args)
     if args.json:
         print(json.dumps({"rows": rows, "llama_cpp": lcpp}))

@@ -13,7 +13,7 @@ attention metadata says which tokens belong together.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -166,27 +166,57 @@ class LlamaForCausalLM(nn.Module):
         self.rope_cos = (emb.cos() * scaling).to(device=device, dtype=dtype)
         self.rope_sin = (emb.sin() * scaling).to(device=device, dtype=dtype)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
+    def load_weights(
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        on_loaded: Callable[[str, nn.Module], None] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Copy checkpoint tensors (Hugging Face names, in any order) into the parameters.
+
+        The model loads in parts: each decoder layer (``model.layers.N``) and each other module
+        that holds parameters (``model.embed_tokens``, ``model.norm``, ``lm_head``). A part still
+        on the meta device is allocated on ``device`` in ``dtype`` when its first tensor arrives,
+        and ``on_loaded(name, module)`` is called the moment its last one has, before the next
+        tensor is read: the runner quantizes the part there, so a model built on the meta device
+        never holds more float weights than the parts in flight (one, for a checkpoint stored
+        layer by layer; all of them, if one interleaves its layers). A tensor for a part already
+        handed to ``on_loaded`` is refused: that part may have been replaced.
+        """
         cfg = self.config
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         qkv_offsets = [(0, q), (q, kv), (q + kv, kv)]
         gu = cfg.intermediate_size
         gate_up_offsets = [(0, gu), (gu, gu)]
-        for name, tensor in weights:
-            if "rotary_emb" in name:
-                continue
-            if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: some checkpoints store the copy anyway
-            target, shard = name, None
-            for hf, (ours, idx) in _STACKED.items():
-                if f".{hf}." in name:
-                    target, shard = name.replace(f".{hf}.", f".{ours}."), idx
-                    break
-            param = params.get(target)
-            if param is None:
-                raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {cfg.architecture}")
+
+        def part_of(pname: str) -> str:
+            if pname.startswith("model.layers."):
+                return ".".join(pname.split(".", 3)[:3])
+            return pname.rpartition(".")[0]
+
+        # names only: holding the parameters would keep each part's float weights alive after
+        # ``on_loaded`` swapped them out
+        names = [pname for pname, _ in self.named_parameters()]
+        pending: dict[str, set[str]] = {}  # part -> "param#shard" keys not loaded yet
+        for pname in names:
+            if "qkv_proj" in pname:
+                keys = {f"{pname}#{i}" for i in range(3)}
+            elif "gate_up_proj" in pname:
+                keys = {f"{pname}#{i}" for i in range(2)}
+            else:
+                keys = {f"{pname}#None"}
+            pending.setdefault(part_of(pname), set()).update(keys)
+        known = set(names)
+        done: set[str] = set()
+
+        def copy_in(name: str, target: str, shard: int | None, tensor: torch.Tensor, part: str) -> None:
+            param = self.get_parameter(target)
+            if param.is_meta:
+                if device is None or dtype is None:
+                    raise ModelLoadError(f"{part} is on the meta device: load_weights needs device= and dtype=")
+                self.get_submodule(part).to(dtype=dtype).to_empty(device=device)
+                param = self.get_parameter(target)
             with torch.no_grad():
                 if shard is None:
                     dst = param.data
@@ -200,16 +230,32 @@ class LlamaForCausalLM(nn.Module):
                         f"expected {tuple(dst.shape)}"
                     )
                 dst.copy_(tensor)
-            loaded.add(f"{target}#{shard}")
-        expected = set()
-        for pname in params:
-            if "qkv_proj" in pname:
-                expected |= {f"{pname}#{i}" for i in range(3)}
-            elif "gate_up_proj" in pname:
-                expected |= {f"{pname}#{i}" for i in range(2)}
-            else:
-                expected.add(f"{pname}#None")
-        missing = sorted(m.split("#")[0] for m in expected - loaded)
+
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints store the copy anyway
+            target, shard = name, None
+            for hf, (ours, idx) in _STACKED.items():
+                if f".{hf}." in name:
+                    target, shard = name.replace(f".{hf}.", f".{ours}."), idx
+                    break
+            if target not in known:
+                raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {cfg.architecture}")
+            part = part_of(target)
+            if part in done:
+                raise ModelLoadError(f"checkpoint tensor {name!r} arrived after the rest of {part} was loaded "
+                                     "(is it stored twice?)")
+            copy_in(name, target, shard, tensor, part)
+            del tensor
+            keys = pending[part]
+            keys.discard(f"{target}#{shard}")
+            if not keys:
+                done.add(part)
+                if on_loaded is not None:
+                    on_loaded(part, self.get_submodule(part))
+        missing = sorted(k.split("#")[0] for keys in pending.values() for k in keys)
         if missing:
             raise ModelLoadError(
                 f"checkpoint is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}"

@@ -3,9 +3,10 @@
 Loading an AutoAWQ checkpoint: :meth:`AwqHandler.convert_weights` dequantizes
 each ``qweight``/``qzeros``/``scales`` triple into the float ``weight`` the
 model's loader expects (so fused q/k/v and gate/up slices land as usual) and
-keeps the packed tensors; :meth:`AwqHandler.apply` then replaces each fused
-layer with an :class:`Int4Linear` built from the exact packed values,
-concatenated along the output dimension.
+keeps the packed tensors; as soon as a decoder layer is loaded,
+:meth:`AwqHandler.quantize_linears` replaces each of its fused layers with an
+:class:`Int4Linear` built from the exact packed values, concatenated along the
+output dimension (so one layer at a time is dequantized, not the whole model).
 
 Kernels: on the CPU, ``torch._weight_int4pack_mm_for_cpu`` (computes
 ``(q - 8) * scale + offset``, so AWQ's ``(q - zero) * scale`` maps exactly to
@@ -29,9 +30,7 @@ from llmcore.errors import ConfigError, ModelLoadError
 from llmcore.quantization.awq_format import (
     dequantize_awq, pack_awq, pick_group_size, quantize_groups_minmax, unpack_awq,
 )
-from llmcore.quantization.handler import (
-    QuantHandler, checkpoint_format, checkpoint_quant_config, linear_layers, release_freed_memory,
-)
+from llmcore.quantization.handler import QuantHandler, checkpoint_format, checkpoint_quant_config
 from llmcore.quantization.int8 import quantize_output_int8
 
 log = logging.getLogger("llmcore.quantization")
@@ -198,15 +197,22 @@ class AwqHandler(QuantHandler):
                 f"{got} (dtypes {qw.dtype}, {qz.dtype}), expected {want} with int32 qweight/qzeros"
             )
 
-    def apply(self, model: nn.Module) -> None:
+    streaming = True
+
+    def quantize_linears(self, model: nn.Module, module: nn.Module, prefix: str = "") -> None:
+        """Swap the fused layers under ``prefix`` (all of them for ``""``) whose packed tensors
+        have arrived; each layer's dequantized float weight is freed as soon as it is swapped."""
         groups: dict[str, list[tuple[int | None, str]]] = {}
-        for prefix in self.packed:
-            target, shard = _stacked_target(prefix)
-            groups.setdefault(target, []).append((shard, prefix))
-        modules = dict(model.named_modules())
-        swapped = kept = 0
+        for packed_prefix in self.packed:
+            target, shard = _stacked_target(packed_prefix)
+            if prefix and target != prefix and not target.startswith(prefix + "."):
+                continue
+            groups.setdefault(target, []).append((shard, packed_prefix))
         for target, shards in groups.items():
-            layer = modules.get(target)
+            try:
+                layer = model.get_submodule(target)
+            except AttributeError:
+                layer = None
             if not isinstance(layer, nn.Linear):
                 raise ModelLoadError(f"AWQ checkpoint: {shards[0][1]} has no linear layer {target} to go to")
             shards.sort(key=lambda s: -1 if s[0] is None else s[0])
@@ -215,21 +221,28 @@ class AwqHandler(QuantHandler):
             n, k = layer.weight.shape
             if cat["scales"].shape[1] != n or cat["qweight"].shape[0] != k:
                 raise ModelLoadError(f"AWQ checkpoint: {target} is missing a shard (found {[p for _, p in shards]})")
+            for _, p in shards:
+                del self.packed[p]
             kernel = pick_kernel(layer.weight.device, n, k, self.group_size)
             if kernel is None:
-                kept += 1  # the dequantized float weight is already in place
+                self.kept.append((n, k))  # the dequantized float weight is already in place
                 continue
             parent_name, _, attr = target.rpartition(".")
             dev = layer.weight.device
             new = Int4Linear.from_awq(cat["qweight"].to(dev), cat["qzeros"].to(dev), cat["scales"].to(dev),
                                       self.group_size, layer.bias, self.torch_dtype, kernel)
-            setattr(modules[parent_name], attr, new)
-            swapped += 1
-        self.packed.clear()
-        release_freed_memory()
+            setattr(model.get_submodule(parent_name), attr, new)
+            self.swapped += 1
+
+    def finish(self, model: nn.Module) -> None:
+        if self.packed:  # a layer outside the parts the runner reported (none for Llama-family models)
+            self.quantize_linears(model, model)
+        super().finish(model)
+
+    def log_summary(self, model: nn.Module) -> None:
         log.info("awq: %d layers on 4-bit kernels, %d kept dequantized (shape unsupported by the kernel)",
-                 swapped, kept)
-        if not swapped and kept:
+                 self.swapped, len(self.kept))
+        if not self.swapped and self.kept:
             log.warning("awq: no layer could use a 4-bit kernel on %s; running the dequantized weights",
                         self.device)
 
@@ -262,25 +275,23 @@ class Int4Handler(QuantHandler):
 
     Groups of 32 with a float offset are llama.cpp's Q4_1 block: 5 bits per
     weight with the scales, and the embedded SmolLM2 (which ships as Q4_1)
-    loses nothing to it.
+    loses nothing to it. Quantizes one layer at a time while loading
+    (``streaming``).
     """
 
-    def apply(self, model: nn.Module) -> None:
-        group_size = int(self.options.get("group_size", INT4_GROUP_SIZE))
-        swapped, kept = 0, []
-        for parent, name, layer in linear_layers(model):
-            new = int4_linear_from_float(layer, group_size, self.torch_dtype)
-            if new is None:
-                kept.append(tuple(layer.weight.shape))
-                continue
-            setattr(parent, name, new)
-            swapped += 1
+    streaming = True
+
+    def quantize_linear(self, layer: nn.Linear) -> Int4Linear | None:
+        return int4_linear_from_float(layer, int(self.options.get("group_size", INT4_GROUP_SIZE)), self.torch_dtype)
+
+    def quantize_output(self, model: nn.Module) -> None:
         # int8, not 4-bit: the embedded SmolLM2's output table is not Q4_1, and 4-bit groups of
         # 32 there cost +6.5% perplexity for ~1 ms a token (docs/quantization.md)
         quantize_output_int8(model, self.torch_dtype)
-        release_freed_memory()
-        log.info("int4: %d layers to 4-bit, output projection int8%s", swapped,
-                 f"; kept float (shape unsupported): {kept}" if kept else "")
+
+    def log_summary(self, model: nn.Module) -> None:
+        log.info("int4: %d layers to 4-bit, output projection int8%s", self.swapped,
+                 f"; kept float (shape unsupported): {self.kept}" if self.kept else "")
 
 
 def load_int4(method, device: str, dtype: str, **options) -> Int4Handler:

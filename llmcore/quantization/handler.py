@@ -8,6 +8,12 @@ A handler has three steps, each optional but ``apply``:
   into the names the model's ``load_weights`` expects (pre-quantized formats);
 * :meth:`QuantHandler.apply` — swap the loaded float layers for quantized ones.
 
+A handler that sets :attr:`QuantHandler.streaming` (every built-in one) splits
+``apply`` into per-layer steps, so the runner can swap each decoder layer the
+moment its weights are loaded, before the next is read: loading then needs the
+quantized model plus one layer in float, not the whole float model (issue #8).
+``apply`` on a whole loaded model runs the same steps and gives the same bits.
+
 The model code stays single-purpose: it never knows it is quantized.
 """
 
@@ -48,7 +54,17 @@ def checkpoint_quant_config(folder: str | Path) -> dict[str, Any] | None:
 
 
 class QuantHandler:
-    """Base handler: quantize-at-load methods override :meth:`apply` only."""
+    """Base handler.
+
+    A quantize-at-load method either overrides :meth:`apply` only (the runner then
+    loads the whole float model and calls it once), or sets :attr:`streaming` and
+    implements :meth:`quantize_linear` (and :meth:`quantize_output` if it touches the
+    output projection): the runner then calls :meth:`quantize_loaded` for each part
+    of the model as soon as it is loaded, and :meth:`finish` at the end.
+    """
+
+    #: quantizes one layer at a time while the checkpoint streams in (see the module docstring)
+    streaming = False
 
     def __init__(self, method, device: str, dtype: str, **options: Any) -> None:
         self.method = method
@@ -59,6 +75,8 @@ class QuantHandler:
         if dtype not in method.dtypes:
             raise ConfigError("dtype", dtype, f"is not supported by quantization {method.name}",
                               f"Use one of: {', '.join(method.dtypes)}")
+        self.swapped = 0  # linear layers replaced so far (reset by finish)
+        self.kept: list[tuple[int, ...]] = []  # shapes left in float: no kernel takes them
 
     def check_checkpoint(self, folder: Path) -> None:
         fmt = checkpoint_format(folder)
@@ -73,7 +91,49 @@ class QuantHandler:
         return iter(weights)
 
     def apply(self, model: nn.Module) -> None:
+        """Quantize a fully loaded float model, in place (the whole-model path)."""
+        if not self.streaming:
+            raise NotImplementedError(f"{type(self).__name__} must implement apply() or set streaming")
+        self.quantize_linears(model, model)
+        self.quantize_output(model)
+        self.finish(model)
+
+    # -- per-layer steps (streaming handlers)
+
+    def quantize_loaded(self, model: nn.Module, name: str, module: nn.Module) -> None:
+        """Quantize ``module`` (``model``'s submodule ``name``: a decoder layer, the embedding,
+        the final norm, ``lm_head``) the moment all of its weights are loaded."""
+        if module is output_module(model):
+            self.quantize_output(model)
+        else:
+            self.quantize_linears(model, module, name)
+
+    def quantize_linears(self, model: nn.Module, module: nn.Module, prefix: str = "") -> None:
+        """Swap every ``nn.Linear`` inside ``module`` (``model`` itself: all of them), except
+        the output projection, for what :meth:`quantize_linear` returns (None: keep it)."""
+        for parent, name, layer in linear_layers(module):
+            new = self.quantize_linear(layer)
+            if new is None:
+                self.kept.append(tuple(layer.weight.shape))
+                continue
+            setattr(parent, name, new)
+            self.swapped += 1
+
+    def quantize_linear(self, layer: nn.Linear) -> nn.Module | None:
         raise NotImplementedError
+
+    def quantize_output(self, model: nn.Module) -> None:
+        """The output projection (and a tied embedding); called once it is loaded. Default: keep it."""
+
+    def finish(self, model: nn.Module) -> None:
+        """After the last layer: give the freed float weights back to the OS and log what was done."""
+        release_freed_memory()
+        self.log_summary(model)
+        self.swapped, self.kept = 0, []
+
+    def log_summary(self, model: nn.Module) -> None:
+        log.info("%s: %d linear layers quantized%s", self.method.name, self.swapped,
+                 f"; kept float (shape unsupported): {self.kept}" if self.kept else "")
 
 
 # ------------------------------------------------------------------ model walking
@@ -98,6 +158,15 @@ def output_weight(model: nn.Module) -> tuple[torch.Tensor, bool]:
     if lm_head is not None:
         return lm_head.weight, False
     return model.model.embed_tokens.weight, True
+
+
+def output_module(model: nn.Module) -> nn.Module | None:
+    """The module that holds the output projection's weight: ``lm_head``, or a tied input embedding."""
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None:
+        return lm_head
+    backbone = getattr(model, "model", None)
+    return getattr(backbone, "embed_tokens", None)
 
 
 def set_output(model: nn.Module, module: nn.Module) -> None:
@@ -156,6 +225,16 @@ def release_freed_memory() -> None:
     mapped (a SmolLM2 AWQ load: 1.3 GB resident, 0.8 GB after a trim).
     """
     gc.collect()
+    trim_malloc()
+
+
+def trim_malloc() -> None:
+    """``malloc_trim(0)``: return glibc's free heap pages to the OS (no-op elsewhere).
+
+    Cheap enough to call after every layer of a load (no garbage collection): the
+    float weights a layer frees otherwise stay resident in whichever thread's arena
+    held them, and the next layer's allocations do not always reuse them.
+    """
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

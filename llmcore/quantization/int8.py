@@ -21,18 +21,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcore.quantization.handler import (
-    QuantHandler, linear_layers, output_weight, release_freed_memory, set_output,
-)
+from llmcore.quantization.handler import QuantHandler, output_weight, set_output
 
 log = logging.getLogger("llmcore.quantization")
 
 
+# elements quantized at a time: every step is per row (or per element), so row chunks give the
+# same bits as one pass, while a large table's float32 temporaries (SmolLM2's output projection:
+# 113 MB each, several alive at once) stay at a few MB during a load
+_CHUNK_ELEMENTS = 1 << 20
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(int8 [N, K], float32 scale [N])`` with ``weight ~= q * scale[:, None]``."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    w = weight.detach()
+    n, k = w.shape
+    rows = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    q = torch.empty((n, k), dtype=torch.int8, device=w.device)
+    scale = torch.empty(n, dtype=torch.float32, device=w.device)
+    for start in range(0, n, rows):
+        wc = w[start : start + rows].to(torch.float32, copy=True)  # a copy: divided in place below
+        sc = wc.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        q[start : start + rows].copy_(wc.div_(sc[:, None]).round_().clamp_(-127, 127))
+        scale[start : start + rows] = sc
     return q, scale
 
 
@@ -150,16 +161,20 @@ def quantize_output_int8(model: nn.Module, dtype: torch.dtype, share_embedding: 
 
 
 class EetqHandler(QuantHandler):
-    """``eetq``: every linear and the output projection to int8 per channel."""
+    """``eetq``: every linear and the output projection to int8 per channel (one layer at a time
+    while loading: :class:`~llmcore.quantization.handler.QuantHandler` ``streaming``)."""
 
-    def apply(self, model: nn.Module) -> None:
-        layers = linear_layers(model)
-        for parent, name, layer in layers:
-            setattr(parent, name, Int8Linear.from_linear(layer, self.torch_dtype))
+    streaming = True
+
+    def quantize_linear(self, layer: nn.Linear) -> Int8Linear:
+        return Int8Linear.from_linear(layer, self.torch_dtype)
+
+    def quantize_output(self, model: nn.Module) -> None:
         quantize_output_int8(model, self.torch_dtype, self.options.get("share_embedding", True))
-        release_freed_memory()
+
+    def log_summary(self, model: nn.Module) -> None:
         kernels = {m.kernel for m in model.modules() if isinstance(m, Int8Linear)}
-        log.info("eetq: %d linear layers + output projection to int8 (kernel %s)", len(layers),
+        log.info("eetq: %d linear layers + output projection to int8 (kernel %s)", self.swapped,
                  ", ".join(sorted(kernels)))
 
 
