@@ -39,13 +39,14 @@ class CudaDevice(Device):
                 model_config, folder, dev, dtype, TorchPagedAttention(),
                 block_size=self.block_size, max_model_len=max_model_len,
                 eos_token_ids=eos_token_ids, seed=self.config.seed,
+                quantization=self.config.quantization,
             )
         from llmcore_cuda.runner import CudaModelRunner
 
         return CudaModelRunner(
             model_config, folder, dev, dtype, block_size=self.block_size,
             max_model_len=max_model_len, eos_token_ids=eos_token_ids, engine_config=self.config,
-            seed=self.config.seed,
+            seed=self.config.seed, quantization=self.config.quantization,
         )
 
     def kv_cache_bytes(self, runner):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from llmcore import hookimpl
 from llmcore.capabilities import KV_PAGED, Capabilities, DeviceProbe
+from llmcore.quantization import available_names
 from llmcore_cuda import __version__
 
 LLMCORE_CONTRACT_VERSION = 1
@@ -87,7 +88,9 @@ def llmcore_probe(config):
         score=CUDA_SCORE,
         capabilities=Capabilities(
             dtypes=dtypes, default_dtype=dtypes[0], kv_layout=KV_PAGED,
-            quantization=(),  # bnb/AWQ/EETQ arrive with their own issue
+            # the registry's methods for "cuda" whose requirements are importable here (find_spec
+            # only): eetq, int4, awq need triton; bnb-int8, bnb-nf4 need bitsandbytes
+            quantization=available_names("cuda"),
             memory_bytes=total, device_count=count,
             tensor_parallel=True,  # at run time over up to device_count GPUs (llmcore.parallel)
             notes=tuple(notes),

@@ -16,6 +16,11 @@ weights loading, KV layout, sampler) and replaces the hot paths:
   result is already computing; otherwise it is discarded (its only side effect,
   K/V written at a position the sequence has not reached, is overwritten before
   anything reads it).
+* **Quantization** (``quantization=``, :mod:`llmcore.quantization`): the core
+  runner's loader runs the method's handler (a module swap of the linear
+  layers); the fused forward calls the swapped modules. Decode graphs are
+  captured for them like for float layers; a method whose kernels cannot be
+  captured runs eagerly, and the log says why (:data:`EAGER_QUANTIZATION`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,17 @@ log = logging.getLogger("llmcore.cuda")
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 META_COLS = 4  # input id, position, slot, context length
 MIN_MIXED_DECODES = 4  # mixed steps with this many decodes send them through the decode kernel
+
+#: Quantization methods whose layers cannot be captured in a CUDA graph, with the reason
+#: (verified on an H200 with bitsandbytes 0.50.2: the capture fails; docs/quantization.md).
+#: Every other method is captured (eetq, int4, awq: Triton; bnb-nf4: bitsandbytes' 4-bit GEMV
+#: and dequantize + GEMM, which capture and replay correctly); if a capture fails all the
+#: same, decode falls back to eager and the log names the error.
+EAGER_QUANTIZATION: dict[str, str] = {
+    "bnb-int8": "bitsandbytes' LLM.int8() finds each step's outlier activation columns with "
+                "torch.argwhere, a data-dependent shape that synchronizes with the host and cannot "
+                "be held in a CUDA graph",
+}
 
 
 def graph_buckets(max_num_seqs: int, buckets=DEFAULT_BUCKETS) -> list[int]:
@@ -141,13 +157,14 @@ class _Staging:
 
 class CudaModelRunner(TorchModelRunner):
     def __init__(self, model_config, folder, device, dtype, block_size, max_model_len, eos_token_ids,
-                 engine_config, seed: int = 0, progress: bool = True) -> None:
+                 engine_config, seed: int = 0, progress: bool = True, quantization: str | None = None) -> None:
         from llmcore_cuda.attention import TritonPagedAttention
         from llmcore_cuda.model import FusedLlama
 
+        # the core loader checks the checkpoint against the method and swaps the layers
         super().__init__(model_config, folder, device, dtype, TritonPagedAttention(), block_size=block_size,
                          max_model_len=max_model_len, eos_token_ids=eos_token_ids, seed=seed,
-                         progress=progress)
+                         progress=progress, quantization=quantization)
         ec = engine_config
         extra = ec.extra or {}
         self.progress = progress
@@ -157,7 +174,9 @@ class CudaModelRunner(TorchModelRunner):
         # batch-1 decode: Triton GEMVs, launched as programmatic dependent launches on Hopper+
         self.fused.gemv = bool(extra.get("cuda_gemv", True))
         self.fused.fuse_norm = self.fused.fuse_norm and bool(extra.get("cuda_fuse_norm", True))
-        self.fused.pdl = bool(extra.get("cuda_pdl", True)) and device.type == "cuda" and kernels.pdl_supported(device)
+        # (not with quantized layers: their kernels are ordinary launches, no dependent chain is left)
+        self.fused.pdl = (bool(extra.get("cuda_pdl", True)) and device.type == "cuda"
+                          and kernels.pdl_supported(device) and not self.fused.quantized)
         self.max_num_seqs = ec.max_num_seqs
         self.max_num_tokens = ec.max_num_batched_tokens or max(2048, ec.max_num_seqs)
         self.enforce_eager = bool(ec.enforce_eager)
@@ -166,6 +185,10 @@ class CudaModelRunner(TorchModelRunner):
         self.small_max = int(extra.get("cuda_small_batch_max", 16))
         self.buckets = [] if self.enforce_eager else graph_buckets(
             ec.max_num_seqs, extra.get("cuda_graph_buckets", DEFAULT_BUCKETS))
+        if self.buckets and quantization in EAGER_QUANTIZATION:
+            log.warning("quantization=%r: decode runs eagerly, without CUDA graphs (%s)", quantization,
+                        EAGER_QUANTIZATION[quantization])
+            self.buckets = []
         self.max_blocks = -(-max_model_len // block_size)
         self.on_cuda = device.type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self.on_cuda else 8
@@ -246,7 +269,33 @@ class CudaModelRunner(TorchModelRunner):
         self.sink_block = num_blocks
         self._init_decode_buffers()
         if self.buckets:
+            if self.quantization is None:
+                self.capture_graphs()
+            else:
+                self._capture_or_eager()
+
+    def _capture_or_eager(self) -> None:
+        """Capture the decode graphs of a quantized model; eager decode if its kernels cannot be.
+
+        A quantized layer runs a kernel this plugin does not own (bitsandbytes, eetq); one that
+        synchronizes with the host (a data-dependent shape, ``.item()``) fails to capture. That
+        costs speed, not correctness, so decode falls back to eager and the log says why.
+        """
+        try:
             self.capture_graphs()
+        except RuntimeError as exc:
+            self.graphs.clear()
+            if self.on_cuda:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
+            # ending the broken capture raises "operation failed due to a previous error during
+            # capture"; the error that broke it is the one to report
+            cause = exc
+            while cause.__context__ is not None:
+                cause = cause.__context__
+            text = str(cause).strip().splitlines()
+            log.warning("quantization=%r: CUDA-graph capture of decode failed (%s: %s); decode runs eagerly",
+                        self.quantization, type(cause).__name__, text[0] if text else "")
 
     # ---------------------------------------------------------- decode graphs
 
