@@ -158,8 +158,10 @@ def test_probe_reports_gpu():
     assert p.score > 0, p.reason
     caps = p.capabilities
     assert "bfloat16" in caps.dtypes and caps.memory_bytes > 0 and caps.kv_layout == "paged"
-    assert caps.quantization == ()
-    print(p.description, caps.notes)
+    from llmcore.quantization import available_names
+
+    assert caps.quantization == available_names("cuda")  # the registry's methods importable here
+    print(p.description, caps.notes, caps.quantization)
 
 
 def test_kv_sizing_and_graph_capture_logged(tmp_path, caplog):
