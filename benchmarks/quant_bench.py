@@ -122,16 +122,18 @@ def worker(args) -> dict:
     from llmcore.quantization.handler import weight_bytes
     from llmcore.quantization.quality import perplexity
 
-    method = args.worker
+    # "eetq/torch": the method on the CPU's torch decode path instead of the native step
+    name = args.worker
+    method, _, path = name.partition("/")
     model = str(awq_checkpoint(Path(args.cache))) if method == "awq" else args.model
     t0 = time.perf_counter()
     engine = Engine(model=model, device="cpu", dtype="bfloat16", quantization=None if method == "none" else method,
                     max_num_seqs=max(args.batch, 1), num_threads=args.threads, progress=False,
-                    kv_cache_memory=256 << 20)
+                    kv_cache_memory=256 << 20, native_decode=path != "torch")
     load_s = time.perf_counter() - t0
     rss_loaded = rss_now()
     m = engine.runner.model
-    row = {"method": method, "load_s": load_s, "weight_bytes": weight_bytes(m), "decode_bytes": decode_bytes(m),
+    row = {"method": name, "decode_step": type(engine.runner.decode_graph).__name__, "load_s": load_s, "weight_bytes": weight_bytes(m), "decode_bytes": decode_bytes(m),
            "rss_loaded": rss_loaded, "threads": torch.get_num_threads(), "load_avg_start": load_avg()}
     prompts = make_prompts(engine.tokenizer, max(args.batch, 1))
     row["prompt_tokens"] = len(engine.tokenizer.encode(prompts[0]))
@@ -347,7 +349,9 @@ def gpu_kernels() -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, from {', '.join(METHODS)}; append /torch for the CPU's torch "
+                        "decode path instead of the native step (e.g. eetq/torch)")
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)

@@ -123,7 +123,7 @@ P = ctypes.c_void_p
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("w", P), ("scale", P), ("bias", P), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+    _fields_ = [("w", P), ("scale", P), ("bias", P), ("rowsum", P), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("kind", ctypes.c_int32), ("pad", ctypes.c_int32)]
 
 
@@ -163,6 +163,14 @@ class _Keep:
         self.tensors.append(t)
         return t.data_ptr()
 
+    def rowsum(self, w: torch.Tensor) -> int | None:
+        """Per-row sums of an int8 weight (the int8 kernel's correction term), else None."""
+        if w.dtype != torch.int8:
+            return None
+        t = w.sum(dim=1, dtype=torch.int32).contiguous()
+        self.tensors.append(t)
+        return t.data_ptr()
+
 
 def _linear(module: nn.Module, keep: _Keep, what: str) -> _Linear:
     from llmcore.quantization.int8 import Int8Linear
@@ -180,7 +188,8 @@ def _linear(module: nn.Module, keep: _Keep, what: str) -> _Linear:
         raise NativeUnavailable(f"{what}'s weight is not contiguous")
     keep.tensors.append(w)
     n, k = w.shape
-    return _Linear(w.data_ptr(), keep.f32(scale), keep.f32(getattr(module, "bias", None)), n, k, _KINDS[w.dtype], 0)
+    return _Linear(w.data_ptr(), keep.f32(scale), keep.f32(getattr(module, "bias", None)), keep.rowsum(w),
+                   n, k, _KINDS[w.dtype], 0)
 
 
 def check_model(model: nn.Module) -> None:
@@ -240,7 +249,7 @@ class NativeDecode:
             w = model.model.embed_tokens.weight
             if not isinstance(emb, nn.Embedding):
                 raise NativeUnavailable("tied output projection of a quantized embedding without its own head")
-            head = _Linear(w.data_ptr(), None, None, w.shape[0], w.shape[1], _KINDS[w.dtype], 0)
+            head = _Linear(w.data_ptr(), None, None, None, w.shape[0], w.shape[1], _KINDS[w.dtype], 0)
         if model.rope_cos is None:
             raise NativeUnavailable("RoPE tables not initialised")
         self.vocab = head.n

@@ -33,6 +33,7 @@ struct Linear {
     const void* w;       // [n, k] row-major: float32, bfloat16 or int8
     const float* scale;  // [n] per-row scale (int8 only) or null
     const float* bias;   // [n] or null
+    const int32_t* rowsum;  // [n] sum of each int8 row (int8 only) or null
     int64_t n, k;
     int32_t kind, pad;
 };
@@ -184,25 +185,55 @@ static inline void tile_i8(const int8_t* w, int64_t k, const float* x, int64_t x
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define HAVE_I16_DOT 1
-// int8 weights x int16 activations (quantized per row, see quant_rows) -> int32, 32 products
-// per instruction: the int8 path at the bf16 path's instruction count with half its bytes
+// int8 weights x int16 activations, exactly, without widening the weights: each activation
+// q = 256 * hi + lo is two byte planes, lo (0..255) and hi + 128 (0..255), and vpdpbusd
+// multiplies unsigned bytes by the signed weight bytes, 64 products per instruction:
+//   sum w q = 256 * (sum w (hi + 128) - 128 * sum w) + sum w lo
+// (sum w per row precomputed). Half the instructions of widening to int16 and no overflow
+// risk in the int32 lanes (|sum| <= k * 255 * 128), so q uses the full int16 range.
 template <int R, int BT>
-static inline void tile_i8q(const int8_t* w, int64_t k, const int16_t* x, int64_t xs, const float* xsc, float* out) {
-    __m512i acc[R][BT];
+static inline void tile_i8b_(const int8_t* w, int64_t k, const uint8_t* xlo, const uint8_t* xhi, int64_t xs,
+                             const int32_t* rowsum, const float* xsc, float* out, int ostride) {
+    __m512i alo[R][BT], ahi[R][BT];
     for (int i = 0; i < R; i++)
-        for (int j = 0; j < BT; j++) acc[i][j] = _mm512_setzero_si512();
-    for (int64_t kk = 0; kk < k; kk += 32) {
-        __mmask32 m = k - kk >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << (k - kk)) - 1);
-        __m512i xv[BT];
-        for (int j = 0; j < BT; j++) xv[j] = _mm512_maskz_loadu_epi16(m, x + j * xs + kk);
+        for (int j = 0; j < BT; j++) alo[i][j] = ahi[i][j] = _mm512_setzero_si512();
+    for (int64_t kk = 0; kk < k; kk += 64) {
+        __mmask64 m = k - kk >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (k - kk)) - 1);
+        __m512i lo[BT], hi[BT];
+        for (int j = 0; j < BT; j++) {
+            lo[j] = _mm512_maskz_loadu_epi8(m, xlo + j * xs + kk);
+            hi[j] = _mm512_maskz_loadu_epi8(m, xhi + j * xs + kk);
+        }
         for (int i = 0; i < R; i++) {
             _mm_prefetch((const char*)(w + i * k + kk) + PF_I8, _MM_HINT_T0);
-            __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, w + i * k + kk));
-            for (int j = 0; j < BT; j++) acc[i][j] = _mm512_dpwssd_epi32(acc[i][j], wv, xv[j]);
+            __m512i wv = _mm512_maskz_loadu_epi8(m, w + i * k + kk);
+            for (int j = 0; j < BT; j++) {
+                alo[i][j] = _mm512_dpbusd_epi32(alo[i][j], lo[j], wv);
+                ahi[i][j] = _mm512_dpbusd_epi32(ahi[i][j], hi[j], wv);
+            }
         }
     }
     for (int i = 0; i < R; i++)
-        for (int j = 0; j < BT; j++) out[i * BT + j] = (float)_mm512_reduce_add_epi32(acc[i][j]) * xsc[j];
+        for (int j = 0; j < BT; j++) {
+            const int32_t h = _mm512_reduce_add_epi32(ahi[i][j]) - 128 * rowsum[i];
+            const int32_t l = _mm512_reduce_add_epi32(alo[i][j]);
+            out[i * ostride + j] = ((float)h * 256.f + (float)l) * xsc[j];
+        }
+}
+
+// at most 2 x R x 2 accumulators live: wider batch tiles go two rows at a time
+template <int R, int BT>
+static inline void tile_i8b(const int8_t* w, int64_t k, const uint8_t* xlo, const uint8_t* xhi, int64_t xs,
+                            const int32_t* rowsum, const float* xsc, float* out) {
+    if constexpr (BT <= 2) {
+        tile_i8b_<R, BT>(w, k, xlo, xhi, xs, rowsum, xsc, out, BT);
+    } else {
+        for (int j = 0; j + 2 <= BT; j += 2)
+            tile_i8b_<R, 2>(w, k, xlo + j * xs, xhi + j * xs, xs, rowsum, xsc + j, out + j, BT);
+        if constexpr (BT % 2)
+            tile_i8b_<R, 1>(w, k, xlo + (BT - 1) * xs, xhi + (BT - 1) * xs, xs, rowsum, xsc + BT - 1,
+                            out + BT - 1, BT);
+    }
 }
 #endif
 
@@ -242,23 +273,25 @@ struct Act {
     const float* f;
     const uint16_t* h;
     int64_t stride;  // elements between batch rows
-    const int16_t* q = nullptr;   // int16 copy for int8 weights (quant_rows), stride k
+    const uint8_t* qlo = nullptr;  // int16 copy for int8 weights as two byte planes (quant_rows),
+    const uint8_t* qhi = nullptr;  //   stride k
     const float* qscale = nullptr;  // per batch row
 };
 
-// Rows of x as int16 with one scale per row, for the int8 x int16 dot products. The range is
-// what keeps a k-term int32 sum from overflowing with int8 weights (|w| <= 128): 32767 levels
-// up to k = 516, 10,922 at k = 1,536, 1,170 at k = 14,336 -- finer than bf16's 8-bit mantissa
-// for every element within 1/128 of the row's largest.
-static void quant_rows(const Act& x, int64_t B, int64_t k, int16_t* q, float* qscale) {
-    const double lim = 2147483647.0 / ((double)k * 128.0);
-    const float qmax = (float)(lim < 32767.0 ? floor(lim) : 32767.0);
+// Rows of x as int16 (full range, one scale per row: finer than bf16's 8-bit mantissa for every
+// element within 1/128 of the row's largest), stored as the byte planes tile_i8b reads.
+static void quant_rows(const Act& x, int64_t B, int64_t k, uint8_t* lo, uint8_t* hi, float* qscale) {
+    const float qmax = 32767.f;
     for (int64_t b = 0; b < B; b++) {
         const float* r = x.f + b * x.stride;
         float amax = 0.f;
         for (int64_t i = 0; i < k; i++) amax = fmaxf(amax, fabsf(r[i]));
         const float sc = amax > 0.f ? amax / qmax : 0.f, inv = amax > 0.f ? qmax / amax : 0.f;
-        for (int64_t i = 0; i < k; i++) q[b * k + i] = (int16_t)lrintf(r[i] * inv);
+        for (int64_t i = 0; i < k; i++) {
+            const int32_t q = (int32_t)lrintf(r[i] * inv);
+            lo[b * k + i] = (uint8_t)(q & 0xff);
+            hi[b * k + i] = (uint8_t)((q >> 8) + 128);
+        }
         qscale[b] = sc;
     }
 }
@@ -274,8 +307,9 @@ static inline void tile(const Linear& L, int64_t r, const Act& x, int64_t b, flo
             break;
         case KIND_I8:
 #ifdef HAVE_I16_DOT
-            if (x.q) {
-                tile_i8q<R, BT>((const int8_t*)L.w + r * k, k, x.q + b * k, k, x.qscale + b, out);
+            if (x.qlo && L.rowsum) {
+                tile_i8b<R, BT>((const int8_t*)L.w + r * k, k, x.qlo + b * k, x.qhi + b * k, k, L.rowsum + r,
+                                x.qscale + b, out);
                 break;
             }
 #endif
@@ -343,13 +377,14 @@ static inline int64_t chunk_rows(int64_t n, int64_t B) {
 static Act with_quant(const Linear& L, const Act& x, int64_t B) {
 #ifdef HAVE_I16_DOT
     if (L.kind == KIND_I8) {
-        static thread_local std::vector<int16_t> q;
+        static thread_local std::vector<uint8_t> q;
         static thread_local std::vector<float> qs;
-        if ((int64_t)q.size() < B * L.k) q.resize(B * L.k);
+        if ((int64_t)q.size() < 2 * B * L.k) q.resize(2 * B * L.k);
         if ((int64_t)qs.size() < B) qs.resize(B);
-        quant_rows(x, B, L.k, q.data(), qs.data());
+        quant_rows(x, B, L.k, q.data(), q.data() + B * L.k, qs.data());
         Act a = x;
-        a.q = q.data();
+        a.qlo = q.data();
+        a.qhi = q.data() + B * L.k;
         a.qscale = qs.data();
         return a;
     }
