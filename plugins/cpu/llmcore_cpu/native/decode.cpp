@@ -95,6 +95,37 @@ static inline __m512 load_bf16_as_f32(const uint16_t* p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+
+// Four horizontal sums at once (lane i of the result = sum of the i-th vector): ~13 shuffles
+// and adds instead of ~32 for four separate reductions, which at k = 576 cost half as much as
+// the dot products themselves.
+static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+    __m256 v = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+}
+
+static inline __m128i hsum4_epi32(__m512i a, __m512i b, __m512i c, __m512i d) {
+    __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    __m256i v = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+}
+
+// out[i * BT + j] = sum(acc[i][j]), four at a time
+template <int R, int BT>
+static inline void store_sums(__m512 (&acc)[R][BT], float* out) {
+    constexpr int N = R * BT;
+    __m512* a = &acc[0][0];
+    int n = 0;
+    for (; n + 4 <= N; n += 4) _mm_storeu_ps(out + n, hsum4(a[n], a[n + 1], a[n + 2], a[n + 3]));
+    for (; n < N; n++) out[n] = _mm512_reduce_add_ps(a[n]);
+}
+
 #if defined(__AVX512BF16__)
 // bf16 x bf16 -> f32 dot products, 32 elements per instruction
 template <int R, int BT>
@@ -123,8 +154,7 @@ static inline void tile_bf16(const uint16_t* w, int64_t k, const uint16_t* x, in
                 acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)wv, (__m512bh)xv[j]);
         }
     }
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < BT; j++) out[i * BT + j] = _mm512_reduce_add_ps(acc[i][j]);
+    store_sums<R, BT>(acc, out);
 }
 #else
 template <int R, int BT>
@@ -141,8 +171,7 @@ static inline void tile_bf16(const uint16_t* w, int64_t k, const uint16_t* x, in
             for (int j = 0; j < BT; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
         }
     }
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < BT; j++) out[i * BT + j] = _mm512_reduce_add_ps(acc[i][j]);
+    store_sums<R, BT>(acc, out);
 }
 #endif
 
@@ -160,8 +189,7 @@ static inline void tile_f32(const float* w, int64_t k, const float* x, int64_t x
             for (int j = 0; j < BT; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
         }
     }
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < BT; j++) out[i * BT + j] = _mm512_reduce_add_ps(acc[i][j]);
+    store_sums<R, BT>(acc, out);
 }
 
 template <int R, int BT>
@@ -179,8 +207,7 @@ static inline void tile_i8(const int8_t* w, int64_t k, const float* x, int64_t x
             for (int j = 0; j < BT; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
         }
     }
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < BT; j++) out[i * BT + j] = _mm512_reduce_add_ps(acc[i][j]);
+    store_sums<R, BT>(acc, out);
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -213,11 +240,23 @@ static inline void tile_i8b_(const int8_t* w, int64_t k, const uint8_t* xlo, con
             }
         }
     }
+    constexpr int N = R * BT;
+    int32_t hs[N], ls[N];
+    __m512i* ah = &ahi[0][0];
+    __m512i* al = &alo[0][0];
+    int n = 0;
+    for (; n + 4 <= N; n += 4) {
+        _mm_storeu_si128((__m128i*)(hs + n), hsum4_epi32(ah[n], ah[n + 1], ah[n + 2], ah[n + 3]));
+        _mm_storeu_si128((__m128i*)(ls + n), hsum4_epi32(al[n], al[n + 1], al[n + 2], al[n + 3]));
+    }
+    for (; n < N; n++) {
+        hs[n] = _mm512_reduce_add_epi32(ah[n]);
+        ls[n] = _mm512_reduce_add_epi32(al[n]);
+    }
     for (int i = 0; i < R; i++)
         for (int j = 0; j < BT; j++) {
-            const int32_t h = _mm512_reduce_add_epi32(ahi[i][j]) - 128 * rowsum[i];
-            const int32_t l = _mm512_reduce_add_epi32(alo[i][j]);
-            out[i * ostride + j] = ((float)h * 256.f + (float)l) * xsc[j];
+            const int32_t h = hs[i * BT + j] - 128 * rowsum[i];
+            out[i * ostride + j] = ((float)h * 256.f + (float)ls[i * BT + j]) * xsc[j];
         }
 }
 
