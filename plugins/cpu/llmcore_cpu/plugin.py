@@ -54,6 +54,18 @@ def fast_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags) or platform.machine() == "arm64"
 
 
+def _native_note() -> str:
+    """Whether the native decode step can be built here (a cheap check: no build, no torch)."""
+    import shutil
+
+    if os.environ.get("LLMCORE_CPU_NATIVE", "1") == "0":
+        return "decode: torch path (native step disabled by LLMCORE_CPU_NATIVE=0)"
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not cxx:
+        return "decode: torch path (no C++ compiler for the native step; install g++)"
+    return f"decode: native C++ step (built with {os.path.basename(cxx)} at first use; docs/cpu.md)"
+
+
 def capabilities() -> Capabilities:
     bf16 = fast_bf16()
     return Capabilities(
@@ -70,7 +82,7 @@ def capabilities() -> Capabilities:
         # measured decode cost (docs/benchmarks.md, "KV waste at peak")
         default_block_size=8,
         tensor_parallel=True,  # at run time, ranks sharing the cores (gloo; for testing)
-        notes=(() if bf16 else ("no AVX512-BF16/AMX: bfloat16 works but float32 is faster",)),
+        notes=(() if bf16 else ("no AVX512-BF16/AMX: bfloat16 works but float32 is faster",)) + (_native_note(),),
     )
 
 

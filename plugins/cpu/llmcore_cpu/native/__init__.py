@@ -270,8 +270,9 @@ class NativeDecode:
         self.calls = 0
 
     def _bind_caches(self, kv_caches) -> None:
-        key = tuple(t.data_ptr() for kv in kv_caches for t in kv)
-        if key == self._caches_key:
+        # the runner builds a new list when it reallocates (held here, so its id is not reused)
+        key = (kv_caches, len(kv_caches), kv_caches[0][0].data_ptr() if kv_caches else 0)
+        if self._caches_key is not None and key[0] is self._caches_key[0] and key[1:] == self._caches_key[1:]:
             return
         dtype = self.model.model.norm.weight.dtype
         for i, (k, v) in enumerate(kv_caches):
