@@ -316,6 +316,13 @@ class NativeDecode:
 
 
 def install(runner, threads: int | None = None) -> NativeDecode:
-    """Give ``runner`` the native decode step; raises :class:`NativeUnavailable` with the reason."""
+    """Give ``runner`` the native decode step; raises :class:`NativeUnavailable` with the reason.
+
+    Without AVX-512 the build has only the portable loops, which are correct but slower than
+    torch's kernels: the step is then used only if ``LLMCORE_CPU_NATIVE=1`` asks for it.
+    """
+    if not features()["avx512"] and os.environ.get("LLMCORE_CPU_NATIVE") != "1":
+        raise NativeUnavailable("no AVX-512 on this CPU: the portable kernels are slower than torch's "
+                                "(LLMCORE_CPU_NATIVE=1 uses them anyway)")
     runner.decode_graph = NativeDecode(runner.model, runner.block_size, threads)
     return runner.decode_graph
