@@ -74,11 +74,16 @@ def test_tiled_products_match_float64(lib, kind, b, n, k):
     assert (y.double() - ref).abs().max().item() <= tol
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+# head_dim 16 (the generic attention loop), 64 and 128 (register-resident accumulators)
+SHAPES_BY_ARCH = {"llama": {}, "qwen2": {}, "qwen3": dict(hidden_size=256, num_attention_heads=4, head_dim=64),
+                  "mistral": dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1)}
+
+
+@pytest.mark.parametrize("arch", list(SHAPES_BY_ARCH))
 def test_greedy_matches_transformers_float32(arch, tmp_path_factory, lib):
     from llmcore.testing.models import make_random_model
 
-    model_dir = make_random_model(tmp_path_factory.mktemp(arch) / "m", arch=arch, seed=7)
+    model_dir = make_random_model(tmp_path_factory.mktemp(arch) / "m", arch=arch, seed=7, **SHAPES_BY_ARCH[arch])
     engine = Engine(model=str(model_dir), device="cpu", dtype="float32", progress=False,
                     num_kv_blocks=64, block_size=8, max_num_batched_tokens=32)
     step = engine.runner.decode_graph

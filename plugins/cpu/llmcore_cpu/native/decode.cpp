@@ -561,6 +561,91 @@ static void attend(const Model& M, const Layer& L, const float* q, int64_t kvh, 
     for (int64_t i = 0; i < d; i++) out[i] = acc[i] * inv;
 }
 
+#if defined(__AVX512F__)
+// s[j] = exp(s[j] - m) for j < n (every s[j] <= m), sixteen at a time: 2^k * exp(r) with
+// |r| <= ln2 / 2 and a degree-6 polynomial (relative error < 3e-7, expf's last bits).
+static inline void exp_shifted(float* s, int64_t n, float m) {
+    const __m512 mv = _mm512_set1_ps(m), lo = _mm512_set1_ps(-87.0f), log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), mv), lo);
+        __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fnmadd_ps(t, ln2_hi, x);
+        r = _mm512_fnmadd_ps(t, ln2_lo, r);
+        __m512 p = _mm512_set1_ps(1.3888889e-3f);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3333333e-3f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1666667e-2f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666667e-1f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+        _mm512_mask_storeu_ps(s + j, k, _mm512_scalef_ps(p, t));
+    }
+}
+
+static inline __m512 cache_vec(const void* c, int kind, int64_t off) {
+    return kind == KIND_BF16
+        ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)c + off))), 16))
+        : _mm512_loadu_ps((const float*)c + off);
+}
+
+// attend() for head_dim = 16 * DV: the query and the output accumulator live in registers
+// (the generic loop loaded and stored the accumulator once per key: store-to-load chains and
+// masked stores were most of the attention time) and the exponentials are vectorised.
+template <int DV>
+static void attend_reg(const Model& M, const Layer& L, const float* q, int64_t kvh, const int64_t* table,
+                       int64_t ctx, float* out) {
+    const int64_t d = DV * 16, bs = M.block_size, nkv = M.n_kv_heads;
+    __m512 qv[DV], acc[DV];
+    for (int i = 0; i < DV; i++) {
+        qv[i] = _mm512_loadu_ps(q + 16 * i);
+        acc[i] = _mm512_setzero_ps();
+    }
+    float m = -INFINITY, l = 0.f;
+    float s[256];
+    for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
+        const int64_t block = table[t0 / bs];
+        const int64_t n = ctx - t0 < bs ? ctx - t0 : bs;
+        float mb = m;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t off = ((block * bs + j) * nkv + kvh) * d;
+            __m512 a = _mm512_mul_ps(qv[0], cache_vec(L.k_cache, M.cache_kind, off));
+            for (int i = 1; i < DV; i++) a = _mm512_fmadd_ps(qv[i], cache_vec(L.k_cache, M.cache_kind, off + 16 * i), a);
+            s[j] = _mm512_reduce_add_ps(a) * M.attn_scale;
+            if (s[j] > mb) mb = s[j];
+        }
+        const float corr = expf(m - mb);  // m = -inf on the first block: corr = 0
+        l *= corr;
+        const __m512 cv = _mm512_set1_ps(corr);
+        for (int i = 0; i < DV; i++) acc[i] = _mm512_mul_ps(acc[i], cv);
+        exp_shifted(s, n, mb);
+        for (int64_t j = 0; j < n; j++) {
+            l += s[j];
+            const __m512 pv = _mm512_set1_ps(s[j]);
+            const int64_t off = ((block * bs + j) * nkv + kvh) * d;
+            for (int i = 0; i < DV; i++) acc[i] = _mm512_fmadd_ps(pv, cache_vec(L.v_cache, M.cache_kind, off + 16 * i), acc[i]);
+        }
+        m = mb;
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / l);
+    for (int i = 0; i < DV; i++) _mm512_storeu_ps(out + 16 * i, _mm512_mul_ps(acc[i], inv));
+}
+#endif
+
+static void attend_any(const Model& M, const Layer& L, const float* q, int64_t kvh, const int64_t* table,
+                       int64_t ctx, float* out) {
+#if defined(__AVX512F__)
+    switch (M.head_dim) {
+        case 64: return attend_reg<4>(M, L, q, kvh, table, ctx, out);
+        case 128: return attend_reg<8>(M, L, q, kvh, table, ctx, out);
+        case 256: return attend_reg<16>(M, L, q, kvh, table, ctx, out);
+        default: break;
+    }
+#endif
+    attend(M, L, q, kvh, table, ctx, out);
+}
+
 // ------------------------------------------------------------------ the step
 
 // Work buffers (float32 unless noted), sized by the caller for B rows and T threads:
@@ -611,7 +696,7 @@ static void attention_task(const Model& M, const Layer& L, int64_t b, int64_t g,
         if (L.q_norm) rmsnorm_row(qh, L.q_norm, D, M.eps, rnd, qh, nullptr);
         rope(qh, c, s, D, rnd);
         float* o = W->att + b * NH * D + h * D;
-        attend(M, L, qh, g, tables + b * table_width, ctx_lens[b], o);
+        attend_any(M, L, qh, g, tables + b * table_width, ctx_lens[b], o);
         for (int64_t i = 0; i < D; i++) {
             if (rnd) o[i] = round_bf16(o[i]);
             W->att_h[b * NH * D + h * D + i] = f32_to_bf16(o[i]);
