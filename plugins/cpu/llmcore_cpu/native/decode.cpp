@@ -156,58 +156,47 @@ static inline void tile_bf16(const uint16_t* w, int64_t k, const uint16_t* x, in
     }
     store_sums<R, BT>(acc, out);
 }
-#else
-template <int R, int BT>
-static inline void tile_bf16(const uint16_t* w, int64_t k, const uint16_t* x, int64_t xs, float* out) {
-    __m512 acc[R][BT];
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < BT; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t kk = 0; kk < k; kk += 16) {
-        __mmask16 m = k - kk >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - kk)) - 1);
-        __m512 xv[BT];
-        for (int j = 0; j < BT; j++) xv[j] = load_bf16_as_f32(x + j * xs + kk, m);
-        for (int i = 0; i < R; i++) {
-            __m512 wv = load_bf16_as_f32(w + i * k + kk, m);
-            for (int j = 0; j < BT; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
-        }
-    }
-    store_sums<R, BT>(acc, out);
-}
 #endif
 
-template <int R, int BT>
-static inline void tile_f32(const float* w, int64_t k, const float* x, int64_t xs, float* out) {
+// Sixteen weights (or activations) as float32, masked: the loaders of the float32-FMA tile below
+static inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline __m512 load16(const uint16_t* p, __mmask16 m) { return load_bf16_as_f32(p, m); }
+static inline __m512 load16(const int8_t* p, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+// The float32-FMA tile, for float32 weights, bf16 without AVX512-BF16, and int8 without VNNI:
+// R weight rows x BT activation rows, sixteen products per instruction
+template <int R, int BT, typename WT, typename XT>
+static inline void tile_fma(const WT* w, int64_t k, const XT* x, int64_t xs, float* out) {
     __m512 acc[R][BT];
     for (int i = 0; i < R; i++)
         for (int j = 0; j < BT; j++) acc[i][j] = _mm512_setzero_ps();
     for (int64_t kk = 0; kk < k; kk += 16) {
         __mmask16 m = k - kk >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - kk)) - 1);
         __m512 xv[BT];
-        for (int j = 0; j < BT; j++) xv[j] = _mm512_maskz_loadu_ps(m, x + j * xs + kk);
+        for (int j = 0; j < BT; j++) xv[j] = load16(x + j * xs + kk, m);
         for (int i = 0; i < R; i++) {
-            __m512 wv = _mm512_maskz_loadu_ps(m, w + i * k + kk);
+            __m512 wv = load16(w + i * k + kk, m);
             for (int j = 0; j < BT; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
         }
     }
     store_sums<R, BT>(acc, out);
 }
 
+#if !defined(__AVX512BF16__)
+template <int R, int BT>
+static inline void tile_bf16(const uint16_t* w, int64_t k, const uint16_t* x, int64_t xs, float* out) {
+    tile_fma<R, BT>(w, k, x, xs, out);
+}
+#endif
+template <int R, int BT>
+static inline void tile_f32(const float* w, int64_t k, const float* x, int64_t xs, float* out) {
+    tile_fma<R, BT>(w, k, x, xs, out);
+}
 template <int R, int BT>
 static inline void tile_i8(const int8_t* w, int64_t k, const float* x, int64_t xs, float* out) {
-    __m512 acc[R][BT];
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < BT; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t kk = 0; kk < k; kk += 16) {
-        __mmask16 m = k - kk >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - kk)) - 1);
-        __m512 xv[BT];
-        for (int j = 0; j < BT; j++) xv[j] = _mm512_maskz_loadu_ps(m, x + j * xs + kk);
-        for (int i = 0; i < R; i++) {
-            __m128i b = _mm_maskz_loadu_epi8(m, w + i * k + kk);
-            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-            for (int j = 0; j < BT; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
-        }
-    }
-    store_sums<R, BT>(acc, out);
+    tile_fma<R, BT>(w, k, x, xs, out);
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
