@@ -56,11 +56,11 @@ def fast_bf16() -> bool:
 
 def _native_note() -> str:
     """Whether the native decode step can be built here (a cheap check: no build, no torch)."""
-    import shutil
+    from llmcore_cpu.toolchain import find_compiler, native_setting
 
-    if os.environ.get("LLMCORE_CPU_NATIVE", "1") == "0":
+    if native_setting() == "off":
         return "decode: torch path (native step disabled by LLMCORE_CPU_NATIVE=0)"
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    cxx = find_compiler()
     if not cxx:
         return "decode: torch path (no C++ compiler for the native step; install g++)"
     return f"decode: native C++ step (built with {os.path.basename(cxx)} at first use; docs/cpu.md)"

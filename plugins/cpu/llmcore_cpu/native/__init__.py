@@ -28,7 +28,6 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from llmcore_cpu.toolchain import find_compiler, native_setting
 
 log = logging.getLogger("llmcore.cpu")
 
@@ -58,7 +59,7 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    cxx = find_compiler()
     if not cxx:
         raise NativeUnavailable("no C++ compiler found (install g++, or set CXX)")
     return cxx
@@ -77,7 +78,7 @@ def _cpu_id() -> str:
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL:
     """The built library (built once per source, compiler and CPU; then loaded from disk)."""
-    if os.environ.get("LLMCORE_CPU_NATIVE", "1") == "0":
+    if native_setting() == "off":
         raise NativeUnavailable("disabled by LLMCORE_CPU_NATIVE=0")
     cxx = _compiler()
     try:
@@ -321,7 +322,7 @@ def install(runner, threads: int | None = None) -> NativeDecode:
     Without AVX-512 the build has only the portable loops, which are correct but slower than
     torch's kernels: the step is then used only if ``LLMCORE_CPU_NATIVE=1`` asks for it.
     """
-    if not features()["avx512"] and os.environ.get("LLMCORE_CPU_NATIVE") != "1":
+    if not features()["avx512"] and native_setting() != "force":
         raise NativeUnavailable("no AVX-512 on this CPU: the portable kernels are slower than torch's "
                                 "(LLMCORE_CPU_NATIVE=1 uses them anyway)")
     runner.decode_graph = NativeDecode(runner.model, runner.block_size, threads)
