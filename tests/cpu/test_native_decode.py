@@ -74,6 +74,36 @@ def test_tiled_products_match_float64(lib, kind, b, n, k):
     assert (y.double() - ref).abs().max().item() <= tol
 
 
+# head_dim 16 and 48: the generic loop; 64, 128, 256: heads of a KV group in register tiles of up to
+# 4, 2, 1 heads (rep 7 = 4 + 3); contexts across the 64-key softmax chunks and partial blocks
+ATTENTION = [(16, 3, 19, 8), (48, 2, 70, 8), (64, 1, 1, 8), (64, 2, 64, 8), (64, 3, 65, 8), (64, 4, 200, 16),
+             (64, 7, 131, 8), (128, 2, 100, 8), (128, 3, 9, 32), (256, 2, 77, 8)]
+
+
+@pytest.mark.parametrize("d,rep,ctx,bs", ATTENTION)
+@pytest.mark.parametrize("cache", ["float32", "bfloat16"])
+def test_paged_attention_matches_float64(lib, d, rep, ctx, bs, cache):
+    g = torch.Generator().manual_seed(d * 1000 + rep * 100 + ctx)
+    nkv, kvh = 2, 1
+    nblocks = (ctx + bs - 1) // bs
+    table = torch.randperm(nblocks + 5, generator=g)[:nblocks].to(torch.int64)  # scattered blocks
+    kc = (torch.randn(nblocks + 5, bs, nkv, d, generator=g) * 2).to(getattr(torch, cache))
+    vc = torch.randn(nblocks + 5, bs, nkv, d, generator=g).to(getattr(torch, cache))
+    q = torch.randn(rep, d, generator=g)
+    M = native._Model(head_dim=d, n_kv_heads=nkv, block_size=bs, attn_scale=d ** -0.5,
+                      cache_kind=native._KINDS[kc.dtype])
+    L = native._Layer(k_cache=kc.data_ptr(), v_cache=vc.data_ptr())
+    out = torch.empty(rep, d)
+    assert lib.llmcore_attention(ctypes.addressof(M), ctypes.addressof(L), q.data_ptr(), kvh, table.data_ptr(),
+                                 ctx, out.data_ptr(), rep) == 0
+    pos = torch.arange(ctx)
+    slots = table[pos // bs] * bs + pos % bs
+    k = kc.double().view(-1, nkv, d)[slots, kvh]
+    v = vc.double().view(-1, nkv, d)[slots, kvh]
+    ref = torch.softmax(q.double() @ k.T * d ** -0.5, -1) @ v
+    assert (out.double() - ref).abs().max().item() < 1e-5
+
+
 # head_dim 16 (the generic attention loop), 64 and 128 (register-resident accumulators)
 SHAPES_BY_ARCH = {"llama": {}, "qwen2": {}, "qwen3": dict(hidden_size=256, num_attention_heads=4, head_dim=64),
                   "mistral": dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1)}

@@ -48,8 +48,10 @@ def test_eetq_weight_bytes_are_exactly_int8_plus_scales(tiny_llama):
     head = c.vocab_size * c.hidden_size + 2 * c.vocab_size
     embedding = c.vocab_size * c.hidden_size * 2  # untied: the input table stays bf16
     assert weight_bytes(e.runner.model) == linears + head + embedding + norm_bytes(c)
-    kinds = {m.kernel for m in e.runner.model.modules() if isinstance(m, Int8Linear)}
-    assert kinds == {"int8pack"}
+    # int8 everywhere: torch's int8pack kernel, or the native CPU step's panels (llmcore_cpu.native)
+    kinds = {(m.kernel, m.weight.dtype) for m in e.runner.model.modules()
+             if isinstance(m, Int8Linear) or type(m).__name__ == "PanelLinear"}
+    assert kinds and kinds <= {("int8pack", torch.int8), ("native-panels", torch.int8)}
     assert all(len(t) == 8 for t in greedy(e))
 
 

@@ -3,7 +3,10 @@
 A decode batch (every sequence one token) runs as one foreign call that does every layer:
 the weights are read where the torch model holds them (no copy of a weight matrix), the KV
 cache is the runner's, and the result is the float32 logits the sampler takes. Prefill,
-mixed batches and prompt logprobs stay on the torch path. Why a kernel of our own:
+mixed batches and prompt logprobs stay on the torch path. bf16 and int8 projection weights
+are repacked in place into 16-row panels (:func:`pack_panels`, decode.cpp "packed weights")
+and their modules become :class:`PanelLinear`, which runs the same native product for the
+torch path: one copy of each weight, read as sequential streams. Why a kernel of our own:
 docs/benchmarks.md ("native decode") has the measurements; in short, torch's bf16/int8
 matrix-vector products reach a third to a half of the memory bandwidth a decode step is
 bound by, and the step pays ~20 dispatches per layer.
@@ -109,6 +112,9 @@ def library() -> ctypes.CDLL:
     lib.llmcore_linear.restype = ctypes.c_int
     lib.llmcore_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_int32]
+    lib.llmcore_attention.restype = ctypes.c_int
+    lib.llmcore_attention.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     lib.llmcore_native_features.restype = ctypes.c_int
     return lib
 
@@ -125,7 +131,7 @@ P = ctypes.c_void_p
 
 class _Linear(ctypes.Structure):
     _fields_ = [("w", P), ("scale", P), ("bias", P), ("rowsum", P), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
-                ("kind", ctypes.c_int32), ("pad", ctypes.c_int32)]
+                ("kind", ctypes.c_int32), ("packed", ctypes.c_int32)]
 
 
 class _Layer(ctypes.Structure):
@@ -208,10 +214,82 @@ def check_model(model: nn.Module) -> None:
         raise NativeUnavailable(f"head_dim {model.config.head_dim}")
 
 
+# ------------------------------------------------------------------ panel-packed weights
+
+PANEL = 16
+_GROUP = {KIND_BF16: 2, KIND_I8: 4}  # k elements per 32-bit lane of a panel vector
+
+
+def pack_panels(w: torch.Tensor) -> torch.Tensor:
+    """Repack ``w`` [n, k] in place into panels [n/16][k/g][16][g] (g = 2 for bf16, 4 for int8):
+    one 64-byte vector holds a k-group of 16 rows. Returns the panel view of the same storage."""
+    n, k = w.shape
+    g = _GROUP[_KINDS[w.dtype]]
+    panels = w.view(n // PANEL, PANEL, k // g, g).permute(0, 2, 1, 3).contiguous()  # one tensor's temporary
+    w.view(-1).copy_(panels.view(-1))
+    return w.view(n // PANEL, k // g, PANEL, g)
+
+
+def unpack_panels(panels: torch.Tensor) -> torch.Tensor:
+    """The row-major [n, k] weight of a :func:`pack_panels` view (a copy)."""
+    np_, kg, p, g = panels.shape
+    return panels.permute(0, 2, 1, 3).reshape(np_ * p, kg * g)
+
+
+def _packable(module: nn.Module, L: _Linear, what: str, rows_per_half: bool = False) -> bool:
+    kind = L.kind
+    if kind not in _GROUP or L.packed:
+        return False
+    feats = features()
+    if not feats["avx512"] or (kind == KIND_I8 and not feats["avx512_vnni int8"]):
+        return False  # the panel kernels are AVX-512 (int8: VNNI) only
+    half = L.n // 2 if rows_per_half else L.n
+    return L.n % PANEL == 0 and half % PANEL == 0 and L.k % _GROUP[kind] == 0
+
+
+class PanelLinear(nn.Module):
+    """A projection whose weight :class:`NativeDecode` has repacked into panels: the torch path
+    (prefill, mixed batches) runs the same native product on it, so no row-major copy is kept.
+    ``unpacked_weight()`` gives the row-major weight back (a copy)."""
+
+    def __init__(self, lib: ctypes.CDLL, struct: _Linear, panels: torch.Tensor, scale: torch.Tensor | None,
+                 bias: torch.Tensor | None, keep: list[torch.Tensor], threads: int | None) -> None:
+        super().__init__()
+        self.lib, self.struct, self.threads = lib, struct, threads
+        self.kernel = "native-panels"
+        self.out_features, self.in_features = int(struct.n), int(struct.k)
+        self.register_buffer("weight", panels, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self._keep = keep  # float32 copies the struct points into
+
+    def unpacked_weight(self) -> torch.Tensor:
+        return unpack_panels(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xf = x2.float().contiguous() if self.struct.kind != KIND_BF16 else None
+        xh = x2.to(torch.bfloat16).contiguous().view(torch.int16) if self.struct.kind == KIND_BF16 else None
+        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        if x2.shape[0] == 0:
+            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        rc = self.lib.llmcore_linear(ctypes.addressof(self.struct), x2.shape[0],
+                                     None if xf is None else xf.data_ptr(), None if xh is None else xh.data_ptr(),
+                                     y.data_ptr(), self.threads or torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"native product refused its input ({rc})")
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        kind = {KIND_BF16: "bfloat16", KIND_I8: "int8"}[self.struct.kind]
+        return f"in={self.in_features}, out={self.out_features}, {kind} in 16-row panels (native)"
+
+
 class NativeDecode:
     """``decode_graph`` for :class:`~llmcore.runtime.runner.TorchModelRunner` (see the runner)."""
 
-    def __init__(self, model: nn.Module, block_size: int, threads: int | None = None) -> None:
+    def __init__(self, model: nn.Module, block_size: int, threads: int | None = None, pack: bool = True) -> None:
         from llmcore.quantization.int8 import Int8Embedding
 
         check_model(model)
@@ -265,10 +343,43 @@ class NativeDecode:
             layers=ctypes.cast(layers, P))
         if cfg.num_heads % cfg.num_kv_heads:
             raise NativeUnavailable("num_heads is not a multiple of num_kv_heads")
+        self.packed = self._pack(model, e_w) if pack else 0
         self._caches_key: tuple | None = None
         self._work: dict[str, torch.Tensor] = {}
         self._work_rows = self._work_threads = 0
         self.calls = 0
+
+    def _pack(self, model: nn.Module, embed_weight: torch.Tensor) -> int:
+        """Repack every projection the panel kernels cover, in place, and swap its module for a
+        :class:`PanelLinear` (done last: every check above has passed). Returns how many."""
+        done = 0
+
+        def swap(owner, attr, L, what, gate_up=False):
+            nonlocal done
+            module = getattr(owner, attr)
+            w = module.weight
+            if not _packable(module, L, what, gate_up) or w.data_ptr() == embed_weight.data_ptr():
+                return  # a weight the embedding reads by rows stays row-major
+            panels = pack_panels(w.detach() if isinstance(w, nn.Parameter) else w)
+            scale = getattr(module, "scale", None)
+            bias = getattr(module, "bias", None)
+            bias = None if bias is None else bias.detach()
+            L.packed = 1
+            own = _Linear(L.w, L.scale, L.bias, L.rowsum, L.n, L.k, L.kind, 1)
+            setattr(owner, attr, PanelLinear(self.lib, own, panels, scale, bias, self.keep.tensors, self.threads))
+            done += 1
+
+        for i, layer in enumerate(model.model.layers):
+            a, m, L = layer.self_attn, layer.mlp, self.layers[i]
+            swap(a, "qkv_proj", L.qkv, f"layer {i} qkv_proj")
+            swap(a, "o_proj", L.o, f"layer {i} o_proj")
+            swap(m, "gate_up_proj", L.gate_up, f"layer {i} gate_up_proj", gate_up=True)
+            swap(m, "down_proj", L.down, f"layer {i} down_proj")
+        if model.logits_proj is not None:
+            swap(model, "logits_proj", self.struct.lm_head, "output projection")
+        elif model.lm_head is not None:
+            swap(model, "lm_head", self.struct.lm_head, "lm_head")
+        return done
 
     def _bind_caches(self, kv_caches) -> None:
         # the runner builds a new list when it reallocates (held here, so its id is not reused)
@@ -290,7 +401,7 @@ class NativeDecode:
             qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
             e, bf = torch.empty, torch.int16
             self._work = dict(x=e(rows, h), qkv=e(rows, qkv), att=e(rows, att), act=e(rows, inter),
-                              h=e(threads, rows, h), scratch=e(threads, rows, 32), att_h=e(rows, att, dtype=bf),
+                              h=e(threads, rows, h), scratch=e(threads, rows, 128), att_h=e(rows, att, dtype=bf),
                               act_h=e(rows, inter, dtype=bf), hh=e(threads, rows, h, dtype=bf))
             self._work_rows, self._work_threads = rows, threads
             self._work_struct = _Work(**{k: v.data_ptr() for k, v in self._work.items()})
@@ -316,7 +427,7 @@ class NativeDecode:
         return logits
 
 
-def install(runner, threads: int | None = None) -> NativeDecode:
+def install(runner, threads: int | None = None, pack: bool | None = None) -> NativeDecode:
     """Give ``runner`` the native decode step; raises :class:`NativeUnavailable` with the reason.
 
     Without AVX-512 the build has only the portable loops, which are correct but slower than
@@ -325,5 +436,7 @@ def install(runner, threads: int | None = None) -> NativeDecode:
     if not features()["avx512"] and native_setting() != "force":
         raise NativeUnavailable("no AVX-512 on this CPU: the portable kernels are slower than torch's "
                                 "(LLMCORE_CPU_NATIVE=1 uses them anyway)")
-    runner.decode_graph = NativeDecode(runner.model, runner.block_size, threads)
+    if pack is None:
+        pack = os.environ.get("LLMCORE_CPU_PANELS", "1") != "0"
+    runner.decode_graph = NativeDecode(runner.model, runner.block_size, threads, pack)
     return runner.decode_graph
