@@ -74,6 +74,71 @@ def test_tiled_products_match_float64(lib, kind, b, n, k):
     assert (y.double() - ref).abs().max().item() <= tol
 
 
+# panel products: 3 and 5 panels (the 4- and 2-panel tiles plus remainders), batch rows off the
+# 8-, 4- and 2-row tiles, k not a multiple of 32 or 64
+PANEL_SHAPES = [(1, 48, 40), (2, 80, 576), (3, 48, 96), (9, 80, 200), (17, 48, 1536), (64, 32, 64)]
+
+
+@pytest.mark.parametrize("m,n,k", PANEL_SHAPES)
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_panel_products_match_float64(lib, kind, m, n, k):
+    if kind == "int8" and not native.features()["avx512_vnni int8"]:
+        pytest.skip("int8 panels need AVX512-VNNI")
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    if kind == "int8":
+        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, generator=g) / 100
+    else:
+        w, scale = torch.randn(n, k, generator=g).to(torch.bfloat16), None
+    ref_w = w.clone()
+    keep = native._Keep()
+    L = native._Linear(w.data_ptr(), keep.f32(scale), keep.f32(bias), keep.rowsum(w), n, k, native._KINDS[w.dtype], 1)
+    panels = native.pack_panels(w)
+    assert panels.data_ptr() == w.data_ptr() and torch.equal(native.unpack_panels(panels), ref_w)  # in place
+    layer = native.PanelLinear(lib, L, panels, scale, bias, keep.tensors, 2)
+    y = layer(x).double()
+    if kind == "int8":
+        ref = (x.double() @ ref_w.double().T) * scale.double() + bias.double()
+        # int16 activations per row (quant_rows): half a level per element, as the row-major tiles
+        bound = 0.5 * x.abs().amax(1, keepdim=True).double() / 32767 * (ref_w.double().abs().sum(1) * scale.double())
+        assert ((y - ref).abs() <= bound + 1e-5 * k ** 0.5 * ref.abs().max().item() + 1e-5).all()
+    else:
+        ref = x.to(torch.bfloat16).double() @ ref_w.double().T + bias.double()
+        assert (y - ref).abs().max().item() <= 1e-5 * k ** 0.5 * ref.abs().max().item() + 1e-5
+    # bf16 in, bf16 out (one rounding), any leading shape
+    yb = layer(x.to(torch.bfloat16).view(1, m, k))
+    assert yb.dtype == torch.bfloat16 and yb.shape == (1, m, n)
+
+
+@pytest.mark.parametrize("quantization", [None, "eetq"])
+def test_panels_are_one_copy_and_give_the_row_major_results(smollm_dir, quantization, lib, monkeypatch):
+    """Packing replaces the modules in place (the tied table too, read by rows from the panels);
+    greedy tokens and logprobs match the row-major step on the same weights."""
+    kw = dict(model=str(smollm_dir), device="cpu", dtype="bfloat16", progress=False, quantization=quantization,
+              num_kv_blocks=64, max_model_len=128)
+    monkeypatch.setenv("LLMCORE_CPU_PANELS", "0")
+    plain = Engine(**kw)
+    monkeypatch.setenv("LLMCORE_CPU_PANELS", "1")
+    packed = Engine(**kw)
+    model = packed.runner.model
+    assert packed.runner.decode_graph.packed == 4 * model.config.num_layers + 1
+    assert type(model.model.embed_tokens).__name__ == "PanelEmbedding"
+    assert model.model.embed_tokens.weight.data_ptr() == model.logits_proj.weight.data_ptr()
+    from llmcore.quantization.handler import weight_bytes
+    assert weight_bytes(model) == weight_bytes(plain.runner.model)  # no second copy
+    ids = torch.tensor([1, 5, 17, 49151])
+    emb = plain.runner.model.model.embed_tokens
+    assert torch.equal(model.model.embed_tokens(ids), emb(ids))
+    prompts = ["The capital of France is", "List three colors:"]
+    a, b = _logprob_trace(packed, prompts, 12), _logprob_trace(plain, prompts, 12)
+    agree, worst = _compare(a, b, tie=0.1)
+    # same weights, same int16/bf16 activation rounding; only the summation order differs, and the
+    # prefill runs the native product instead of torch's (bf16 rounding of the outputs)
+    assert worst < 0.1, (agree, worst)
+
+
 # head_dim 16 and 48: the generic loop; 64, 128, 256: heads of a KV group in register tiles of up to
 # 4, 2, 1 heads (rep 7 = 4 + 3); contexts across the 64-key softmax chunks and partial blocks
 ATTENTION = [(16, 3, 19, 8), (48, 2, 70, 8), (64, 1, 1, 8), (64, 2, 64, 8), (64, 3, 65, 8), (64, 4, 200, 16),

@@ -145,7 +145,7 @@ class _Model(ctypes.Structure):
                                                "vocab", "n_layers", "block_size", "max_pos")] + [
         ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float),
         ("cache_kind", ctypes.c_int32), ("round_bf16", ctypes.c_int32),
-        ("embed", P), ("embed_scale", P), ("embed_kind", ctypes.c_int32), ("pad", ctypes.c_int32),
+        ("embed", P), ("embed_scale", P), ("embed_kind", ctypes.c_int32), ("embed_packed", ctypes.c_int32),
         ("final_norm", P), ("lm_head", _Linear), ("rope_cos", P), ("rope_sin", P), ("layers", P)]
 
 
@@ -286,6 +286,24 @@ class PanelLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {kind} in 16-row panels (native)"
 
 
+class PanelEmbedding(nn.Module):
+    """The token embedding of a tied output projection that :class:`NativeDecode` has packed into
+    panels: rows gathered from the panels (one table for both, as before)."""
+
+    def __init__(self, panels: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("weight", panels, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.dtype = dtype
+        self.embedding_dim = panels.shape[1] * panels.shape[3]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight[ids // PANEL, :, ids % PANEL, :].reshape(*ids.shape, self.embedding_dim)
+        if self.scale is None:
+            return rows
+        return (rows.to(self.dtype) * self.scale[ids].unsqueeze(-1)).to(self.dtype)
+
+
 class NativeDecode:
     """``decode_graph`` for :class:`~llmcore.runtime.runner.TorchModelRunner` (see the runner)."""
 
@@ -337,7 +355,7 @@ class NativeDecode:
             inter=cfg.intermediate_size, vocab=head.n, n_layers=cfg.num_layers, block_size=block_size,
             max_pos=model.rope_cos.shape[0], eps=cfg.rms_norm_eps, attn_scale=cfg.head_dim ** -0.5,
             cache_kind=_KINDS[dtype], round_bf16=int(dtype == torch.bfloat16),
-            embed=e_w.data_ptr(), embed_scale=e_scale, embed_kind=e_kind, pad=0,
+            embed=e_w.data_ptr(), embed_scale=e_scale, embed_kind=e_kind, embed_packed=0,
             final_norm=keep.f32(model.model.norm.weight), lm_head=head,
             rope_cos=keep.f32(model.rope_cos), rope_sin=keep.f32(model.rope_sin),
             layers=ctypes.cast(layers, P))
@@ -375,10 +393,23 @@ class NativeDecode:
             swap(a, "o_proj", L.o, f"layer {i} o_proj")
             swap(m, "gate_up_proj", L.gate_up, f"layer {i} gate_up_proj", gate_up=True)
             swap(m, "down_proj", L.down, f"layer {i} down_proj")
-        if model.logits_proj is not None:
-            swap(model, "logits_proj", self.struct.lm_head, "output projection")
-        elif model.lm_head is not None:
-            swap(model, "lm_head", self.struct.lm_head, "lm_head")
+        head, emb = self.struct.lm_head, model.model.embed_tokens
+        tied = head.w == embed_weight.data_ptr()
+        if not tied and model.logits_proj is not None:
+            swap(model, "logits_proj", head, "output projection")
+        elif not tied and model.lm_head is not None:
+            swap(model, "lm_head", head, "lm_head")
+        elif tied and _packable(emb, head, "tied output projection"):
+            # one table for the embedding (rows) and the output projection (panels): pack it and
+            # read rows out of the panels (decode.cpp embed_packed, PanelEmbedding)
+            scale = getattr(emb, "scale", None)
+            panels = pack_panels(embed_weight)
+            head.packed = 1
+            self.struct.embed_packed = 1
+            own = _Linear(head.w, head.scale, head.bias, head.rowsum, head.n, head.k, head.kind, 1)
+            model.logits_proj = PanelLinear(self.lib, own, panels, scale, None, self.keep.tensors, self.threads)
+            model.model.embed_tokens = PanelEmbedding(panels, scale, getattr(emb, "dtype", embed_weight.dtype))
+            done += 1
         return done
 
     def _bind_caches(self, kv_caches) -> None:

@@ -56,7 +56,8 @@ struct Model {
     int32_t round_bf16;    // round activations to bf16 where a bf16 model would (HF numerics)
     const void* embed;     // [vocab, hidden]
     const float* embed_scale;  // int8 table: per-row scale
-    int32_t embed_kind, pad;
+    int32_t embed_kind;
+    int32_t embed_packed;  // the table is the output projection's, in 16-row panels
     const float* final_norm;
     Linear lm_head;
     const float* rope_cos;  // [max_pos, head_dim]
@@ -1095,11 +1096,16 @@ extern "C" int llmcore_decode_step(const Model* Mp, int64_t B, const int64_t* id
     for (int64_t b = 0; b < B; b++) {
         for (int64_t i = 0; i < H; i++) {
             float v;
-            if (M.embed_kind == KIND_BF16) v = bf16_to_f32(((const uint16_t*)M.embed)[ids[b] * H + i]);
+            int64_t at = ids[b] * H + i;
+            if (M.embed_packed) {  // row r, column i of [n/16][H/g][16][g] panels
+                const int64_t g = M.embed_kind == KIND_I8 ? 4 : 2, r = ids[b];
+                at = ((r / 16) * (H / g) + i / g) * 16 * g + (r % 16) * g + i % g;
+            }
+            if (M.embed_kind == KIND_BF16) v = bf16_to_f32(((const uint16_t*)M.embed)[at]);
             else if (M.embed_kind == KIND_I8) {
-                v = (float)((const int8_t*)M.embed)[ids[b] * H + i] * M.embed_scale[ids[b]];
+                v = (float)((const int8_t*)M.embed)[at] * M.embed_scale[ids[b]];
                 if (rnd) v = round_bf16(v);
-            } else v = ((const float*)M.embed)[ids[b] * H + i];
+            } else v = ((const float*)M.embed)[at];
             x[b * H + i] = v;
         }
     }
