@@ -622,6 +622,7 @@ static void prows(const Linear& L, int64_t r0, int64_t r1, const Act& x, int64_t
     const int64_t p1 = r1 / 16;
     if (B <= 2) {
         for (; p + 4 <= p1; p += 4) pcols<4, 2, I8>(L, p, x, B, y, ys, roff, mode, rnd);
+        for (; p + 2 <= p1; p += 2) pcols<2, 2, I8>(L, p, x, B, y, ys, roff, mode, rnd);
     } else if (I8) {
         for (; p + 2 <= p1; p += 2) pcols<2, 4, I8>(L, p, x, B, y, ys, roff, mode, rnd);
     } else {
@@ -695,7 +696,9 @@ static inline int64_t chunk_rows(int64_t n, int64_t B, int packed) {
     const int64_t T = omp_get_num_threads();
     int64_t c = n / (8 * T);
     if (B > 16) c = c < 64 ? c : 64;  // many rows: items small enough to balance
-    c = packed ? (c + 15) / 16 * 16 : (c + 3) / 4 * 4;  // packed: whole 16-row panels
+    // packed: whole 16-row panels, in the 2- or 4-panel groups of the widest tiles (prows)
+    const int64_t q = packed ? (B <= 2 ? 64 : 32) : 4;
+    c = (c + q - 1) / q * q;
     return c < 16 ? 16 : c;
 }
 
@@ -739,8 +742,9 @@ static inline float silu(float g) { return g / (1.f + expf(-g)); }
 static void gate_up_par(const Linear& L, const Act& x0, int64_t B, float* scratch, float* act, uint16_t* act_h,
                         int rnd) {
     const Act x = with_quant(L, x0, B);
-    // few batch rows: longer runs per item (four panels); scratch holds B x 2 x 64
-    const int64_t chunk = B <= 16 ? 64 : 16, I = L.n / 2;
+    // few batch rows: longer runs per item (four panels); many: two panels (the 2 x 8 tiles);
+    // scratch holds B x 2 x 64
+    const int64_t chunk = B <= 16 ? 64 : 32, I = L.n / 2;
     const int64_t nchunks = (I + chunk - 1) / chunk;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < nchunks; c++) {
