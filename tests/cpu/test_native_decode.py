@@ -46,15 +46,22 @@ def _linear(lib, w, x, scale=None, bias=None):
 SHAPES = [(1, 37, 70), (3, 64, 576), (5, 19, 16), (9, 130, 1536), (64, 96, 40)]
 
 
-@pytest.mark.parametrize("b,n,k", SHAPES)
-@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
-def test_tiled_products_match_float64(lib, kind, b, n, k):
-    g = torch.Generator().manual_seed(b * 1000 + n + k)
-    x = torch.randn(b, k, generator=g)
+def _operands(kind, m, n, k):
+    """Activations [m, k], a weight [n, k] of ``kind`` (int8: with per-row scales), a bias."""
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g)
     bias = torch.randn(n, generator=g)
     if kind == "int8":
         w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-        scale = torch.rand(n, generator=g) / 100
+        return x, w, torch.rand(n, generator=g) / 100, bias
+    return x, torch.randn(n, k, generator=g).to(getattr(torch, kind)), None, bias
+
+
+@pytest.mark.parametrize("b,n,k", SHAPES)
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+def test_tiled_products_match_float64(lib, kind, b, n, k):
+    x, w, scale, bias = _operands(kind, b, n, k)
+    if kind == "int8":
         y = _linear(lib, w, x, scale, bias)
         ref = (x.double() @ w.double().T) * scale.double() + bias.double()
         if native.features()["avx512_vnni int8"]:
@@ -65,7 +72,6 @@ def test_tiled_products_match_float64(lib, kind, b, n, k):
             assert ((y.double() - ref).abs() <= bound + 1e-5 * k ** 0.5 * ref.abs().max().item() + 1e-5).all()
             return
     else:
-        w = torch.randn(n, k, generator=g).to(getattr(torch, kind))
         y = _linear(lib, w, x, bias=bias)
         xr = x.to(w.dtype).double()  # bf16 weights multiply the bf16-rounded activations
         ref = xr @ w.double().T + bias.double()
@@ -84,14 +90,7 @@ PANEL_SHAPES = [(1, 48, 40), (2, 80, 576), (3, 48, 96), (9, 80, 200), (17, 48, 1
 def test_panel_products_match_float64(lib, kind, m, n, k):
     if kind == "int8" and not native.features()["avx512_vnni int8"]:
         pytest.skip("int8 panels need AVX512-VNNI")
-    g = torch.Generator().manual_seed(m * 1000 + n + k)
-    x = torch.randn(m, k, generator=g)
-    bias = torch.randn(n, generator=g)
-    if kind == "int8":
-        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-        scale = torch.rand(n, generator=g) / 100
-    else:
-        w, scale = torch.randn(n, k, generator=g).to(torch.bfloat16), None
+    x, w, scale, bias = _operands(kind, m, n, k)
     ref_w = w.clone()
     keep = native._Keep()
     L = native._Linear(w.data_ptr(), keep.f32(scale), keep.f32(bias), keep.rowsum(w), n, k, native._KINDS[w.dtype], 1)
