@@ -236,7 +236,8 @@ def unpack_panels(panels: torch.Tensor) -> torch.Tensor:
     return panels.permute(0, 2, 1, 3).reshape(np_ * p, kg * g)
 
 
-def _packable(module: nn.Module, L: _Linear, what: str, rows_per_half: bool = False) -> bool:
+def _packable(L: _Linear, rows_per_half: bool = False) -> bool:
+    """Whether the panel kernels cover ``L`` (rows_per_half: gate/up, packed as two halves)."""
     kind = L.kind
     if kind not in _GROUP or L.packed:
         return False
@@ -245,6 +246,12 @@ def _packable(module: nn.Module, L: _Linear, what: str, rows_per_half: bool = Fa
         return False  # the panel kernels are AVX-512 (int8: VNNI) only
     half = L.n // 2 if rows_per_half else L.n
     return L.n % PANEL == 0 and half % PANEL == 0 and L.k % _GROUP[kind] == 0
+
+
+def _mark_packed(L: _Linear) -> _Linear:
+    """Set ``L`` (a field of the step's structs) packed; return a copy for the module's own calls."""
+    L.packed = 1
+    return _Linear.from_buffer_copy(L)
 
 
 class PanelLinear(nn.Module):
@@ -372,42 +379,38 @@ class NativeDecode:
         :class:`PanelLinear` (done last: every check above has passed). Returns how many."""
         done = 0
 
-        def swap(owner, attr, L, what, gate_up=False):
+        def swap(owner, attr, L, gate_up=False):
             nonlocal done
             module = getattr(owner, attr)
-            w = module.weight
-            if not _packable(module, L, what, gate_up) or w.data_ptr() == embed_weight.data_ptr():
-                return  # a weight the embedding reads by rows stays row-major
-            panels = pack_panels(w.detach() if isinstance(w, nn.Parameter) else w)
-            scale = getattr(module, "scale", None)
+            if not _packable(L, gate_up):
+                return
+            panels = pack_panels(module.weight.detach())
             bias = getattr(module, "bias", None)
             bias = None if bias is None else bias.detach()
-            L.packed = 1
-            own = _Linear(L.w, L.scale, L.bias, L.rowsum, L.n, L.k, L.kind, 1)
-            setattr(owner, attr, PanelLinear(self.lib, own, panels, scale, bias, self.keep.tensors, self.threads))
+            setattr(owner, attr, PanelLinear(self.lib, _mark_packed(L), panels, getattr(module, "scale", None),
+                                             bias, self.keep.tensors, self.threads))
             done += 1
 
         for i, layer in enumerate(model.model.layers):
             a, m, L = layer.self_attn, layer.mlp, self.layers[i]
-            swap(a, "qkv_proj", L.qkv, f"layer {i} qkv_proj")
-            swap(a, "o_proj", L.o, f"layer {i} o_proj")
-            swap(m, "gate_up_proj", L.gate_up, f"layer {i} gate_up_proj", gate_up=True)
-            swap(m, "down_proj", L.down, f"layer {i} down_proj")
+            swap(a, "qkv_proj", L.qkv)
+            swap(a, "o_proj", L.o)
+            swap(m, "gate_up_proj", L.gate_up, gate_up=True)
+            swap(m, "down_proj", L.down)
         head, emb = self.struct.lm_head, model.model.embed_tokens
         tied = head.w == embed_weight.data_ptr()
         if not tied and model.logits_proj is not None:
-            swap(model, "logits_proj", head, "output projection")
+            swap(model, "logits_proj", head)
         elif not tied and model.lm_head is not None:
-            swap(model, "lm_head", head, "lm_head")
-        elif tied and _packable(emb, head, "tied output projection"):
+            swap(model, "lm_head", head)
+        elif tied and _packable(head):
             # one table for the embedding (rows) and the output projection (panels): pack it and
             # read rows out of the panels (decode.cpp embed_packed, PanelEmbedding)
             scale = getattr(emb, "scale", None)
             panels = pack_panels(embed_weight)
-            head.packed = 1
             self.struct.embed_packed = 1
-            own = _Linear(head.w, head.scale, head.bias, head.rowsum, head.n, head.k, head.kind, 1)
-            model.logits_proj = PanelLinear(self.lib, own, panels, scale, None, self.keep.tensors, self.threads)
+            model.logits_proj = PanelLinear(self.lib, _mark_packed(head), panels, scale, None, self.keep.tensors,
+                                            self.threads)
             model.model.embed_tokens = PanelEmbedding(panels, scale, getattr(emb, "dtype", embed_weight.dtype))
             done += 1
         return done

@@ -650,6 +650,7 @@ static void rows_block(const Linear& L, int64_t r0, int64_t r1, const Act& x, in
         for (; r + 4 <= r1; r += 4) rows4_emit(L, r, x, 0, B, y, ys, roff, mode, rnd);
     }
 #endif
+    // row-major int8 (and, with AVX-512, only the rows left over above): tiles into a buffer
     for (; r + R <= r1; r += R) {
         int64_t b = 0;
         for (; b + BT <= B; b += BT) {
