@@ -20,6 +20,13 @@ import platform
 import statistics
 import time
 
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmcore.engine.engine import Engine
+from llmcore.sampling_params import SamplingParams
+
 TOPICS = [
     "the water cycle", "how vaccines work", "the history of Rome", "black holes", "photosynthesis",
     "the French revolution", "machine learning", "plate tectonics", "the printing press", "jazz music",
@@ -49,8 +56,6 @@ def machine() -> str:
 
 
 def bench_llmcore(engine, prompts, new_tokens, repeats):
-    from llmcore import SamplingParams
-
     p = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     rates = []
@@ -63,8 +68,6 @@ def bench_llmcore(engine, prompts, new_tokens, repeats):
 
 
 def bench_hf(model, tok, prompts, new_tokens, repeats):
-    import torch
-
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -83,12 +86,6 @@ def bench_hf(model, tok, prompts, new_tokens, repeats):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llmcore import Engine
-
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = Engine(model=args.model, device=args.device, dtype=args.dtype, progress=False,

@@ -8,8 +8,10 @@ one clear error instead of a stack trace deep in a vendor SDK.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Mapping
 
 KV_PAGED = "paged"  # fixed-size blocks, block tables, any sequence in any slot
 KV_FIXED_SLOTS = "fixed-slots"  # one preallocated region per batch slot (static graphs)
@@ -87,3 +89,71 @@ class DeviceProbe:
         }
         out["capabilities"] = self.capabilities.to_dict()
         return out
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    """One weight-quantization method and where it runs.
+
+    :param name: what users type (``--quantization NAME``).
+    :param devices: device names it is implemented for.
+    :param dtypes: activation dtypes it computes in.
+    :param prequantized: True if it loads a checkpoint quantized ahead of time
+        (for example by ``llmcore quantize``); False if it quantizes at load.
+    :param bits: bits per weight of the quantized layers.
+    :param loader: ``"module:function"`` (imported on first use, so probes stay
+        torch-free) or a callable ``loader(device: str, dtype: str, **options)``
+        returning a handler (see :class:`llmcore.quantization.handler.QuantHandler`).
+    :param requires: modules that must be importable on every device.
+    :param requires_on: extra modules per device (e.g. ``{"cuda": ("triton",)}``).
+    :param checkpoint_format: for pre-quantized methods, the ``quant_method`` a
+        checkpoint's ``config.json`` ``quantization_config`` must carry.
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    prequantized: bool
+    bits: int
+    description: str
+    loader: str | Callable[..., Any]
+    requires: tuple[str, ...] = ()
+    requires_on: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    checkpoint_format: str | None = None
+    install_hint: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name != self.name.strip().lower():
+            raise ValueError(f"quantization method name {self.name!r} must be non-empty lower case")
+        if not self.devices:
+            raise ValueError(f"quantization method {self.name!r} declares no devices")
+        if self.bits <= 0:
+            raise ValueError(f"quantization method {self.name!r}: bits={self.bits} must be positive")
+        if self.prequantized and not self.checkpoint_format:
+            raise ValueError(f"pre-quantized method {self.name!r} must name its checkpoint_format")
+
+    def __hash__(self) -> int:  # requires_on is a dict; the name identifies a method
+        return hash(self.name)
+
+    def missing(self, device: str) -> list[str]:
+        """Required modules that are not importable for ``device`` (cheap: find_spec only)."""
+        needed = (*self.requires, *self.requires_on.get(device, ()))
+        return [m for m in needed if not _importable(m)]
+
+    def available_on(self, device: str) -> bool:
+        return device in self.devices and not self.missing(device)
+
+    def load(self, device: str, dtype: str, **options: Any):
+        """Build this method's handler for ``device`` computing in ``dtype``."""
+        loader = self.loader
+        if isinstance(loader, str):
+            module, _, attr = loader.partition(":")
+            loader = getattr(importlib.import_module(module), attr)
+        return loader(method=self, device=device, dtype=dtype, **options)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False

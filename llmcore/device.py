@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from llmcore.config import EngineConfig
     from llmcore.engine.batch import SampleResult, ScheduledBatch
     from llmcore.models.config import ModelConfig
+    from llmcore.parallel.tensor_parallel import TPGroup
     from llmcore.static_plan import StaticPlan
 
 
@@ -45,8 +46,8 @@ class Device:
     """
 
     #: torch.distributed backend for run-time tensor parallelism (``llmcore.parallel``): a device
-    #: that sets it ("nccl", "gloo") builds rank ``r``'s runner on its device ``r`` while
-    #: ``llmcore.parallel.tensor_parallel.current_rank()`` says ``r``. None: not supported.
+    #: that sets it ("nccl", "gloo") accepts ``create_runner(..., tp=group)`` and builds rank
+    #: ``group.rank``'s runner (its shard, on its device ``r``). None: not supported.
     tensor_parallel_backend: str | None = None
 
     def __init__(self, probe: DeviceProbe, config: EngineConfig) -> None:
@@ -76,7 +77,7 @@ class Device:
 
     def create_runner(
         self, model_config: ModelConfig, folder: Path, dtype: str, eos_token_ids: list[int],
-        max_model_len: int,
+        max_model_len: int, tp: TPGroup | None = None,
     ) -> ModelRunner:
         raise NotImplementedError(f"device {self.name!r} does not implement create_runner")
 

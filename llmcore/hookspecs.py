@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from llmcore.capabilities import DeviceProbe
+    from llmcore.capabilities import DeviceProbe, QuantMethod
     from llmcore.config import EngineConfig
     from llmcore.device import Device
     from llmcore.outputs import RequestOutput
-    from llmcore.quantization import QuantMethod
 
 PROJECT = "llmcore"
 CONTRACT_VERSION = 1

@@ -9,6 +9,7 @@ from typing import Any
 from llmcore.capabilities import DeviceProbe
 from llmcore.errors import ConfigError, DeviceUnavailableError, PluginError
 from llmcore.plugins import PluginRegistry, require_known
+from llmcore.quantization import explain_refusal
 
 log = logging.getLogger("llmcore.selection")
 
@@ -94,8 +95,6 @@ def validate_against(config, probe: DeviceProbe, reports: list[ProbeReport]) -> 
     q = config.quantization
     if q is not None and q not in caps.quantization:
         # the registry (llmcore.quantization) says where the method runs and why not here
-        from llmcore.quantization import explain_refusal
-
         others = {r.probe.name: tuple(r.probe.capabilities.quantization) for r in reports}
         problem, hint = explain_refusal(q, probe.name, tuple(caps.quantization), others)
         raise ConfigError("quantization", q, problem, hint)

@@ -21,7 +21,7 @@ from torch import nn
 
 from llmcore.errors import ModelLoadError
 from llmcore.models.config import ModelConfig
-from llmcore.runtime.attention import AttentionBackend, AttentionMetadata
+from llmcore.models.attention import AttentionBackend, AttentionMetadata
 
 
 class RMSNorm(nn.Module):
@@ -132,8 +132,8 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-# HF checkpoint names that land in a slice of one of our fused parameters
-_STACKED = {
+# HF checkpoint names that land in a slice of one of our fused parameters (also read by the AWQ loader)
+STACKED_PROJECTIONS = {
     "q_proj": ("qkv_proj", 0),
     "k_proj": ("qkv_proj", 1),
     "v_proj": ("qkv_proj", 2),
@@ -237,7 +237,7 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints store the copy anyway
             target, shard = name, None
-            for hf, (ours, idx) in _STACKED.items():
+            for hf, (ours, idx) in STACKED_PROJECTIONS.items():
                 if f".{hf}." in name:
                     target, shard = name.replace(f".{hf}.", f".{ours}."), idx
                     break

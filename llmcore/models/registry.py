@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 
 from llmcore.errors import ModelLoadError
+from llmcore.models.llama import ARCHITECTURES
+from llmcore.plugins import get_registry
 
 log = logging.getLogger("llmcore.models")
 
 
 def architectures() -> dict[str, type]:
-    from llmcore.models.llama import ARCHITECTURES
-    from llmcore.plugins import get_registry
-
     archs = dict(ARCHITECTURES)
     for contributed in get_registry().hook.llmcore_model_architectures():
         for name, cls in (contributed or {}).items():

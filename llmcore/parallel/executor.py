@@ -19,6 +19,9 @@ Set-up calls that every rank must make (allocate the KV cache and capture CUDA g
 measure the KV budget, embed) are sent the same way and answered over the pipe; the KV budget
 is the smallest over the ranks.
 
+The pieces: this module is rank 0 (the supervisor); :mod:`llmcore.parallel.worker` is the
+loop every other rank runs; :mod:`llmcore.parallel.wire` is the per-step message format.
+
 Failures: a worker that raises sends its traceback and exits; one that dies closes its pipe.
 Rank 0 notices at once (gloo fails the pending collective; on NCCL a watchdog thread aborts
 the process group so rank 0 stops waiting on the GPU) and raises
@@ -30,6 +33,7 @@ second) and at interpreter exit. Every process gets ``NCCL_NVLS_ENABLE=0``,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import logging
@@ -37,275 +41,32 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import pickle
-import signal
-import sys
 import threading
 import time
-import traceback
 import weakref
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
 from llmcore.errors import LlmcoreError
+from llmcore.parallel.tensor_parallel import TPGroup
+from llmcore.parallel.validate import validate_tensor_parallel
+from llmcore.parallel.wire import BatchEncoder
+from llmcore.parallel.worker import (
+    NO_MULTICAST_ENV, OPS, STOP_TIMEOUT_S, WorkerSpec, destroy_group, quiet, release_runner, worker_main,
+)
 
 log = logging.getLogger("llmcore.parallel")
 
-#: set in every process of a tensor-parallel group, before torch.distributed starts
-NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DEFAULT_TIMEOUT_S = 300.0  # a collective or a set-up answer slower than this is a failure
-STOP_TIMEOUT_S = 30.0
-TRACEBACK_CHARS = 30_000
 
 
 class TensorParallelError(LlmcoreError):
     """A rank of a tensor-parallel group failed; the message carries its traceback."""
-
-
-@dataclasses.dataclass
-class _Spec:
-    """What a worker needs to build its rank (pickled once, at spawn)."""
-
-    device: Any  # the engine's Device (its class is importable in the worker)
-    model_config: Any
-    folder: str
-    dtype: str
-    eos_token_ids: list[int]
-    max_model_len: int
-    world_size: int
-    backend: str
-    port: int
-    timeout_s: float
-    threads: int | None  # torch threads per rank (CPU)
-    parent_pid: int
-    fault: dict | None = None  # tests: extra["tp_fault"] = {"rank", "op", "at", "kind"}
-
-
-# ------------------------------------------------------------------ per-rank code (all ranks)
-
-
-def _init_group(spec: _Spec, rank: int) -> None:
-    import torch
-    import torch.distributed as dist
-
-    if spec.backend == "nccl":
-        torch.cuda.set_device(rank)
-    store = dist.TCPStore("127.0.0.1", spec.port, spec.world_size, is_master=False,
-                          timeout=timedelta(seconds=spec.timeout_s))
-    dist.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.world_size,
-                            timeout=timedelta(seconds=spec.timeout_s))
-
-
-def _build(spec: _Spec, rank: int, device: Any):
-    import torch
-
-    from llmcore.parallel.tensor_parallel import TPGroup, activate
-
-    with activate(TPGroup(rank, spec.world_size)):
-        runner = device.create_runner(spec.model_config, Path(spec.folder), spec.dtype,
-                                      list(spec.eos_token_ids), spec.max_model_len)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    return runner
-
-
-class _NullSampler:
-    """Workers compute the same logits as rank 0; only rank 0's samples are used."""
-
-    def release(self, keys) -> None:
-        pass
-
-    def __call__(self, logits, entries):
-        from llmcore.engine.batch import SampleResult
-
-        return [SampleResult(token_ids=[0] * e.num_samples) for e in entries]
-
-
-def _op_warmup(runner) -> float:
-    import torch
-
-    from llmcore.parallel.tensor_parallel import TPGroup
-
-    t = torch.ones(1, dtype=torch.float32, device=runner.device)
-    TPGroup(0, 0).all_reduce(t)  # the default group: creates the NCCL communicator before any graph capture
-    return float(t.item())
-
-
-def _op_embed(runner, token_ids):
-    return runner.embed(token_ids)
-
-
-def _op_set_num_threads(runner, n: int) -> None:
-    import torch
-
-    if hasattr(runner, "set_num_threads"):
-        runner.set_num_threads(n)
-    else:
-        torch.set_num_threads(n)
-
-
-def _op_getattr(runner, name: str):
-    value = getattr(runner, name, None)
-    return dict(value) if isinstance(value, dict) else value
-
-
-_OPS = {
-    "warmup": _op_warmup,
-    "allocate_kv_cache": lambda runner, n: runner.allocate_kv_cache(n),
-    "profile_kv_budget": lambda runner, u: runner.profile_kv_budget(u),
-    "set_num_threads": _op_set_num_threads,
-    "embed": _op_embed,
-    "getattr": _op_getattr,
-}
-
-
-def _release_runner(runner: Any) -> None:
-    """Drop CUDA graphs first: NCCL's teardown waits while a graph that captured it is alive."""
-    if runner is None:
-        return
-    graphs = getattr(runner, "graphs", None)
-    if isinstance(graphs, dict):
-        graphs.clear()
-    if hasattr(runner, "_pending"):
-        runner._pending = None
-
-
-def _destroy_group(backend: str, healthy: bool, timeout: float = STOP_TIMEOUT_S) -> None:
-    """Leave the process group without ever blocking for long (abort when it would)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return
-    if healthy:
-        if backend == "nccl":
-            import torch
-
-            try:
-                torch.cuda.synchronize()
-            except Exception:
-                pass
-        t = threading.Thread(target=_quiet(dist.destroy_process_group), daemon=True)
-        t.start()
-        t.join(timeout)
-        if not t.is_alive():
-            return
-        log.warning("torch.distributed did not shut down within %.0f s; aborting the group", timeout)
-    if backend == "nccl":
-        from torch.distributed import distributed_c10d as c10d
-
-        _quiet(c10d._abort_process_group)()  # also forgets the default group
-    else:
-        _quiet(dist.destroy_process_group)()
-
-
-def _quiet(fn):
-    def run(*a):
-        try:
-            fn(*a)
-        except Exception as exc:  # best effort while shutting down
-            log.debug("%s: %s", getattr(fn, "__name__", fn), exc)
-    return run
-
-
-# ------------------------------------------------------------------------------ worker
-
-
-def _orphan_guard(parent_pid: int) -> None:
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent_pid:
-            os._exit(3)  # rank 0's process is gone: nobody will ever talk to us again
-
-
-def _maybe_fault(spec: _Spec, rank: int, op: str, counts: dict[str, int]) -> None:
-    f = spec.fault
-    if not f or f.get("rank", spec.world_size - 1) != rank or f.get("op", "execute") != op:
-        return
-    counts[op] = counts.get(op, 0) + 1
-    if counts[op] != int(f.get("at", 1)):
-        return
-    kind = f.get("kind", "raise")
-    if kind == "exit":
-        os._exit(int(f.get("code", 7)))
-    if kind == "hang":
-        time.sleep(3600)
-    raise RuntimeError(f"injected fault in rank {rank} at {op} #{counts[op]} (extra['tp_fault'])")
-
-
-def _worker_main(spec: _Spec, rank: int, conn) -> None:
-    os.environ.update(NO_MULTICAST_ENV)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # rank 0 shows the progress bars
-    if spec.threads:
-        os.environ["OMP_NUM_THREADS"] = str(spec.threads)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to rank 0, which stops us
-    try:  # tqdm's default lock is a multiprocessing semaphore, which os._exit below would leak
-        from tqdm import tqdm
-
-        tqdm.set_lock(threading.RLock())
-    except Exception:
-        pass
-    threading.Thread(target=_orphan_guard, args=(spec.parent_pid,), daemon=True, name="orphan-guard").start()
-    state = {"op": "start"}
-    code = 0
-    try:
-        import torch  # noqa: F401
-
-        conn.send(("ok", os.getpid()))
-        _init_group(spec, rank)
-        state["op"] = "load"
-        _maybe_fault(spec, rank, "load", {})
-        runner = _build(spec, rank, spec.device)
-        runner.sampler = _NullSampler()
-        conn.send(("ok", runner.kv_bytes_per_block()))
-        _serve(spec, rank, conn, runner, state)
-    except BaseException:
-        code = 1
-        tb = traceback.format_exc()
-        if len(tb) > TRACEBACK_CHARS:
-            tb = "...\n" + tb[-TRACEBACK_CHARS:]
-        try:
-            conn.send(("error", rank, state["op"], tb))
-        except Exception:
-            pass
-        print(f"llmcore tensor-parallel rank {rank} failed in {state['op']}:\n{tb}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # skip interpreter teardown: NCCL/CUDA state needs none, and it can hang
-
-
-def _serve(spec: _Spec, rank: int, conn, runner, state: dict) -> None:
-    counts: dict[str, int] = {}
-    decoder = _BatchDecoder()
-    while True:
-        state["op"] = "idle"
-        try:
-            msg = pickle.loads(conn.recv_bytes())
-        except EOFError:
-            return  # rank 0 is gone
-        kind = msg[0]
-        if kind == "execute":
-            state["op"] = "execute"
-            _maybe_fault(spec, rank, "execute", counts)
-            runner.execute(decoder.decode(msg))
-        elif kind == "call":
-            op, args = msg[1], msg[2]
-            state["op"] = op
-            _maybe_fault(spec, rank, op, counts)
-            result = _OPS[op](runner, *args)
-            conn.send(("ok", result if op in ("getattr", "profile_kv_budget", "warmup") else None))
-        elif kind == "stop":
-            state["op"] = "stop"
-            _release_runner(runner)
-            runner = None
-            gc.collect()
-            _destroy_group(spec.backend, healthy=True)
-            conn.send(("ok", None))
-            return
-        else:
-            raise RuntimeError(f"unknown message {kind!r}")
-
-
-# ------------------------------------------------------------------------------ rank 0
 
 
 def _stop_processes(procs: list, conns: list, grace: float) -> None:
@@ -358,24 +119,18 @@ class TensorParallelRunner:
 
     Attributes it does not define (``stats``, ``model``, ``graphs``, ...) read rank 0's runner.
     ``extra`` options: ``tp_timeout_s`` (default 300: collectives and set-up answers),
-    ``tp_fault`` (tests: make a worker fail).
+    ``tp_worker_hook`` (a picklable ``hook(rank, op)`` each worker calls before each op).
     """
 
     def __init__(self, device: Any, model_config: Any, folder: Path, dtype: str, eos_token_ids: list[int],
                  max_model_len: int) -> None:
-        from llmcore.parallel.validate import validate_tensor_parallel
-
         cfg = device.config
         n = cfg.tensor_parallel_size
         validate_tensor_parallel(n, model_config, device, quantization=cfg.quantization,
                                  compile_decode=bool(getattr(cfg, "compile_decode", False)))
-
-        import torch
-        import torch.distributed as dist
-
         if dist.is_initialized() and _OWNER is not None and _OWNER() is None:
             # left by an engine that was dropped without shutdown(): its workers are gone
-            _destroy_group(_OWNER_BACKEND[0], healthy=False)
+            destroy_group(_OWNER_BACKEND[0], healthy=False)
         if dist.is_initialized():
             raise TensorParallelError(
                 "torch.distributed is already initialized in this process (another tensor-parallel "
@@ -393,7 +148,7 @@ class TensorParallelRunner:
         self._broken: str | None = None
         self._died: tuple[int, int | None] | None = None
         self._errors: dict[int, Any] = {}  # worker index -> ("error", rank, op, traceback)
-        self._encoder = _BatchEncoder()
+        self._encoder = BatchEncoder()
         self._threads_before = torch.get_num_threads()
         threads = None
         if self.backend == "gloo":  # ranks share the CPU: split the thread budget
@@ -403,8 +158,9 @@ class TensorParallelRunner:
                               timeout=timedelta(seconds=self.timeout_s))
         self._store = store
         worker_device = _copy_device(device)
-        spec = _Spec(worker_device, model_config, str(folder), dtype, list(eos_token_ids), max_model_len, n,
-                     self.backend, store.port, self.timeout_s, threads, os.getpid(), extra.get("tp_fault"))
+        spec = WorkerSpec(worker_device, model_config, str(folder), dtype, list(eos_token_ids), max_model_len,
+                          n, self.backend, store.port, self.timeout_s, threads, os.getpid(),
+                          extra.get("tp_worker_hook"))
         self._wake_r, self._wake_w = mp.Pipe(duplex=False)
         self._stopping = threading.Event()
         self._finalizer = weakref.finalize(self, _finalize, self._procs, self._conns, self._stopping, self._wake_w)
@@ -413,7 +169,7 @@ class TensorParallelRunner:
             ctx = mp.get_context("spawn")
             for r in range(1, n):
                 parent, child = ctx.Pipe()
-                p = ctx.Process(target=_worker_main, args=(spec, r, child), name=f"llmcore-tp-rank{r}",
+                p = ctx.Process(target=worker_main, args=(spec, r, child), name=f"llmcore-tp-rank{r}",
                                 daemon=True)
                 p.start()
                 child.close()
@@ -429,11 +185,9 @@ class TensorParallelRunner:
             dist.init_process_group(self.backend, store=store, rank=0, world_size=n,
                                     timeout=timedelta(seconds=self.timeout_s))
             _set_owner(self)
-            from llmcore.parallel.tensor_parallel import TPGroup, activate
-
             try:
-                with activate(TPGroup(0, n)):
-                    self.runner = device.create_runner(model_config, folder, dtype, eos_token_ids, max_model_len)
+                self.runner = device.create_runner(model_config, folder, dtype, eos_token_ids, max_model_len,
+                                                   tp=TPGroup(0, n))
             except Exception as exc:
                 raise self._fail("rank 0 failed to load its shard", exc) from exc
             if threads:
@@ -520,16 +274,14 @@ class TensorParallelRunner:
                 except Exception:
                     healthy = False
         runner, self.runner = self.runner, None
-        _release_runner(runner)
+        release_runner(runner)
         del runner
         gc.collect()
-        _destroy_group(self.backend, healthy)
+        destroy_group(self.backend, healthy)
         _stop_processes(self._procs, self._conns, grace=STOP_TIMEOUT_S if healthy else 2.0)
         self._finalizer.detach()
         self._store = None
         if self.threads_per_rank:
-            import torch
-
             torch.set_num_threads(self._threads_before)
         log.info("tensor parallel: workers stopped")
 
@@ -557,7 +309,7 @@ class TensorParallelRunner:
         self._check()
         self._send(pickle.dumps(("call", op, args), protocol=pickle.HIGHEST_PROTOCOL), op)
         try:
-            mine = _OPS[op](self.runner, *args)
+            mine = OPS[op](self.runner, *args)
         except Exception as exc:
             raise self._fail(f"rank 0 failed in {op}", exc) from exc
         except BaseException:
@@ -668,62 +420,13 @@ def _watch(ref: weakref.ref, procs: list, wake, stopping: threading.Event) -> No
         return
     log.error("tensor-parallel rank %d exited (code %s); failing the group", *me._died)
     if me.backend == "nccl":  # unblock rank 0 if it waits on a collective that will never finish
-        from torch.distributed import distributed_c10d as c10d
-
-        _quiet(c10d._abort_process_group)()
+        quiet(c10d._abort_process_group)()
 
 
 def _copy_device(device: Any) -> Any:
     """The device as workers get it: same settings, progress bars off (rank 0 shows them)."""
-    import copy
-
     dev = copy.copy(device)
     cfg = getattr(device, "config", None)
     if cfg is not None and dataclasses.is_dataclass(cfg):
         dev.config = dataclasses.replace(cfg, progress=False)
     return dev
-
-
-class _BatchEncoder:
-    """A ScheduledBatch as rank 0 sends it: compact tuples, each request's SamplingParams once.
-
-    Workers run the same forward but sample nothing, so token histories go along only where
-    prompt logprobs read them. Params are sent the first step a sequence key appears and
-    forgotten (on both sides) when the scheduler reports the key finished.
-    """
-
-    def __init__(self) -> None:
-        self.sent: dict[str, Any] = {}
-
-    def encode(self, batch) -> tuple:
-        sent = self.sent
-        for k in batch.finished_keys:  # first: a finished key may come back as a new request
-            sent.pop(k, None)
-        new = {}
-        seqs = []
-        for s in batch.seqs:
-            if sent.get(s.key) is not s.params:
-                sent[s.key] = new[s.key] = s.params
-            seqs.append((s.seq_id, s.key, s.token_ids, s.start_pos, s.block_table,
-                         s.history if s.want_prompt_logprobs else (), s.num_prompt_tokens, s.sample,
-                         s.num_samples, s.seeds, s.rng_keys, s.want_prompt_logprobs))
-        return ("execute", seqs, new, batch.block_copies, batch.finished_keys)
-
-
-class _BatchDecoder:
-    def __init__(self) -> None:
-        self.params: dict[str, Any] = {}
-
-    def decode(self, msg: tuple):
-        from llmcore.engine.batch import ScheduledBatch, ScheduledSeq
-
-        _, seqs, new, copies, finished = msg
-        params = self.params
-        for k in finished:
-            params.pop(k, None)
-        params.update(new)
-        out = [ScheduledSeq(seq_id=t[0], key=t[1], token_ids=t[2], start_pos=t[3], block_table=t[4],
-                            params=params[t[1]], history=t[5], num_prompt_tokens=t[6], sample=t[7],
-                            num_samples=t[8], seeds=t[9], rng_keys=t[10], want_prompt_logprobs=t[11])
-               for t in seqs]
-        return ScheduledBatch(out, copies, finished)

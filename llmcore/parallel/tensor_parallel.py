@@ -20,13 +20,12 @@ Two ways to get a rank's model, with identical results (tests/parallel checks it
 * :func:`apply_tensor_parallel`: the transform on a built, fully loaded model;
 * the runner's loading hook (:class:`TPGroup` ``local_config`` / ``shard_weights`` /
   ``finish``): the model is built with the local shapes and each checkpoint tensor is sliced
-  as it is read, so a device never holds more than its shard. ``TorchModelRunner`` uses it
-  while :func:`activate` is in effect (the executor activates it around ``create_runner``).
+  as it is read, so a device never holds more than its shard. The executor passes each rank's
+  group to ``Device.create_runner(..., tp=group)``, which hands it to ``TorchModelRunner``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 from typing import Any, Callable, Iterable, Iterator
@@ -38,8 +37,7 @@ from llmcore.models.config import ModelConfig
 from llmcore.parallel.validate import check_divides, tensor_parallel_sizes, validate_tensor_parallel
 
 __all__ = [
-    "TPGroup", "RowParallelLinear", "activate", "active", "apply_tensor_parallel", "current_rank",
-    "local_config", "shard_checkpoint", "tensor_parallel_sizes", "validate_tensor_parallel",
+    "TPGroup", "RowParallelLinear", "apply_tensor_parallel", "local_config", "shard_checkpoint", "tensor_parallel_sizes", "validate_tensor_parallel",
     "wrap_row_parallel",
 ]
 
@@ -74,30 +72,6 @@ class TPGroup:
 
     def finish(self, model: nn.Module) -> None:
         wrap_row_parallel(model, self)
-
-
-_ACTIVE: TPGroup | None = None
-
-
-def active() -> TPGroup | None:
-    """The group a runner being built in this process belongs to (None: no tensor parallelism)."""
-    return _ACTIVE
-
-
-def current_rank() -> int:
-    """This process's rank while a tensor-parallel runner is built, else 0 (device index)."""
-    return _ACTIVE.rank if _ACTIVE is not None else 0
-
-
-@contextlib.contextmanager
-def activate(tp: TPGroup):
-    """Build runners as rank ``tp.rank`` of ``tp.world_size`` inside this block."""
-    global _ACTIVE
-    prev, _ACTIVE = _ACTIVE, tp
-    try:
-        yield tp
-    finally:
-        _ACTIVE = prev
 
 
 def local_config(cfg: ModelConfig, n: int) -> ModelConfig:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from llmcore.errors import ConfigError, ModelLoadError
+from llmcore.models.llama import STACKED_PROJECTIONS
 from llmcore.quantization.awq_format import (
     dequantize_awq, pack_awq, pick_group_size, quantize_groups_minmax, unpack_awq,
 )
@@ -119,9 +120,7 @@ class Int4Linear(nn.Module):
 
 def _stacked_target(name: str) -> tuple[str, int | None]:
     """Our module name and shard index for an HF layer name (q/k/v and gate/up are fused)."""
-    from llmcore.models.llama import _STACKED
-
-    for hf, (ours, idx) in _STACKED.items():
+    for hf, (ours, idx) in STACKED_PROJECTIONS.items():
         if name.endswith(f".{hf}"):
             return name[: -len(hf)] + ours, idx
     return name, None

@@ -29,9 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmcore.errors import ConfigError, ModelLoadError
+from llmcore.models.loader import resolve_model
 from llmcore.quantization.awq_format import pick_group_size, quantize_groups, to_checkpoint
+from llmcore.quantization.handler import checkpoint_format
 
 log = logging.getLogger("llmcore.quantization")
 
@@ -157,12 +161,6 @@ def quantize_awq(model: str | Path | None, calibration: str | Path, output: str 
                  group_size: int | None = None, search: bool = True, max_tokens: int = 1024,
                  seq_len: int = 512, n_grid: int = 20) -> QuantizeReport:
     """Write an AutoAWQ GEMM checkpoint of ``model`` to ``output``; returns what was done."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llmcore.models.loader import resolve_model
-    from llmcore.quantization.handler import checkpoint_format
-
     t0 = time.perf_counter()
     src = resolve_model(model)
     if checkpoint_format(src):

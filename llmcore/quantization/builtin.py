@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmcore.quantization.registry import QuantMethod
+from llmcore.capabilities import QuantMethod
 
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 BNB_HINT = "pip install bitsandbytes (or 'llmcore[quant]')"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from llmcore.plugins import load_plugins
 from llmcore.quantization.registry import matrix, methods
 
 DEVICES = ("cpu", "cuda", "neuron", "rbln")
@@ -20,8 +21,6 @@ PAGE = Path(__file__).resolve().parents[2] / "docs" / "quantization.md"
 
 def matrix_markdown(plugins=None) -> str:
     if plugins is None:
-        from llmcore.plugins import load_plugins
-
         plugins = load_plugins(entry_points=[])  # the core's methods only, whatever is installed here
     cells = matrix(plugins, DEVICES)
     rows = ["| method | bits | checkpoint | " + " | ".join(DEVICES) + " |",

@@ -41,12 +41,6 @@ def perplexity(engine, text: str | None = None, max_tokens: int | None = None, w
     return math.exp(sum(nlls) / len(nlls))
 
 
-def model_weight_bytes(engine) -> int:
-    from llmcore.quantization.handler import weight_bytes
-
-    return weight_bytes(engine.runner.model)
-
-
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

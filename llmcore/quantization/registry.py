@@ -1,6 +1,6 @@
 """The quantization registry: which methods exist, on which devices they run, how they load.
 
-A :class:`QuantMethod` is data (importing this module never imports torch). The
+A :class:`~llmcore.capabilities.QuantMethod` is data (importing this module never imports torch). The
 core's own methods are listed in :mod:`llmcore.quantization.builtin`; plugins add
 theirs through the ``llmcore_quantization_methods`` hook. A device's probe lists
 the methods it offers *now* (declared for the device and with their
@@ -11,88 +11,18 @@ registry, so ``Engine(quantization=...)``, ``--quantization`` and
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
+from llmcore.capabilities import QuantMethod
 from llmcore.errors import ConfigError
+from llmcore.plugins import get_registry
+from llmcore.quantization.builtin import BUILTIN_METHODS
 
 log = logging.getLogger("llmcore.quantization")
 
 
-@dataclass(frozen=True)
-class QuantMethod:
-    """One weight-quantization method and where it runs.
-
-    :param name: what users type (``--quantization NAME``).
-    :param devices: device names it is implemented for.
-    :param dtypes: activation dtypes it computes in.
-    :param prequantized: True if it loads a checkpoint quantized ahead of time
-        (for example by ``llmcore quantize``); False if it quantizes at load.
-    :param bits: bits per weight of the quantized layers.
-    :param loader: ``"module:function"`` (imported on first use, so probes stay
-        torch-free) or a callable ``loader(device: str, dtype: str, **options)``
-        returning a handler (see :class:`llmcore.quantization.handler.QuantHandler`).
-    :param requires: modules that must be importable on every device.
-    :param requires_on: extra modules per device (e.g. ``{"cuda": ("triton",)}``).
-    :param checkpoint_format: for pre-quantized methods, the ``quant_method`` a
-        checkpoint's ``config.json`` ``quantization_config`` must carry.
-    """
-
-    name: str
-    devices: tuple[str, ...]
-    dtypes: tuple[str, ...]
-    prequantized: bool
-    bits: int
-    description: str
-    loader: str | Callable[..., Any]
-    requires: tuple[str, ...] = ()
-    requires_on: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    checkpoint_format: str | None = None
-    install_hint: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.name or self.name != self.name.strip().lower():
-            raise ValueError(f"quantization method name {self.name!r} must be non-empty lower case")
-        if not self.devices:
-            raise ValueError(f"quantization method {self.name!r} declares no devices")
-        if self.bits <= 0:
-            raise ValueError(f"quantization method {self.name!r}: bits={self.bits} must be positive")
-        if self.prequantized and not self.checkpoint_format:
-            raise ValueError(f"pre-quantized method {self.name!r} must name its checkpoint_format")
-
-    def __hash__(self) -> int:  # requires_on is a dict; the name identifies a method
-        return hash(self.name)
-
-    def missing(self, device: str) -> list[str]:
-        """Required modules that are not importable for ``device`` (cheap: find_spec only)."""
-        needed = (*self.requires, *self.requires_on.get(device, ()))
-        return [m for m in needed if not _importable(m)]
-
-    def available_on(self, device: str) -> bool:
-        return device in self.devices and not self.missing(device)
-
-    def load(self, device: str, dtype: str, **options: Any):
-        """Build this method's handler for ``device`` computing in ``dtype``."""
-        loader = self.loader
-        if isinstance(loader, str):
-            module, _, attr = loader.partition(":")
-            loader = getattr(importlib.import_module(module), attr)
-        return loader(method=self, device=device, dtype=dtype, **options)
-
-
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def builtin_methods() -> list[QuantMethod]:
-    from llmcore.quantization.builtin import BUILTIN_METHODS
-
     return list(BUILTIN_METHODS)
 
 
@@ -101,8 +31,6 @@ def methods(plugins: Any = None) -> list[QuantMethod]:
     found = builtin_methods()
     names = {m.name for m in found}
     if plugins is None:
-        from llmcore.plugins import get_registry
-
         plugins = get_registry()
     for answer in plugins.hook.llmcore_quantization_methods():
         for m in answer or ():

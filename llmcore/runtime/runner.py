@@ -23,7 +23,7 @@ from llmcore.models import registry
 from llmcore.models.config import ModelConfig
 from llmcore.models.loader import count_tensors, iter_safetensors
 from llmcore.outputs import Logprob
-from llmcore.parallel import tensor_parallel
+from llmcore.parallel.tensor_parallel import TPGroup
 from llmcore.runtime.attention import AttentionBackend, AttentionMetadata
 from llmcore.runtime.sampler import Sampler
 
@@ -108,8 +108,10 @@ class TorchModelRunner:
         seed: int = 0,
         progress: bool = True,
         quantization: str | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
         self.config = model_config
+        self.tp = tp  # one rank of a tensor-parallel group: build and load its shard only
         self.quantization = quantization
         self.device = device
         self.dtype = TORCH_DTYPES[dtype]
@@ -139,7 +141,7 @@ class TorchModelRunner:
         cls = registry.get_architecture(self.config.architecture)
         t0 = time.perf_counter()
         quant = self._quant_handler(folder)  # refuses a mismatched checkpoint before any tensor is read
-        tp = tensor_parallel.active()  # one rank of a tensor-parallel group: build and load its shard only
+        tp = self.tp
         if tp is not None:
             self.config = tp.local_config(self.config)
         with torch.device("meta"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-import llmcore.quantization.registry as registry
+import llmcore.capabilities as capabilities
 from llmcore.config import EngineConfig
 from llmcore.errors import ConfigError
 from llmcore.quantization import available_names
@@ -36,8 +36,8 @@ def fake_gpu(monkeypatch):
 
 
 def importable_except(monkeypatch, *missing: str) -> None:
-    real = registry._importable
-    monkeypatch.setattr(registry, "_importable",
+    real = capabilities._importable
+    monkeypatch.setattr(capabilities, "_importable",
                         lambda name: name not in missing and (name in ("triton", "bitsandbytes") or real(name)))
 
 

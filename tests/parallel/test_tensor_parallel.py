@@ -26,9 +26,10 @@ from llmcore.capabilities import Capabilities
 from llmcore.errors import ConfigError
 from llmcore.models.config import ModelConfig
 from llmcore.parallel.executor import TensorParallelError
-from llmcore.parallel.tensor_parallel import TPGroup, activate, apply_tensor_parallel, local_config
+from llmcore.parallel.tensor_parallel import TPGroup, apply_tensor_parallel, local_config
 from llmcore.parallel.validate import tensor_parallel_sizes, validate_tensor_parallel
 from llmcore.sampling_params import SamplingParams
+from tests.parallel.faults import Fault
 
 ENGINE_KW = dict(device="cpu", dtype="float32", progress=False, num_kv_blocks=128, max_num_seqs=8,
                  max_num_batched_tokens=32)
@@ -83,18 +84,8 @@ def _full_runner(folder, tp: TPGroup | None = None):
     from llmcore.runtime.runner import TorchModelRunner
 
     cfg = ModelConfig.from_path(folder)
-    ctx = activate(tp) if tp is not None else _nullcontext()
-    with ctx:
-        return TorchModelRunner(cfg, folder, torch.device("cpu"), "float32", TorchPagedAttention(), block_size=16,
-                                max_model_len=64, eos_token_ids=[2], progress=False)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
+    return TorchModelRunner(cfg, folder, torch.device("cpu"), "float32", TorchPagedAttention(), block_size=16,
+                            max_model_len=64, eos_token_ids=[2], progress=False, tp=tp)
 
 
 def _attn_inputs(model, t=9, seed=0):
@@ -336,7 +327,7 @@ def test_worker_raising_mid_step_is_a_clear_error(tiny_llama):
     from llmcore import Engine
 
     eng = Engine(model=str(tiny_llama), tensor_parallel_size=2,
-                 extra={"tp_fault": {"rank": 1, "op": "execute", "at": 3, "kind": "raise"}}, **ENGINE_KW)
+                 extra={"tp_worker_hook": Fault(op="execute", rank=1, at=3, kind="raise")}, **ENGINE_KW)
     pids = list(eng.runner.worker_pids)
     t0 = time.monotonic()
     with pytest.raises(TensorParallelError) as e:
@@ -372,7 +363,7 @@ def test_worker_failing_to_load_stops_the_engine_start(tiny_llama):
 
     with pytest.raises(TensorParallelError, match="rank 1 failed in load(.|\n)*injected fault"):
         Engine(model=str(tiny_llama), tensor_parallel_size=2,
-               extra={"tp_fault": {"op": "load", "kind": "raise"}}, **ENGINE_KW)
+               extra={"tp_worker_hook": Fault(op="load", kind="raise")}, **ENGINE_KW)
     assert _group_down() and multiprocessing.active_children() == []
 
 

@@ -17,6 +17,8 @@ import time
 import pytest
 import torch
 
+from tests.parallel.faults import Fault
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
@@ -156,7 +158,7 @@ def test_worker_failure_is_an_error_not_a_hang(folders, kind):
 
     eng = Engine(model=str(folders["llama"]), device="cuda", dtype="bfloat16", progress=False,
                  tensor_parallel_size=2, max_num_seqs=8, max_model_len=512,
-                 extra={"tp_fault": {"rank": 1, "op": "execute", "at": 6, "kind": kind}})
+                 extra={"tp_worker_hook": Fault(op="execute", rank=1, at=6, kind=kind)})
     pids = list(eng.runner.worker_pids)
     sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     t0 = time.monotonic()

@@ -51,7 +51,7 @@ def test_unknown_method_lists_every_known_one(reports):
 def test_missing_requirement_says_what_to_install(reports, monkeypatch):
     import dataclasses
 
-    import llmcore.quantization.registry as reg
+    import llmcore.capabilities as reg
 
     cpu = next(r.probe for r in reports if r.probe.name == "cpu")
     without_bnb = dataclasses.replace(

@@ -97,10 +97,10 @@ def _old_swap(method: str, model: nn.Module, dtype: torch.dtype, monkeypatch) ->
 # ------------------------------------------------------------------------------ comparing
 
 
-def _runner(folder: Path, method: str | None, dtype: str) -> TorchModelRunner:
+def _runner(folder: Path, method: str | None, dtype: str, tp=None) -> TorchModelRunner:
     return TorchModelRunner(ModelConfig.from_path(folder), Path(folder), torch.device("cpu"), dtype,
                             TorchPagedAttention(), block_size=16, max_model_len=64, eos_token_ids=[2],
-                            progress=False, quantization=method)
+                            progress=False, quantization=method, tp=tp)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -229,12 +229,11 @@ def test_checkpoint_order_does_not_matter(deep_llama, method, monkeypatch):
 @pytest.mark.parametrize("method", [None, "eetq"])
 def test_tensor_parallel_shard_loads_quantized(tiny_qwen2, method, monkeypatch):
     """A rank's shard, streamed and quantized, equals quantizing that rank's loaded float shard."""
-    from llmcore.parallel.tensor_parallel import TPGroup, activate
+    from llmcore.parallel.tensor_parallel import TPGroup
 
     for rank in range(2):
         tp = TPGroup(rank, 2, reduce_fn=lambda t: None)
-        with activate(tp):
-            got = _runner(tiny_qwen2, method, "float32").model
+        got = _runner(tiny_qwen2, method, "float32", tp=tp).model
         cfg = tp.local_config(ModelConfig.from_path(tiny_qwen2))
         with torch.device("meta"):
             want = registry.get_architecture(cfg.architecture)(cfg)

@@ -105,7 +105,7 @@ class CpuDevice(Device):
     def tensor_parallel_limit(self):
         return os.cpu_count() or 1, "CPU cores (at least one thread per rank)"
 
-    def create_runner(self, model_config, folder, dtype, eos_token_ids, max_model_len):
+    def create_runner(self, model_config, folder, dtype, eos_token_ids, max_model_len, tp=None):
         import torch
 
         from llmcore.runtime.attention import TorchPagedAttention
@@ -117,7 +117,7 @@ class CpuDevice(Device):
             model_config, folder, torch.device("cpu"), dtype, TorchPagedAttention(),
             block_size=self.block_size, max_model_len=max_model_len,
             eos_token_ids=eos_token_ids, seed=self.config.seed, progress=self.config.progress,
-            quantization=self.config.quantization,
+            quantization=self.config.quantization, tp=tp,
         )
         if self.config.compile_decode and not self.config.enforce_eager:
             from llmcore_cpu.compiled_decode import install

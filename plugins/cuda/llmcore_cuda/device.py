@@ -22,12 +22,10 @@ class CudaDevice(Device):
 
         return torch.cuda.device_count(), "GPUs (torch.cuda.device_count())"
 
-    def create_runner(self, model_config, folder, dtype, eos_token_ids, max_model_len):
+    def create_runner(self, model_config, folder, dtype, eos_token_ids, max_model_len, tp=None):
         import torch
 
-        from llmcore.parallel.tensor_parallel import current_rank
-
-        dev = torch.device("cuda", current_rank())
+        dev = torch.device("cuda", tp.rank if tp is not None else 0)  # rank r runs on GPU r
         torch.cuda.set_device(dev)
         if not triton_available():
             from llmcore.runtime.attention import TorchPagedAttention
@@ -39,14 +37,14 @@ class CudaDevice(Device):
                 model_config, folder, dev, dtype, TorchPagedAttention(),
                 block_size=self.block_size, max_model_len=max_model_len,
                 eos_token_ids=eos_token_ids, seed=self.config.seed,
-                quantization=self.config.quantization,
+                quantization=self.config.quantization, tp=tp,
             )
         from llmcore_cuda.runner import CudaModelRunner
 
         return CudaModelRunner(
             model_config, folder, dev, dtype, block_size=self.block_size,
             max_model_len=max_model_len, eos_token_ids=eos_token_ids, engine_config=self.config,
-            seed=self.config.seed, quantization=self.config.quantization,
+            seed=self.config.seed, quantization=self.config.quantization, tp=tp,
         )
 
     def kv_cache_bytes(self, runner):

@@ -157,14 +157,15 @@ class _Staging:
 
 class CudaModelRunner(TorchModelRunner):
     def __init__(self, model_config, folder, device, dtype, block_size, max_model_len, eos_token_ids,
-                 engine_config, seed: int = 0, progress: bool = True, quantization: str | None = None) -> None:
+                 engine_config, seed: int = 0, progress: bool = True, quantization: str | None = None,
+                 tp=None) -> None:
         from llmcore_cuda.attention import TritonPagedAttention
         from llmcore_cuda.model import FusedLlama
 
         # the core loader checks the checkpoint against the method and swaps the layers
         super().__init__(model_config, folder, device, dtype, TritonPagedAttention(), block_size=block_size,
                          max_model_len=max_model_len, eos_token_ids=eos_token_ids, seed=seed,
-                         progress=progress, quantization=quantization)
+                         progress=progress, quantization=quantization, tp=tp)
         ec = engine_config
         extra = ec.extra or {}
         self.progress = progress

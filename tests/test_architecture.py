@@ -1,0 +1,171 @@
+"""The house's rules, checked from the code's own imports (read with ``ast``, nothing imported).
+
+- No import cycle inside ``llmcore/``, counting imports inside functions: between files, and
+  between rooms (a room is a sub-package such as ``llmcore.engine``, or a top-level module).
+- No function in ``llmcore/`` imports another ``llmcore`` module: such an import hides a dependency
+  (and usually a cycle). Imports inside functions are kept for optional third-party packages.
+- Every import points down the floors listed in docs/architecture.md, never back up.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "llmcore"
+
+# Floors, lowest first: a room may import its own floor's rooms' public names only where listed
+# in SAME_FLOOR_OK, and any room on a lower floor. docs/architecture.md draws the same picture.
+FLOORS: list[tuple[str, ...]] = [
+    ("llmcore.errors", "llmcore.version", "llmcore.capabilities", "llmcore.sampling_params",
+     "llmcore.outputs", "llmcore.config", "llmcore.batch"),
+    ("llmcore.hookspecs", "llmcore.plugins"),
+    ("llmcore.models", "llmcore.quantization", "llmcore.structured"),
+    ("llmcore.parallel", "llmcore.device", "llmcore.runtime", "llmcore.selection", "llmcore.compiled"),
+    ("llmcore.engine",),
+    ("llmcore.testing", "llmcore.bench"),
+    ("llmcore.server", "llmcore.cli", "llmcore", "llmcore.__main__"),
+]
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in (ROOT / PACKAGE).rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _target(name: str) -> str | None:
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _imports(module: str, path: Path) -> list[tuple[str, bool]]:
+    """(imported llmcore module, inside a function) for every import statement in ``path``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    inside = {id(node) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom))}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                here = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+                here = here[: len(here) - node.level + 1]
+                base = ".".join(here + ([base] if base else []))
+            # ``from pkg import sub`` imports the module pkg.sub; ``from mod import name`` imports mod
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        else:
+            continue
+        for name in names:
+            target = _target(name) if name.split(".")[0] == PACKAGE else None
+            if target and target != module:
+                out.append((target, id(node) in inside))
+    return out
+
+
+EDGES = {m: _imports(m, p) for m, p in MODULES.items()}
+
+
+def room(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return module
+    if len(parts) > 2 or MODULES[module].name == "__init__.py":
+        return ".".join(parts[:2])
+    return module
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one member (Tarjan, iterative)."""
+    index, low, stack, on_stack, result = {}, {}, [], set(), []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                members = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    members.append(member)
+                    if member == node:
+                        break
+                if len(members) > 1:
+                    result.append(sorted(members))
+    return result
+
+
+def _explain(cycle: list[str], graph: dict[str, set[str]]) -> str:
+    inside = set(cycle)
+    return "; ".join(f"{a} -> {b}" for a in cycle for b in sorted(graph[a] & inside))
+
+
+def test_no_import_cycle_between_files():
+    graph = {m: {t for t, _ in edges} for m, edges in EDGES.items()}
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles: " + " | ".join(_explain(c, graph) for c in cycles)
+
+
+def test_no_import_cycle_between_rooms():
+    graph: dict[str, set[str]] = defaultdict(set)
+    for module, edges in EDGES.items():
+        graph[room(module)]  # every room is a node
+        for target, _ in edges:
+            if room(target) != room(module):
+                graph[room(module)].add(room(target))
+    cycles = _cycles(graph)
+    assert not cycles, "rooms import each other: " + " | ".join(_explain(c, graph) for c in cycles)
+
+
+def test_no_llmcore_import_inside_a_function():
+    hidden = sorted(f"{m} imports {t}" for m, edges in EDGES.items() for t, inner in edges if inner)
+    assert not hidden, "move these to the top of the file: " + "; ".join(hidden)
+
+
+def _floor(module: str) -> int:
+    r = room(module)
+    for level, rooms in enumerate(FLOORS):
+        if r in rooms:
+            return level
+    pytest.fail(f"{r} is on no floor: add it to FLOORS here and to docs/architecture.md")
+
+
+def test_every_import_points_down_or_across():
+    up = sorted(f"{m} (floor {_floor(m)}) imports {t} (floor {_floor(t)})"
+                for m, edges in EDGES.items() for t, _ in edges
+                if room(t) != room(m) and _floor(t) > _floor(m))
+    assert not up, "imports that run back up: " + "; ".join(up)
