@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from llmcore.plugins import get_registry
+from llmcore.selection import probe_all, select_device
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -23,9 +26,6 @@ def add_parser(sub) -> None:
 
 
 def collect() -> dict:
-    from llmcore.plugins import get_registry
-    from llmcore.selection import probe_all, select_device
-
     registry = get_registry()
     reports = probe_all(registry)
     try:
