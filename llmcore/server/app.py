@@ -94,10 +94,13 @@ def create_app(
     app.state.models = state.registry.by_name
     app.state.metrics = state.metrics
     _add_error_handlers(app)
-    for router in (openai_routes.router, ops_routes.router, *routers):
+    all_routers = (openai_routes.router, ops_routes.router, *routers)
+    for router in all_routers:
         app.include_router(router)
     app.openapi = _openapi(app, state)  # type: ignore[method-assign]
-    _add_middleware(app, state)
+    # the route templates the request metrics name (any other path counts as "other")
+    known = {getattr(r, "path", "") for rs in (app.routes, *(r.routes for r in all_routers)) for r in rs}
+    _add_middleware(app, state, known - {""})
     return app
 
 
@@ -163,10 +166,9 @@ def _openapi(app: FastAPI, state: ServerState) -> Callable[[], dict[str, Any]]:
     return openapi
 
 
-def _add_middleware(app: FastAPI, state: ServerState) -> None:
+def _add_middleware(app: FastAPI, state: ServerState, known_paths: set[str]) -> None:
     # the last added runs first: metrics see every answer, keys are checked before the body is read
-    known = {getattr(r, "path", "") for r in app.routes}
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodySizeMiddleware, limit=state.max_body_bytes)
     app.add_middleware(AuthMiddleware, keys=state.api_keys)
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics, known_paths=known)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, known_paths=known_paths)
