@@ -79,8 +79,8 @@ def body_too_large(limit: int) -> ApiError:
 class BodySizeMiddleware:
     """413 for a body over ``limit`` bytes, before any of it is parsed.
 
-    A declared ``Content-Length`` over the limit is refused before reading; a chunked body is
-    counted as it arrives and refused once it passes the limit.
+    A declared ``Content-Length`` over the limit is refused before reading; a body without one
+    (chunked) is read up to the limit first and refused as soon as it passes it.
     """
 
     def __init__(self, app: ASGIApp, limit: int | None) -> None:
@@ -91,23 +91,27 @@ class BodySizeMiddleware:
         if scope["type"] != "http" or self.limit is None:
             await self.app(scope, receive, send)
             return
-        limit = self.limit
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _send_error(body_too_large(limit), scope, receive, send)
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.limit:
+                await _send_error(body_too_large(self.limit), scope, receive, send)
+                return
+            await self.app(scope, receive, send)
             return
-        seen = 0
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        read: list[Message] = []
+        size = 0
+        while not read or read[-1]["type"] == "http.request" and read[-1].get("more_body", False):
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise body_too_large(limit)  # answered by the app's ApiError handler
-            return message
+            read.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await _send_error(body_too_large(self.limit), scope, receive, send)
+                return
 
-        await self.app(scope, counting_receive, send)
+        async def replay() -> Message:
+            return read.pop(0) if read else await receive()
+
+        await self.app(scope, replay, send)
 
 
 class JsonBodyMiddleware:
