@@ -20,6 +20,11 @@ def add_parser(sub) -> None:
             "or fixed slots), whether it needs an ahead-of-time compile, static shapes, memory. "
             "Plugins refused at load (wrong contract version, misspelled hook) are listed too."
         ),
+        epilog="examples:\n"
+               "  llmcore devices\n"
+               "  llmcore devices --json | jq .default\n"
+               "  LLMCORE_DISABLE_PLUGINS=cuda llmcore devices     # as if the cuda plugin were absent\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)

@@ -46,6 +46,8 @@ config file (YAML):
   api_keys: ["${LLMCORE_API_KEY}"]
   max_queue: 256
   request_timeout: 600
+  default_max_tokens: 512   # a chat request without max_tokens generates at most this many
+  max_body_bytes: 2097152   # larger request bodies get 413
   models:
     - {name: smol, model: null, device: cpu, max_num_seqs: 32}
     - {name: qwen, model: /models/Qwen2.5-7B-Instruct, device: cuda, dtype: bfloat16, max_queue: 64}
@@ -60,6 +62,11 @@ Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings,
 """
 
 BATCH_EPILOG = """\
+examples:
+  llmcore batch requests.jsonl results.jsonl
+  llmcore batch requests.jsonl results.jsonl --model ./Qwen2.5-0.5B-Instruct --device cpu --max-num-seqs 32
+  llmcore batch requests.jsonl results.jsonl     # again after an interruption: resumes
+
 input lines (OpenAI batch format):
   {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
    "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64}}
