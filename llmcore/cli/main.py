@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"llmcore {__version__}")
-    parser.add_argument("--log-level", default=None, choices=LOG_LEVELS,
+    parser.add_argument("--log-level", default=None, type=str.lower, choices=LOG_LEVELS,
                         help="log level (default: $LLMCORE_LOG_LEVEL, else warning)")
     parser.add_argument("--log-format", default="text", choices=["text", "json"], help="log line format")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
