@@ -43,6 +43,12 @@ Where it lives:
 
 Statuses: ok, corrupt (hash/size/key mismatch), incomplete (missing
 manifest or file, interrupted build), incompatible (other format version).
+
+examples:
+  llmcore cache ls                       entries, status, size, age
+  llmcore cache verify                   hash every file; exit 1 if an entry is bad
+  llmcore cache prune --older-than 30d --dry-run
+  llmcore cache rm 3f2a9c                one entry, by digest prefix
 """
 
 

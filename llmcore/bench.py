@@ -141,6 +141,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench", help="throughput vs Hugging Face transformers generate, same run",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  llmcore bench                                   # embedded SmolLM2, best device\n"
+               "  llmcore bench --device cpu --batch 16 --new-tokens 64 --repeats 1\n"
+               "  llmcore bench --model ./Qwen2.5-0.5B-Instruct --skip-hf --json\n",
     )
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--device", default=None)

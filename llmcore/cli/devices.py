@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from llmcore.plugins import get_registry
+from llmcore.selection import probe_all, select_device
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -17,15 +20,17 @@ def add_parser(sub) -> None:
             "or fixed slots), whether it needs an ahead-of-time compile, static shapes, memory. "
             "Plugins refused at load (wrong contract version, misspelled hook) are listed too."
         ),
+        epilog="examples:\n"
+               "  llmcore devices\n"
+               "  llmcore devices --json | jq .default\n"
+               "  LLMCORE_DISABLE_PLUGINS=cuda llmcore devices     # as if the cuda plugin were absent\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
 
 def collect() -> dict:
-    from llmcore.plugins import get_registry
-    from llmcore.selection import probe_all, select_device
-
     registry = get_registry()
     reports = probe_all(registry)
     try:

@@ -57,6 +57,14 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+EXAMPLES = """\
+examples:
+  llmcore compile --device cpu --batch-size 4 --max-seq-len 1024 --dtype float32
+  llmcore compile --device neuron --model ./Llama-3.2-1B --batch-size 4 --max-seq-len 4096 --dry-run
+  llmcore generate --compiled KEY "Hello"          # serve what was compiled (KEY: printed above)
+"""
+
+
 def add_compile_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``compile`` to the main CLI's subparsers; ``args.func(args)`` returns the exit status."""
     p = subparsers.add_parser(
@@ -64,6 +72,7 @@ def add_compile_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Plan static shapes for a device, compile the model for them and store the "
                     "artifact in the compile cache. Serve it with Engine(compiled=KEY) or "
                     "llmcore generate --compiled KEY.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return configure_parser(p)
 

@@ -48,6 +48,16 @@ class ModelConfig:
                 f"config.json has no 'architectures' and model_type={model_type!r} is unknown; "
                 f"supported: {', '.join(sorted(_ARCH_FROM_TYPE.values()))}"
             )
+        missing = [k for k in _REQUIRED_KEYS if k not in cfg]
+        if missing and arch not in _ARCH_FROM_TYPE.values():
+            # another family's config (GPT-2 names its fields n_head, n_embd...): say so, not the key
+            raise ModelLoadError(
+                f"architecture {arch!r} (model_type {model_type!r}) is not supported; supported: "
+                f"{', '.join(sorted(_ARCH_FROM_TYPE.values()))}, and those a device plugin adds "
+                "(llmcore devices lists the plugins)"
+            )
+        if missing:
+            raise ModelLoadError(f"config.json has no {missing[0]!r}, which a {arch} model needs")
         heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         rope_params = cfg.get("rope_parameters") or {}
@@ -122,6 +132,8 @@ class ModelConfig:
         d.pop("raw")
         return d
 
+
+_REQUIRED_KEYS = ("num_attention_heads", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
 
 _ARCH_FROM_TYPE = {
     "llama": "LlamaForCausalLM",

@@ -18,7 +18,11 @@ class Tokenizer:
         try:
             self.hf = AutoTokenizer.from_pretrained(str(folder))
         except Exception as exc:
-            raise ModelLoadError(f"no usable tokenizer in {folder}: {exc}") from exc
+            raise ModelLoadError(
+                f"no usable tokenizer in {folder}: {exc}. A model folder needs the tokenizer files of "
+                "its Hugging Face repository: tokenizer.json (or tokenizer.model / vocab.json + merges.txt) "
+                "and tokenizer_config.json; copy them next to config.json"
+            ) from exc
         eos = set(eos_token_ids)
         if self.hf.eos_token_id is not None:
             eos.add(self.hf.eos_token_id)

@@ -16,6 +16,7 @@ __all__ = ["ServedModel", "add_batch_parser", "add_serve_parser", "create_app"]
 
 
 def __getattr__(name: str):
+    # the app needs FastAPI, an optional dependency (llmcore[serve]); the CLI parsers do not
     if name in ("create_app", "ServedModel"):
         from llmcore.server import app
 

@@ -36,24 +36,21 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pydantic import ValidationError
+from tqdm.auto import tqdm
 
 from llmcore.errors import ConfigError
-from llmcore.server.openai_format import (
-    ApiError,
+from llmcore.server.convert import (
+    DEFAULT_CHAT_MAX_TOKENS,
     PromptInfo,
-    ResponseBuilder,
-    TokenDecoder,
     chat_messages,
     completion_prompts,
-    config_error_to_api,
-    embedding_inputs,
-    encode_embedding,
     make_prepare,
-    new_id,
     sampling_params,
-    validation_error_to_api,
 )
+from llmcore.server.embeddings import INPUT_ALIASES, check_embedding_request, embed_all, embeddings_response
+from llmcore.server.errors import ApiError, config_error_to_api, validation_error_to_api
 from llmcore.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from llmcore.server.responses import ResponseBuilder, TokenDecoder, new_id
 
 log = logging.getLogger("llmcore.batch")
 
@@ -147,8 +144,10 @@ class BatchRunner:
     """Runs a batch file through one :class:`~llmcore.engine.engine.Engine`."""
 
     def __init__(self, engine: Any, model_name: str, *, max_in_flight: int | None = None,
-                 progress: bool = True, stderr: TextIO | None = None) -> None:
+                 progress: bool = True, stderr: TextIO | None = None,
+                 default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS) -> None:
         self.engine = engine
+        self.default_max_tokens = default_max_tokens
         self.model_name = model_name
         self.max_in_flight = max_in_flight or max(4 * engine.config.max_num_seqs, 8)
         self.progress = progress
@@ -224,7 +223,8 @@ class BatchRunner:
         eng = self.engine
         if isinstance(req, EmbeddingRequest):
             return  # run synchronously by the caller
-        params, given, aliases = sampling_params(req, eng.max_model_len)
+        conv = sampling_params(req, self.default_max_tokens)
+        params = conv.params
         if req.stream:
             raise ApiError(400, "stream: streaming is not available in batch jobs", param="stream",
                            code="invalid_value")
@@ -241,8 +241,7 @@ class BatchRunner:
         added: list[str] = []
         try:
             for i, (src, info) in enumerate(zip(sources, infos)):
-                prepare = make_prepare(src, params, chat=chat, max_tokens_given=given, info=info,
-                                       want_prompt_text=echo)
+                prepare = make_prepare(src, conv, chat=chat, info=info, want_prompt_text=echo)
                 ids, p = prepare(eng)
                 rid = f"{job.request_id}-{i}"
                 eng.add_request(ids, p, rid)
@@ -250,28 +249,19 @@ class BatchRunner:
         except ConfigError as exc:
             for rid in added:
                 eng.abort(rid)
-            raise config_error_to_api(exc, aliases) from None
+            raise config_error_to_api(exc, conv.aliases) from None
         job.rids = added
         job.remaining = len(added)
 
     def _embed(self, job: _Job) -> dict[str, Any]:
         req: EmbeddingRequest = job.request
-        items = embedding_inputs(req)
-        hidden = self.engine.model_config.hidden_size
-        if req.dimensions is not None and req.dimensions != hidden:
-            raise ApiError(400, f"dimensions: only the model's hidden size ({hidden}) is supported",
-                           param="dimensions", code="unsupported_parameter")
-        data, ntok = [], 0
+        items = check_embedding_request(req, self.engine.model_config.hidden_size)
         try:
-            for i, x in enumerate(items):
-                ntok += len(self.engine.tokenizer.encode(x)) if isinstance(x, str) else len(x)
-                data.append({"object": "embedding", "index": i,
-                             "embedding": encode_embedding(self.engine.embed(x), req.encoding_format)})
+            results = embed_all(items)(self.engine)
         except ConfigError as exc:
-            raise config_error_to_api(exc, {"prompt": "input", "prompt_token_ids": "input"}) from None
+            raise config_error_to_api(exc, INPUT_ALIASES) from None
         job.request_id = new_id("embd")
-        return {"object": "list", "data": data, "model": self.model_name,
-                "usage": {"prompt_tokens": ntok, "total_tokens": ntok}}
+        return embeddings_response(self.model_name, results, req.encoding_format)
 
     def run(self, input_path: str | Path, output_path: str | Path) -> BatchSummary:
         input_path, output_path = Path(input_path), Path(output_path)
@@ -285,8 +275,6 @@ class BatchRunner:
         summary = BatchSummary(total_lines=total)
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=total, desc="batch", unit="req", file=self.stderr, dynamic_ncols=True)
         t0 = time.perf_counter()
         eng = self.engine
@@ -386,15 +374,3 @@ class BatchRunner:
                     bar.close()
         return summary
 
-
-def run_batch(input_path: str | Path, output_path: str | Path, engine: Any = None, *, model_name: str | None = None,
-              progress: bool = True, max_in_flight: int | None = None, **engine_kwargs: Any) -> BatchSummary:
-    """Run a batch file; builds an Engine from ``engine_kwargs`` unless one is given."""
-    from llmcore.server.config import default_name
-
-    if engine is None:
-        from llmcore.engine.engine import Engine
-
-        engine = Engine(**engine_kwargs)
-    name = model_name or default_name(engine_kwargs.get("model"))
-    return BatchRunner(engine, name, max_in_flight=max_in_flight, progress=progress).run(input_path, output_path)

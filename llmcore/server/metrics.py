@@ -77,6 +77,10 @@ class ServerMetrics:
                                          ["model"], registry=r)
         r.register(_EngineCollector(snapshot))
 
+    def count_request(self, route: str, status: int | str, model: str = "") -> None:
+        """One finished request of any front end (``route``: a path template or an RPC name)."""
+        self.requests.labels(route, str(status), model).inc()
+
     def init_model(self, model: str) -> None:
         """Create the model's series at zero so they are visible before the first request."""
         self.ttft.labels(model)

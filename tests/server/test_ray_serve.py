@@ -8,6 +8,7 @@ with SIGTERM. Both check that nothing Ray started is left running.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import logging
@@ -22,16 +23,17 @@ from pathlib import Path
 import pytest
 
 from llmcore.errors import ConfigError
-from llmcore.server import cli
-from llmcore.server.config import ModelSpec, ServeConfig, load_config
-from llmcore.server.ray_serve import (
-    REPLICA_HEADER,
+from llmcore.server.cli import add_serve_parser
+from llmcore.server.commands import serve_command
+from llmcore.server.ray_serve import REPLICA_HEADER
+from llmcore.server.ray_settings import (
     RaySettings,
     check_settings,
     default_max_ongoing,
     merge_cli,
     replica_config,
 )
+from llmcore.server.settings import ModelSpec, ServeConfig, build_serve_config, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 HAVE_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.serve") is not None
@@ -40,9 +42,9 @@ REPLICAS = 2
 
 
 def _args(*argv: str):
-    parser = cli.argparse.ArgumentParser()
+    parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    cli.add_serve_parser(sub)
+    add_serve_parser(sub)
     return parser.parse_args(["serve", *argv])
 
 
@@ -69,7 +71,7 @@ def _args(*argv: str):
     (["--ray", "--ray-max-ongoing-requests", "0"], "--ray-max-ongoing-requests=0", "must be an integer >= 1"),
 ])
 def test_cli_refuses_bad_ray_options(argv, option, words, capsys):
-    assert cli.serve_command(_args(*argv)) == 2
+    assert serve_command(_args(*argv)) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"llmcore serve: error: {option}: "), err
     assert words in err
@@ -77,14 +79,14 @@ def test_cli_refuses_bad_ray_options(argv, option, words, capsys):
 
 def test_cuda_model_without_gpus_is_refused_before_ray_starts(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # proves Ray is never reached
-    assert cli.serve_command(_args("--ray", "--device", "cuda")) == 2
+    assert serve_command(_args("--ray", "--device", "cuda")) == 2
     err = capsys.readouterr().err
     assert "--ray-num-gpus-per-replica=0.0" in err and "Reserve one: --ray-num-gpus-per-replica 1" in err
 
 
 def test_ray_missing_names_the_install_command(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    assert cli.serve_command(_args("--ray", "--replicas", "2", "--device", "cpu")) == 2
+    assert serve_command(_args("--ray", "--replicas", "2", "--device", "cpu")) == 2
     err = capsys.readouterr().err
     assert "--ray needs Ray Serve, which is not installed" in err and "pip install 'llmcore[ray]'" in err
 
@@ -97,16 +99,18 @@ def test_busy_port_is_refused_before_ray_starts(capsys, monkeypatch):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert cli.serve_command(_args("--ray", "--device", "cpu", "--port", str(port))) == 2
+        assert serve_command(_args("--ray", "--device", "cpu", "--port", str(port))) == 2
     err = capsys.readouterr().err
     assert f"--port={port}: cannot be used on 127.0.0.1" in err and "--port 0" in err
 
 
 def test_importing_the_server_does_not_import_ray():
-    code = ("import sys, llmcore.server, llmcore.server.cli, llmcore.server.config, llmcore.server.ray_serve; "
-            "print(sorted(m for m in ('ray', 'torch', 'fastapi') if m in sys.modules))")
+    # the parsers and settings load no torch and no FastAPI either (every `llmcore` start reads them)
+    code = ("import sys, llmcore.server, llmcore.server.cli, llmcore.server.settings, llmcore.server.ray_settings; "
+            "print(sorted(m for m in ('ray', 'torch', 'fastapi') if m in sys.modules)); "
+            "import llmcore.server.ray_serve; print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.split() == ["[]", "False"]
 
 
 def test_yaml_ray_block_and_command_line_precedence(tmp_path):
@@ -123,13 +127,13 @@ def test_yaml_ray_block_and_command_line_precedence(tmp_path):
     assert cfg.ray.autoscaling_config == {"min_replicas": 0, "max_replicas": 3, "upscale_delay_s": 5}
     assert cfg.ray.replicas is None and cfg.ray.threads == 2
     # no Ray flag on the command line: the file's block stands
-    assert cli.build_serve_config(_args("--config", str(path))).ray == cfg.ray
+    assert build_serve_config(_args("--config", str(path))).ray == cfg.ray
     # --replicas replaces the file's autoscaling; other flags override single keys
-    s = cli.build_serve_config(_args("--config", str(path), "--replicas", "2",
+    s = build_serve_config(_args("--config", str(path), "--replicas", "2",
                                      "--ray-num-cpus-per-replica", "1")).ray
     assert (s.replicas, s.autoscaling_config, s.num_cpus_per_replica, s.max_ongoing_requests) == (2, None, 1, 40)
     # autoscale flags merge into the file's autoscaling_config
-    s = cli.build_serve_config(_args("--config", str(path), "--autoscale-max-replicas", "5")).ray
+    s = build_serve_config(_args("--config", str(path), "--autoscale-max-replicas", "5")).ray
     assert s.autoscaling_config == {"min_replicas": 0, "max_replicas": 5, "upscale_delay_s": 5}
     # errors name the file and the key
     path.write_text(yaml.safe_dump({"models": [{"model": None}], "ray": {"replicas": 0}}))

@@ -7,6 +7,8 @@
     api_keys: ["${LLMCORE_API_KEY}"]   # environment variables are expanded
     max_queue: 256                     # prompts that may wait beyond max_num_seqs, per model
     request_timeout: 600               # seconds; null = none
+    default_max_tokens: 512            # a chat request's max_tokens when it sets none
+    max_body_bytes: 2097152            # larger request bodies get 413; null = no limit
     models:
       - name: smol                     # the name clients pass as "model"
         model: null                    # null = the embedded SmolLM2-135M-Instruct; else a folder or .gguf
@@ -26,16 +28,26 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from llmcore.cli.options import engine_kwargs
+from llmcore.config import EngineConfig
 from llmcore.errors import ConfigError
+from llmcore.server.convert import DEFAULT_CHAT_MAX_TOKENS
+from llmcore.server.ray_settings import RaySettings, merge_cli, settings_from_yaml
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-_TOP_KEYS = {"host", "port", "api_keys", "max_queue", "request_timeout", "models", "log_level", "ray"}
+#: request bodies above this get 413 (a prompt filling a 128k-token context is about 0.5 MB of text)
+DEFAULT_MAX_BODY_BYTES = 2 * 2**20
+_TOP_KEYS = {"host", "port", "api_keys", "max_queue", "request_timeout", "default_max_tokens", "max_body_bytes",
+             "models", "log_level", "ray"}
 _SERVER_MODEL_KEYS = {"name", "model", "max_queue", "request_timeout"}
 
 
@@ -57,9 +69,11 @@ class ServeConfig:
     api_keys: list[str] = field(default_factory=list)
     max_queue: int | None = 256
     request_timeout: float | None = 600.0
+    default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS
+    max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES
     models: list[ModelSpec] = field(default_factory=list)
     log_level: str = "info"
-    ray: Any = None  # a llmcore.server.ray_serve.RaySettings when served on Ray Serve, else None
+    ray: RaySettings | None = None  # set when served on Ray Serve
 
 
 def default_name(model: str | None) -> str:
@@ -70,8 +84,6 @@ def default_name(model: str | None) -> str:
 
 
 def engine_option_names() -> set[str]:
-    from llmcore.config import EngineConfig
-
     names = {f.name for f in dataclasses.fields(EngineConfig)} - {"model", "extra"}
     return names | {"progress"}
 
@@ -102,8 +114,6 @@ def _positive_or_none(value: Any, option: str, kind: type) -> Any:
 
 def load_config(path: str | Path) -> ServeConfig:
     """Read and validate a YAML server config; every error names the file and the key."""
-    import yaml
-
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -135,11 +145,16 @@ def load_config(path: str | Path) -> ServeConfig:
         cfg.max_queue = _positive_or_none(data["max_queue"], f"{path}: max_queue", int)
     if "request_timeout" in data:
         cfg.request_timeout = _positive_or_none(data["request_timeout"], f"{path}: request_timeout", float)
+    if "default_max_tokens" in data:
+        v = data["default_max_tokens"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{path}: default_max_tokens", v, "must be an integer >= 1", "e.g. 512")
+        cfg.default_max_tokens = v
+    if "max_body_bytes" in data:
+        cfg.max_body_bytes = _positive_or_none(data["max_body_bytes"], f"{path}: max_body_bytes", int)
     if "log_level" in data:
         cfg.log_level = str(data["log_level"]).lower()
     if "ray" in data:
-        from llmcore.server.ray_serve import settings_from_yaml  # settings only: ray is not imported
-
         cfg.ray = settings_from_yaml(data["ray"], f"{path}: ray")
     models = data.get("models")
     if not isinstance(models, list) or not models:
@@ -170,4 +185,45 @@ def load_config(path: str | Path) -> ServeConfig:
         if "request_timeout" in entry:
             spec.request_timeout = _positive_or_none(entry["request_timeout"], f"{where}.request_timeout", float)
         cfg.models.append(spec)
+    return cfg
+
+
+def _api_keys_from_env() -> list[str]:
+    return [k.strip() for k in os.environ.get("LLMCORE_API_KEY", "").split(",") if k.strip()]
+
+
+def build_serve_config(args: argparse.Namespace) -> ServeConfig:
+    """Merge the YAML file (if any) and the command line into a :class:`ServeConfig`."""
+    cfg = load_config(args.config) if args.config else ServeConfig()
+    for opt in ("host", "port", "max_queue", "request_timeout", "default_max_tokens", "max_body_bytes"):
+        if getattr(args, opt, None) is not None:
+            setattr(cfg, opt, getattr(args, opt))
+    keys = args.api_key if args.api_key is not None or cfg.api_keys else _api_keys_from_env()
+    if keys:
+        cfg.api_keys = list(keys)
+    level = getattr(args, "serve_log_level", None) or getattr(args, "log_level", None)
+    if level:
+        cfg.log_level = str(level).lower()
+    models = list(args.model or [])
+    names = list(args.served_model_name or [])
+    if names and len(names) != max(len(models), 1):
+        raise ConfigError("--served-model-name", names,
+                          f"gives {len(names)} name(s) for {max(len(models), 1)} model(s)",
+                          "Pass one --served-model-name per --model, in the same order")
+    kwargs = engine_kwargs(args)
+    check_engine_kwargs(kwargs, "command line")
+    if not models and not cfg.models:
+        models = [None]
+    for i, m in enumerate(models):
+        name = names[i] if names else default_name(m)
+        if any(s.name == name for s in cfg.models):
+            raise ConfigError("--served-model-name", name, "is used by another model",
+                              "Give every model a unique --served-model-name")
+        cfg.models.append(ModelSpec(name=name, model=m, engine_kwargs=dict(kwargs)))
+    if args.config and kwargs and not models:
+        # engine flags with --config apply to the file's models unless they set the option themselves
+        for spec in cfg.models:
+            for k, v in kwargs.items():
+                spec.engine_kwargs.setdefault(k, v)
+    cfg.ray = merge_cli(cfg.ray, args)
     return cfg
