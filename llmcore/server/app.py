@@ -31,6 +31,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmcore.engine.async_engine import AsyncEngine, EngineDeadError, OutputQueue, RequestAborted, RequestFailure
 from llmcore.errors import ConfigError
+from llmcore.kserve import http as kserve_http
+from llmcore.kserve.registry import LiveModels
+from llmcore.kserve.service import KServeService
 from llmcore.outputs import RequestOutput
 from llmcore.server.chat_page import CHAT_PAGE
 from llmcore.server.metrics import ServerMetrics
@@ -70,7 +73,7 @@ log = logging.getLogger("llmcore.server")
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_REQUEST_TIMEOUT = 600.0
 HEALTH_STATS_WAIT_S = 2.0
-OPEN_PATHS = frozenset({"/health", "/"})  # no API key needed (the page is static and holds no data)
+OPEN_PATHS = frozenset({"/health", "/", "/v2/health/live", "/v2/health/ready"})  # no API key needed (the page is static and holds no data)
 
 
 @dataclass
@@ -373,6 +376,7 @@ def create_app(
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
     *,
     shutdown_engines: bool = False,
+    live: LiveModels | None = None,
 ) -> FastAPI:
     """Build the FastAPI app.
 
@@ -382,19 +386,20 @@ def create_app(
     :param max_queue: prompts that may wait beyond ``max_num_seqs`` per model; ``None`` = unbounded.
     :param request_timeout: seconds per request; ``None`` = no deadline.
     :param shutdown_engines: stop the engines when the app shuts down.
+    :param live: the model set with its repository (``llmcore serve --model-repository``); ``models``
+        are added to it. The KServe v2 routes (``/v2/...``) serve the same models.
     """
     keys = [k for k in (api_keys or []) if k]
     if isinstance(models, Mapping):
         served = [ServedModel(name, eng, max_queue, request_timeout) for name, eng in models.items()]
     else:
         served = list(models)
-    if not served:
-        raise ConfigError("models", [], "is empty", "Serve at least one model")
-    by_name: dict[str, ServedModel] = {}
+    live = live if live is not None else LiveModels()
     for m in served:
-        if m.name in by_name:
-            raise ConfigError("served_model_name", m.name, "is used twice", "Give every model a unique name")
-        by_name[m.name] = m
+        live.add(m)
+    if not live.by_name:
+        raise ConfigError("models", [], "is empty", "Serve at least one model")
+    by_name = live.by_name  # live: models loaded and unloaded at run time show at once
 
     def snapshot() -> dict[str, dict[str, Any]]:
         out = {}
@@ -407,6 +412,7 @@ def create_app(
     metrics = ServerMetrics(snapshot)
     for name in by_name:
         metrics.init_model(name)
+    live.on_ready = metrics.init_model
 
     from contextlib import asynccontextmanager
 
@@ -668,6 +674,7 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
 
+    kserve_http.mount(app, KServeService(live, metrics, keys))
     known = {getattr(r, "path", "") for r in app.routes}
     app.add_middleware(_JsonBodyMiddleware)
     app.add_middleware(_AuthMiddleware, keys=keys)

@@ -236,6 +236,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--ray-max-ongoing-requests", dest="max_ongoing_requests", type=int, default=None,
                    metavar="N", help="requests Ray Serve sends to one replica at once (default: the models' "
                                      "max_num_seqs + max_queue, so the replica's own 503 applies)")
+    from llmcore.kserve.serve import add_serve_options
+
+    add_serve_options(p)
     p.set_defaults(func=serve_command)
     return p
 
@@ -301,7 +304,7 @@ def build_serve_config(args: argparse.Namespace):
                           "Pass one --served-model-name per --model, in the same order")
     kwargs = _engine_kwargs(args)
     check_engine_kwargs(kwargs, "command line")
-    if not models and not cfg.models:
+    if not models and not cfg.models and not getattr(args, "model_repository", None):
         models = [None]
     for i, m in enumerate(models):
         name = names[i] if names else default_name(m)
@@ -383,10 +386,17 @@ def serve_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
 
+    from llmcore.kserve import grpc_server
+    from llmcore.kserve.serve import live_models
+
     served: list[ServedModel] = []
     try:
         served = load_models(cfg)
-        app = create_app(served, api_keys=cfg.api_keys, shutdown_engines=True)
+        live = live_models(served, args.model_repository, ServedModel, cfg.max_queue, cfg.request_timeout)
+        served = list(live.by_name.values())
+        app = create_app([], api_keys=cfg.api_keys, shutdown_engines=True, live=live)
+        if args.grpc_port is not None:
+            grpc_server.attach(app, app.state.kserve, cfg.host, args.grpc_port, lambda s: print(s, flush=True))
         sock = _bind(cfg.host, cfg.port)
     except (LlmcoreError, OSError, TypeError) as exc:
         for m in served:
@@ -406,8 +416,7 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         server.run(sockets=[sock])
     finally:
-        for m in served:
-            m.engine.shutdown()
+        live.shutdown()  # every model, those loaded at run time too
         sock.close()
     return 0
 
