@@ -2,7 +2,7 @@
 
 Runs beside the HTTP server in the same process and on the same asyncio loop, over the same
 engines: ``llmcore serve --grpc-port N``. API keys come as the ``authorization: Bearer KEY``
-metadata entry (health checks need none). Every call is counted in the shared
+metadata entry (server liveness and readiness need none, as on HTTP). Every call is counted in the shared
 ``llmcore_requests_total`` series (route ``grpc:<method>``, status the gRPC code's name).
 
 ``ModelStreamInfer`` takes any number of requests on one call and runs them concurrently; each
@@ -84,8 +84,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         ready = self.service.model_ready(request.name, request.version)
-        return await self._call("ModelReady", context, _value(pb.ModelReadyResponse(ready=ready)), request.name,
-                                open_call=True)
+        return await self._call("ModelReady", context, _value(pb.ModelReadyResponse(ready=ready)), request.name)
 
     async def ServerMetadata(self, request, context):
         async def run():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from enum import Enum
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
@@ -29,6 +30,7 @@ from llmcore.kserve.service import InferReply, KServeService
 from llmcore.kserve.textgen import INPUTS
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+TAGS: list[str | Enum] = ["KServe v2"]
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})  # probes need no API key
 
 
@@ -163,19 +165,19 @@ async def _one(replies: AsyncIterator[InferReply], request: Request) -> InferRep
         await replies.aclose()
 
 
-def router(service: KServeService) -> APIRouter:
-    r = APIRouter(tags=["KServe v2"])
+def add_routes(r: APIRouter | FastAPI, service: KServeService) -> None:
+    """Add the routes to an app (so they are listed in ``app.routes``) or to a router."""
     versioned = ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
 
-    @r.get("/v2")
+    @r.get("/v2", tags=TAGS)
     async def server_metadata() -> dict[str, Any]:
         return service.server_metadata()
 
-    @r.get("/v2/health/live")
+    @r.get("/v2/health/live", tags=TAGS)
     async def live() -> dict[str, Any]:
         return {"live": True}
 
-    @r.get("/v2/health/ready")
+    @r.get("/v2/health/ready", tags=TAGS)
     async def ready() -> JSONResponse:
         ok = service.server_ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 400)
@@ -231,37 +233,33 @@ def router(service: KServeService) -> APIRouter:
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     for base in versioned:
-        r.add_api_route(base, model_metadata, methods=["GET"])
-        r.add_api_route(base + "/ready", model_ready, methods=["GET"])
-        r.add_api_route(base + "/config", model_config, methods=["GET"])
-        r.add_api_route(base + "/infer", infer, methods=["POST"])
-        r.add_api_route(base + "/generate", generate, methods=["POST"])
-        r.add_api_route(base + "/generate_stream", generate_stream, methods=["POST"])
+        for suffix, fn, method in (("", model_metadata, "GET"), ("/ready", model_ready, "GET"),
+                                   ("/config", model_config, "GET"), ("/infer", infer, "POST"),
+                                   ("/generate", generate, "POST"), ("/generate_stream", generate_stream, "POST")):
+            r.add_api_route(base + suffix, fn, methods=[method], tags=TAGS)
 
-    @r.post("/v2/repository/index")
+    @r.post("/v2/repository/index", tags=TAGS)
     async def repository_index(request: Request) -> list[dict[str, str]]:
         obj, _ = await _json_body(request)
         return service.index(bool(obj.get("ready", False)))
 
-    @r.post("/v2/repository/models/{model}/load")
+    @r.post("/v2/repository/models/{model}/load", tags=TAGS)
     async def load(model: str, request: Request) -> dict[str, Any]:
         await _json_body(request)
         await service.load(model)
         return {}
 
-    @r.post("/v2/repository/models/{model}/unload")
+    @r.post("/v2/repository/models/{model}/unload", tags=TAGS)
     async def unload(model: str, request: Request) -> dict[str, Any]:
         obj, _ = await _json_body(request)
         mode = _parameters(obj).get("mode")
         await service.unload(model, mode)
         return {}
 
-    return r
-
 
 def mount(app: FastAPI, service: KServeService) -> None:
     """Add the KServe routes and their error handler to the server's app."""
-    app.include_router(router(service))
+    add_routes(app, service)
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, KServeError)
