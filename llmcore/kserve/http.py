@@ -31,6 +31,7 @@ from llmcore.kserve.textgen import INPUTS
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 TAGS: list[str | Enum] = ["KServe v2"]
+IN_SCHEMA = False  # a tensor protocol, documented in docs/triton.md, not by an OpenAPI schema
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})  # probes need no API key
 
 
@@ -169,15 +170,15 @@ def add_routes(r: APIRouter | FastAPI, service: KServeService) -> None:
     """Add the routes to an app (so they are listed in ``app.routes``) or to a router."""
     versioned = ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
 
-    @r.get("/v2", tags=TAGS)
+    @r.get("/v2", tags=TAGS, include_in_schema=IN_SCHEMA)
     async def server_metadata() -> dict[str, Any]:
         return service.server_metadata()
 
-    @r.get("/v2/health/live", tags=TAGS)
+    @r.get("/v2/health/live", tags=TAGS, include_in_schema=IN_SCHEMA)
     async def live() -> dict[str, Any]:
         return {"live": True}
 
-    @r.get("/v2/health/ready", tags=TAGS)
+    @r.get("/v2/health/ready", tags=TAGS, include_in_schema=IN_SCHEMA)
     async def ready() -> JSONResponse:
         ok = service.server_ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 400)
@@ -236,20 +237,20 @@ def add_routes(r: APIRouter | FastAPI, service: KServeService) -> None:
         for suffix, fn, method in (("", model_metadata, "GET"), ("/ready", model_ready, "GET"),
                                    ("/config", model_config, "GET"), ("/infer", infer, "POST"),
                                    ("/generate", generate, "POST"), ("/generate_stream", generate_stream, "POST")):
-            r.add_api_route(base + suffix, fn, methods=[method], tags=TAGS)
+            r.add_api_route(base + suffix, fn, methods=[method], tags=TAGS, include_in_schema=IN_SCHEMA)
 
-    @r.post("/v2/repository/index", tags=TAGS)
+    @r.post("/v2/repository/index", tags=TAGS, include_in_schema=IN_SCHEMA)
     async def repository_index(request: Request) -> list[dict[str, str]]:
         obj, _ = await _json_body(request)
         return service.index(bool(obj.get("ready", False)))
 
-    @r.post("/v2/repository/models/{model}/load", tags=TAGS)
+    @r.post("/v2/repository/models/{model}/load", tags=TAGS, include_in_schema=IN_SCHEMA)
     async def load(model: str, request: Request) -> dict[str, Any]:
         await _json_body(request)
         await service.load(model)
         return {}
 
-    @r.post("/v2/repository/models/{model}/unload", tags=TAGS)
+    @r.post("/v2/repository/models/{model}/unload", tags=TAGS, include_in_schema=IN_SCHEMA)
     async def unload(model: str, request: Request) -> dict[str, Any]:
         obj, _ = await _json_body(request)
         mode = _parameters(obj).get("mode")

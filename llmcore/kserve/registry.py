@@ -123,7 +123,8 @@ class LiveModels:
     # ------------------------------------------------------------ lookup
 
     def slots(self) -> list[Slot]:
-        return sorted(self._slots.values(), key=lambda s: (s.name, s.version))
+        """In the order the models were added (command line first, then the repository's, sorted)."""
+        return list(self._slots.values())
 
     def add(self, served: Served, name: str | None = None, version: int = 1,
             settings: dict[str, Any] | None = None) -> None:
@@ -136,7 +137,7 @@ class LiveModels:
             self.on_ready(served.name)
 
     def versions(self, name: str) -> list[int]:
-        return [s.version for s in self.slots() if s.name == name and s.state == "READY"]
+        return sorted(s.version for s in self._slots.values() if s.name == name and s.state == "READY")
 
     def find(self, key: str) -> Served | None:
         """``name:version``, a canonical name, or ``name`` (its highest ready version)."""
@@ -179,7 +180,7 @@ class LiveModels:
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """The repository index: every version known, with its state (and models never loaded)."""
         rows = [{"name": s.name, "version": str(s.version), "state": s.state, "reason": s.reason}
-                for s in self.slots()]
+                for s in self._slots.values()]
         if self.repository is not None:
             seen = {s.name for s in self._slots.values()}
             rows += [{"name": m, "version": "", "state": "UNAVAILABLE", "reason": self._failed.get(m, "not loaded")}
