@@ -171,7 +171,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelLoad(self, request, context):
         async def run():
-            await self.service.load(request.model_name)
+            await self.service.load(request.model_name, dict(request.parameters))
             return pb.RepositoryModelLoadResponse()
         return await self._call("RepositoryModelLoad", context, run, request.model_name)
 

@@ -246,8 +246,8 @@ def add_routes(r: APIRouter | FastAPI, service: KServeService) -> None:
 
     @r.post("/v2/repository/models/{model}/load", tags=TAGS, include_in_schema=IN_SCHEMA)
     async def load(model: str, request: Request) -> dict[str, Any]:
-        await _json_body(request)
-        await service.load(model)
+        obj, _ = await _json_body(request)
+        await service.load(model, _parameters(obj))
         return {}
 
     @r.post("/v2/repository/models/{model}/unload", tags=TAGS, include_in_schema=IN_SCHEMA)

@@ -99,7 +99,11 @@ class KServeService:
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         return self.live.index(ready_only)
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, parameters: dict[str, Any] | None = None) -> None:
+        for key in parameters or {}:
+            if key == "config" or key.startswith("file:"):
+                raise KServeError("unsupported", f"parameters.{key}: a load request cannot override the model's "
+                                                 f"settings; edit {name}/config.yaml in the repository instead")
         await self.live.load(name)
 
     async def unload(self, name: str, mode: str | None = None) -> None:
