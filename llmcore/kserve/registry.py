@@ -197,6 +197,9 @@ class LiveModels:
         if self.repository is None:
             raise KServeError("not_found", f"model {name!r}: the server has no model repository "
                                            "(start it with --model-repository DIR)")
+        if self._fixed(name):
+            raise KServeError("invalid", f"model {name!r} was given on the command line, not loaded from the "
+                                         "repository; it cannot be loaded again")
         if "/" in name or name.startswith(".") or not (self.repository / name).is_dir():
             raise KServeError("not_found", f"model {name!r} is not in the model repository {self.repository}; "
                                            f"models there: {', '.join(list_models(self.repository)) or 'none'}")
@@ -206,11 +209,19 @@ class LiveModels:
             self._failed[name] = str(exc)
             raise KServeError("invalid", f"model {name!r} cannot load: {exc}") from None
 
+    def _fixed(self, name: str) -> bool:
+        """A model of the command line (or --config) holds this name: the repository cannot reuse it."""
+        return any(s.name == name and s.key == name for s in self._slots.values())
+
     def load_startup(self) -> None:
         """Load every model of the repository before serving (blocking); the first failure is raised."""
         if self.repository is None:
             return
         for name in list_models(self.repository):
+            if self._fixed(name):
+                raise ConfigError("--model-repository", str(self.repository / name),
+                                  f"holds a model named {name!r}, the name of a model given with --model/--config",
+                                  "Give that model another --served-model-name")
             entry = read_model(self.repository, name)
             self._unload_modes[name] = entry.unload
             for spec in entry.versions:

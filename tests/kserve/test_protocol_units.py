@@ -196,6 +196,10 @@ def test_live_models_resolve_versions_and_unload(tmp_path: Path):
         await live.unload("a", "abort")
 
     asyncio.run(scenario())
+    fixed = LiveModels(build, tmp_path)
+    fixed.add(StandInServed("b", StandInEngine()))
+    with pytest.raises(ConfigError, match="holds a model named 'b', the name of a model given with --model"):
+        fixed.load_startup()
     rows = {(r["name"], r["version"]): (r["state"], r["reason"]) for r in live.index()}
     assert rows == {("a", "1"): ("UNAVAILABLE", "unloaded"), ("a", "2"): ("UNAVAILABLE", "unloaded"),
                     ("b", "1"): ("READY", "")}
