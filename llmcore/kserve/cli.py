@@ -14,6 +14,11 @@ import sys
 from typing import Any
 
 EPILOG = """\
+examples:
+  llmcore repo index --url http://127.0.0.1:8000
+  llmcore repo load smol --url http://127.0.0.1:8000
+  llmcore repo unload smol --abort --url http://127.0.0.1:8000
+
 unload waits for the model's running requests to finish (drain, the default; at most the model's
 request timeout) unless --abort stops them at once; either way its name answers 404 afterwards and
 its KV cache and weights are freed. A failed load leaves the other models serving; the error says why.
@@ -23,7 +28,8 @@ The API key comes from --api-key or $LLMCORE_API_KEY.
 
 def add_repo_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("repo", help="list, load and unload models of a running server's repository",
-                              description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description="List, load and unload the models of a running server's model repository "
+                                          "(llmcore serve --model-repository DIR), over HTTP.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["index", "load", "unload"])
     p.add_argument("model", nargs="?", help="the model (a folder of the repository); needed by load and unload")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
