@@ -73,7 +73,8 @@ log = logging.getLogger("llmcore.server")
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_REQUEST_TIMEOUT = 600.0
 HEALTH_STATS_WAIT_S = 2.0
-OPEN_PATHS = frozenset({"/health", "/", "/v2/health/live", "/v2/health/ready"})  # no API key needed (the page is static and holds no data)
+# no API key needed: health probes, and the chat page (static, holds no data)
+OPEN_PATHS = frozenset({"/health", "/", "/v2/health/live", "/v2/health/ready"})
 
 
 @dataclass
