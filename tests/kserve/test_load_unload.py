@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("tritonclient.grpc")
+import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.grpc.aio as aio_grpcclient  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from .conftest import API_KEY, REPO_ROOT  # noqa: E402
 from .test_triton_clients import PROMPT, text_request  # noqa: E402
@@ -141,6 +143,16 @@ def test_failed_load_reports_why_and_others_keep_serving(server, headers):
         row = index(server, headers)[("broken", "")]
         assert row["state"] == "UNAVAILABLE" and row["reason"].startswith("version 1:")
         assert generate(server, headers, "tiny").status_code == 200
+        c = grpcclient.InferenceServerClient(url=server.grpc_url)
+        try:
+            with pytest.raises(InferenceServerException) as ei:
+                c.load_model("broken", headers=headers)
+            assert ei.value.status() == "StatusCode.INVALID_ARGUMENT" and "failed to load" in ei.value.message()
+            rows = c.get_model_repository_index(headers=headers, as_json=True)["models"]
+            assert {"name": "broken", "state": "UNAVAILABLE"}.items() <= next(
+                r for r in rows if r["name"] == "broken").items()
+        finally:
+            c.close()
         done = repo_cli(server, "load", "nothere")
         assert done.returncode == 1 and "not in the model repository" in done.stderr
         r = httpx.post(f"{server.url}/v2/repository/models/tiny/load", headers=headers,
