@@ -16,7 +16,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_every_command_is_known():
-    assert set(_commands()) == {"devices", "generate", "bench", "compile", "cache", "serve", "batch", "quantize"}
+    assert set(_commands()) == {"devices", "generate", "bench", "compile", "cache", "serve", "batch", "quantize", "repo"}
 
 
 @pytest.mark.parametrize("name", sorted(_commands()))

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("compile_cache.cli", "add_cache_parser"),
         ("llmcore.server.cli", "add_serve_parser"),
         ("llmcore.server.cli", "add_batch_parser"),
+        ("llmcore.kserve.cli", "add_repo_parser"),
     ):
         _optional(sub, module, fn)
     return parser

@@ -30,6 +30,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcore.engine.async_engine import AsyncEngine
+from llmcore.kserve import http as kserve_http
+from llmcore.kserve.registry import LiveModels
+from llmcore.kserve.service import KServeService
 from llmcore.server import openai_routes, ops_routes
 from llmcore.server.convert import DEFAULT_CHAT_MAX_TOKENS
 from llmcore.server.errors import ApiError, error_body, validation_error_to_api
@@ -69,6 +72,7 @@ def create_app(
     default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS,
     max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
     routers: Iterable[APIRouter] = (),
+    live: LiveModels | None = None,
 ) -> FastAPI:
     """Build the FastAPI app.
 
@@ -82,12 +86,14 @@ def create_app(
     :param default_max_tokens: a chat request's ``max_tokens`` when it sets none.
     :param max_body_bytes: larger request bodies get 413; ``None`` = no limit.
     :param routers: more routes, served beside the OpenAI ones with the same keys and metrics.
+    :param live: the model set with its repository (``llmcore serve --model-repository``); ``models``
+        are added to it. The KServe v2 routes (``/v2/...``, always on) serve the same models.
     """
     if isinstance(models, ServerState):
         state = models
     else:
         state = ServerState.build(models, api_keys, max_queue, request_timeout,
-                                  default_max_tokens=default_max_tokens, max_body_bytes=max_body_bytes)
+                                  default_max_tokens=default_max_tokens, max_body_bytes=max_body_bytes, live=live)
     app = FastAPI(title="llmcore", version=__version__, description=DESCRIPTION,
                   lifespan=_lifespan(state, shutdown_engines), redoc_url=None)
     app.state.llmcore = state
@@ -98,6 +104,7 @@ def create_app(
     for router in all_routers:
         app.include_router(router)
     app.openapi = _openapi(app, state)  # type: ignore[method-assign]
+    kserve_http.mount(app, KServeService(state.registry.live, state.metrics, [k.decode() for k in state.api_keys.keys]))
     # the route templates the request metrics name (any other path counts as "other")
     known = {getattr(r, "path", "") for rs in (app.routes, *(r.routes for r in all_routers)) for r in rs}
     _add_middleware(app, state, known - {""})

@@ -27,6 +27,7 @@ from llmcore.cli.options import (
     seconds,
     setup_logging,
 )
+from llmcore.kserve.options import add_serve_options
 
 SERVE_EPILOG = """\
 examples:
@@ -36,6 +37,7 @@ examples:
   llmcore serve --config models.yaml --api-key $KEY
   llmcore serve --ray --replicas 2 --device cpu --ray-num-cpus-per-replica 1   # 2 replicas on Ray Serve
   llmcore serve --ray --autoscale-min-replicas 1 --autoscale-max-replicas 4 --ray-address auto
+  llmcore serve --model-repository ./models --grpc-port 8001   # Triton/KServe v2 clients too (docs/triton.md)
 
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}]}'
@@ -146,6 +148,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--ray-max-ongoing-requests", dest="max_ongoing_requests", type=int, default=None,
                    metavar="N", help="requests Ray Serve sends to one replica at once (default: the models' "
                                      "max_num_seqs + max_queue, so the replica's own 503 applies)")
+    add_serve_options(p)  # --grpc-port, --model-repository (KServe v2 / Triton)
     p.set_defaults(func=lazy_command("llmcore.server.commands:serve_command", extra="serve"))
     return p
 

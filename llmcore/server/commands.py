@@ -17,6 +17,8 @@ import uvicorn
 from llmcore.cli.options import engine_kwargs, setup_logging
 from llmcore.engine.engine import Engine
 from llmcore.errors import LlmcoreError
+from llmcore.kserve import grpc_server
+from llmcore.kserve.serve import live_models
 from llmcore.server import ray_serve
 from llmcore.server.app import create_app
 from llmcore.server.batch import BatchRunner
@@ -54,11 +56,18 @@ def serve_command(args: argparse.Namespace) -> int:
     except LlmcoreError as exc:
         return _fail("serve", exc)
     served: list[ServedModel] = []
+    live = None
     try:
         served = load_models(cfg)
-        app = create_app(served, api_keys=cfg.api_keys, shutdown_engines=True,
+        live = live_models(served, args.model_repository, ServedModel, cfg.max_queue, cfg.request_timeout)
+        served = list(live.by_name.values())
+        app = create_app([], api_keys=cfg.api_keys, shutdown_engines=True, live=live,
                          default_max_tokens=cfg.default_max_tokens, max_body_bytes=cfg.max_body_bytes)
+        if args.grpc_port is not None:
+            grpc_server.attach(app, app.state.kserve, cfg.host, args.grpc_port, lambda s: print(s, flush=True))
     except (LlmcoreError, OSError, TypeError) as exc:
+        if live is not None:
+            live.shutdown()
         for m in served:
             m.engine.shutdown()
         sock.close()
@@ -69,8 +78,7 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
-        for m in served:
-            m.engine.shutdown()
+        live.shutdown()  # every model, those loaded at run time too
         sock.close()
     return 0
 

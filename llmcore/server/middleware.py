@@ -16,7 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llmcore.server.errors import ApiError
 from llmcore.server.metrics import ServerMetrics
 
-OPEN_PATHS = frozenset({"/health", "/"})  # no API key needed (the page is static and holds no data)
+# no API key needed: health probes, and the chat page (static, holds no data)
+OPEN_PATHS = frozenset({"/health", "/", "/v2/health/live", "/v2/health/ready"})
 
 
 class ApiKeys:

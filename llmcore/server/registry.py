@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from llmcore.engine.async_engine import AsyncEngine
 from llmcore.engine.engine import Engine
 from llmcore.errors import ConfigError
+from llmcore.kserve.registry import LiveModels
 from llmcore.server.errors import ApiError
 from llmcore.server.responses import TokenDecoder
 
@@ -95,25 +96,30 @@ class ServedModel:
 
 
 class ModelRegistry:
-    """The served models by name (insertion order), shared by every front end of one server."""
+    """The served models by name (insertion order), shared by every front end of one server.
 
-    def __init__(self, models: Iterable[ServedModel]) -> None:
-        self.by_name: dict[str, ServedModel] = {}
+    The models sit in a :class:`~llmcore.kserve.registry.LiveModels` set (``live``): a model
+    repository's versions, loaded and unloaded at run time, show here at once; ``by_name`` is
+    its live read-only view, whose lookups also take ``name:version``.
+    """
+
+    def __init__(self, models: Iterable[ServedModel], live: LiveModels | None = None) -> None:
+        self.live = live if live is not None else LiveModels()
         for m in models:
-            if m.name in self.by_name:
-                raise ConfigError("served_model_name", m.name, "is used twice", "Give every model a unique name")
-            self.by_name[m.name] = m
+            self.live.add(m)  # a name used twice is a ConfigError
+        self.by_name: Mapping[str, ServedModel] = self.live.by_name
         if not self.by_name:
             raise ConfigError("models", [], "is empty", "Serve at least one model")
 
     @classmethod
     def build(cls, models: Mapping[str, AsyncEngine] | Iterable[ServedModel],
               max_queue: int | None = DEFAULT_MAX_QUEUE,
-              request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT) -> ModelRegistry:
+              request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+              live: LiveModels | None = None) -> ModelRegistry:
         """From ``{name: AsyncEngine}`` (with these limits) or from :class:`ServedModel` s."""
         if isinstance(models, Mapping):
-            return cls(ServedModel(name, eng, max_queue, request_timeout) for name, eng in models.items())
-        return cls(models)
+            return cls((ServedModel(name, eng, max_queue, request_timeout) for name, eng in models.items()), live)
+        return cls(models, live)
 
     def __iter__(self) -> Iterator[ServedModel]:
         return iter(self.by_name.values())
@@ -143,8 +149,8 @@ class ModelRegistry:
         return {m.name: m.stats() for m in self}
 
     def shutdown(self) -> None:
-        for m in self:
-            m.engine.shutdown()
+        """Stop every model, those loaded at run time too."""
+        self.live.shutdown()
 
 
 def load_models(cfg: Any) -> list[ServedModel]:

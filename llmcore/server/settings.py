@@ -212,8 +212,8 @@ def build_serve_config(args: argparse.Namespace) -> ServeConfig:
                           "Pass one --served-model-name per --model, in the same order")
     kwargs = engine_kwargs(args)
     check_engine_kwargs(kwargs, "command line")
-    if not models and not cfg.models:
-        models = [None]
+    if not models and not cfg.models and not getattr(args, "model_repository", None):
+        models = [None]  # the embedded default model, unless a model repository names the models
     for i, m in enumerate(models):
         name = names[i] if names else default_name(m)
         if any(s.name == name for s in cfg.models):

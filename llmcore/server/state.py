@@ -14,6 +14,7 @@ from typing import Iterable, Mapping
 from fastapi import Request
 
 from llmcore.engine.async_engine import AsyncEngine
+from llmcore.kserve.registry import LiveModels
 from llmcore.server.convert import DEFAULT_CHAT_MAX_TOKENS
 from llmcore.server.metrics import ServerMetrics
 from llmcore.server.middleware import ApiKeys
@@ -39,11 +40,13 @@ class ServerState:
         *,
         default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS,
         max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
+        live: LiveModels | None = None,
     ) -> ServerState:
-        registry = ModelRegistry.build(models, max_queue, request_timeout)
+        registry = ModelRegistry.build(models, max_queue, request_timeout, live)
         metrics = ServerMetrics(registry.snapshot)
         for name in registry.names:
             metrics.init_model(name)
+        registry.live.on_ready = metrics.init_model  # models loaded at run time get their series
         return cls(registry, metrics, ApiKeys(api_keys), default_max_tokens, max_body_bytes)
 
 
