@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     # commands contributed by other layers; each module exposes add_*_parser(subparsers)
     for module, fn in (
-        ("llmcore.compile.cli", "add_compile_parser"),
+        ("llmcore.compiled.cli", "add_compile_parser"),
         ("compile_cache.cli", "add_cache_parser"),
         ("llmcore.server.cli", "add_serve_parser"),
         ("llmcore.server.cli", "add_batch_parser"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from llmcore.compiled.vendor import UNVERIFIED
 from llmcore.errors import ConfigError
 from llmcore.testing.configs import llama2_7b, smollm2_135m
 from llmcore_neuron import plugin, sdk
@@ -99,7 +100,7 @@ class TestProbe:
     def test_here_no_device_and_it_says_so(self, monkeypatch):
         monkeypatch.setattr(sdk, "neuron_devices", lambda dev="/dev": [])
         p = plugin.probe({})
-        assert (p.name, p.score, p.reason) == ("neuron", 0, "no Neuron device (/dev/neuron* not found)")
+        assert (p.name, p.score, p.reason) == ("neuron", 0, f"no Neuron device (/dev/neuron* not found); {UNVERIFIED}")
         assert "pip install 'llmcore[neuron]'" in p.hint and "pip.repos.neuron.amazonaws.com" in p.hint
         caps = p.capabilities
         assert caps.device_count == 24 and caps.memory_bytes == 16 * GIB
@@ -109,7 +110,7 @@ class TestProbe:
         monkeypatch.setattr(sdk, "neuron_devices", lambda dev="/dev": ["neuron0"])
         monkeypatch.setattr(sdk, "runtime_library", lambda: None)
         p = plugin.probe({})
-        assert p.score == 0 and p.reason == "Neuron runtime library not found (/opt/aws/neuron/lib/libnrt.so.1)"
+        assert p.score == 0 and p.reason == f"Neuron runtime library not found (/opt/aws/neuron/lib/libnrt.so.1); {UNVERIFIED}"
 
     def test_device_and_runtime_without_sdk(self, monkeypatch):
         monkeypatch.setattr(sdk, "neuron_devices", lambda dev="/dev": ["neuron0"])
@@ -117,7 +118,8 @@ class TestProbe:
         monkeypatch.setattr(sdk, "installed_version", lambda d: "0.4.5" if d == "optimum-neuron" else None)
         p = plugin.probe({})
         assert p.score == 0
-        assert p.reason == "Neuron SDK not installed (optimum-neuron, torch-neuronx, neuronx-cc, neuronx-distributed missing)"
+        assert p.reason == ("Neuron SDK not installed (optimum-neuron, torch-neuronx, neuronx-cc, neuronx-distributed "
+                            f"missing); {UNVERIFIED}")
 
     def test_usable_inf2_counts_two_cores_per_device(self, monkeypatch):
         monkeypatch.setattr(sdk, "neuron_devices", lambda dev="/dev": ["neuron0", "neuron1"])
@@ -126,7 +128,7 @@ class TestProbe:
         monkeypatch.setattr(sdk, "instance_family", lambda: "inf2")
         p = plugin.probe({})
         assert p.score == plugin.NEURON_SCORE and p.capabilities.device_count == 4
-        assert p.description == "2 Neuron device(s), 4 NeuronCores (inf2, 16 GiB each)"
+        assert p.description == f"2 Neuron device(s), 4 NeuronCores (inf2, 16 GiB each); {UNVERIFIED}"
 
     def test_device_nodes_are_matched_exactly(self, tmp_path):
         for name in ("neuron0", "neuron10", "neuron2", "neuron_monitor", "nvidia0"):

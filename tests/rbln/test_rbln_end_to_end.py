@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("llmcore.compile")
+pytest.importorskip("llmcore.compiled")
 
 PROMPTS = [[1, 4093, 532, 9043, 310, 28, 1711], [1, 742, 18], [1, 30210, 995, 12, 7]]
 
@@ -34,7 +34,7 @@ def greedy(reference, prompt, n):
 
 def test_compiled_rbln_artifact_serves_greedy_like_transformers(rbln_present, tiny_model):
     from llmcore import Engine, SamplingParams
-    from llmcore.compile import CompileRequest, compile_model
+    from llmcore.compiled import CompileRequest, compile_model
     from llmcore.testing.reference import HFReference
 
     outcome = compile_model(CompileRequest(device="rbln", model=str(tiny_model), batch_size=2, max_seq_len=64,

@@ -15,14 +15,18 @@ The tests in tests/neuron check these calls against a stand-in that records them
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoConfig
+
+from llmcore.compiled.vendor import artifact_files, read_config_file
 from llmcore.device import Device
-from llmcore.errors import ConfigError, PluginError
+from llmcore.errors import PluginError
 from llmcore_neuron import __version__, planning, sdk
+from llmcore_neuron.runner import NeuronStaticRunner
 
 log = logging.getLogger("llmcore.neuron")
 
@@ -31,7 +35,7 @@ NEURON_CONFIG_FILE = "neuron_config.json"
 
 def import_optimum_neuron():
     """optimum.neuron's causal-LM class, or a PluginError saying what to install."""
-    try:
+    try:  # optional dependency: the vendor SDK
         from optimum.neuron import NeuronModelForCausalLM
     except ImportError as exc:
         raise PluginError(
@@ -84,9 +88,6 @@ class NeuronDevice(Device):
         }
 
     def compile(self, model_path, model_config, plan, out_dir, progress=True) -> dict[str, Any]:
-        import torch
-        from transformers import AutoConfig
-
         planning.check_plan(plan)
         planning.check_model(model_config)
         neuron_cls = import_optimum_neuron()
@@ -114,7 +115,7 @@ class NeuronDevice(Device):
             "target": self.target,
             "exporter": "optimum-neuron",
             "exporter_version": saved.get("optimum_neuron_version") or sdk.installed_version("optimum-neuron"),
-            "files": sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()),
+            "files": artifact_files(out_dir),
         }
 
     # --------------------------------------------------------------- serve
@@ -126,21 +127,11 @@ class NeuronDevice(Device):
                                     where=f"{artifact_dir}/{NEURON_CONFIG_FILE}")
         neuron_cls = import_optimum_neuron()
         model = neuron_cls.from_pretrained(str(artifact_dir))
-        from llmcore_neuron.runner import NeuronStaticRunner
-
         return NeuronStaticRunner(model, plan, model_config, eos_token_ids, seed=getattr(self.config, "seed", 0))
 
 
 def read_neuron_config(artifact_dir: Path) -> dict[str, Any]:
-    path = Path(artifact_dir) / NEURON_CONFIG_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError("compiled", str(artifact_dir), f"has no {NEURON_CONFIG_FILE}: not a Neuron artifact",
-                          "Compile it with: llmcore compile --device neuron ...") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError("compiled", str(path), f"is not valid JSON ({exc})",
-                          "Recompile: the entry is damaged") from exc
+    return read_config_file(artifact_dir, NEURON_CONFIG_FILE, "neuron")
 
 
 def _check_before_export(neuron_config: Any, plan) -> None:

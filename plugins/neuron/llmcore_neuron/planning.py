@@ -14,8 +14,9 @@ from typing import Any, Iterable
 from llmcore.config import normalize_dtype
 from llmcore.errors import ConfigError
 from llmcore.models.config import ModelConfig
-from llmcore.static_plan import StaticPlan, plan_static
+from llmcore.compiled.plan import StaticPlan, plan_static
 from llmcore_neuron import sdk
+from llmcore_neuron.sdk import capabilities
 
 #: model_type values optimum-neuron 0.4.5 registers for text generation (NxD backend).
 SUPPORTED_MODEL_TYPES = ("granite", "llama", "llama4_text", "mixtral", "phi3", "qwen2", "qwen3",
@@ -37,8 +38,6 @@ def plan_for(
     block_size: int | None = None,
 ) -> StaticPlan:
     """The plan ``llmcore compile --device neuron`` would compile, or a ConfigError naming the option."""
-    from llmcore_neuron.plugin import capabilities
-
     caps = capabilities(sdk.resolve_target(target), num_cores)
     check_model(model_config)
     if batch_buckets is not None and sorted(set(batch_buckets)) != [batch_size]:

@@ -25,9 +25,10 @@ from typing import Any, Iterable
 from llmcore.config import normalize_dtype
 from llmcore.errors import ConfigError
 from llmcore.models.config import ModelConfig
-from llmcore.static_plan import StaticPlan, plan_static
+from llmcore.compiled.plan import StaticPlan, plan_static
 from llmcore_rbln import quantization as quant
 from llmcore_rbln import sdk
+from llmcore_rbln.sdk import capabilities
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -48,8 +49,6 @@ def plan_for(
     prefill_chunk_size: int | None = None,
 ) -> StaticPlan:
     """The plan ``llmcore compile --device rbln`` would compile, or a ConfigError naming the option."""
-    from llmcore_rbln.plugin import capabilities
-
     npu, _ = sdk.resolve_npu(npu)
     fam = sdk.family(npu)
     caps = capabilities(npu, num_devices)

@@ -20,14 +20,18 @@ from typing import Any, Callable
 
 from compile_cache import CacheEntry, CacheKey, CompileCache
 
+from llmcore.compiled.keys import build_key
+from llmcore.compiled.plan import StaticPlan, plan_static
 from llmcore.config import EngineConfig, normalize_dtype
 from llmcore.errors import ConfigError, DeviceUnavailableError, PluginError
-from llmcore.static_plan import StaticPlan, plan_static
+from llmcore.models.config import ModelConfig
+from llmcore.models.loader import resolve_model
+from llmcore.plugins import get_registry
+from llmcore.selection import probe_all, select_device
 from llmcore.version import __version__ as LLMCORE_VERSION
 
-from .keys import build_key
 
-log = logging.getLogger("llmcore.compile")
+log = logging.getLogger("llmcore.compiled")
 
 Say = Callable[[str], None]
 
@@ -128,11 +132,6 @@ def plan_compile(request: CompileRequest, cache: CompileCache, registry: Any = N
     Works for a device that is not usable here (the plan comes from the
     capabilities its probe reports); raises ConfigError for an invalid plan.
     """
-    from llmcore.models.config import ModelConfig
-    from llmcore.models.loader import resolve_model
-    from llmcore.plugins import get_registry
-    from llmcore.selection import probe_all, select_device
-
     registry = registry or get_registry()
     reports = probe_all(registry, {"device": request.device})
     report = next((r for r in reports if r.probe.name == request.device), None)

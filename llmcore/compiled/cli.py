@@ -1,7 +1,7 @@
 """``llmcore compile``: print the plan, compile into the cache, print the key and path.
 
 Wired into the main CLI with :func:`add_compile_parser`; also runs on its own:
-``python -m llmcore.compile.cli --device cpu --batch-size 4 --max-seq-len 256``.
+``python -m llmcore.compiled.cli --device cpu --batch-size 4 --max-seq-len 256``.
 
 Exit status: 0 compiled, cache hit or dry run; 1 compile failed; 2 invalid
 settings (the message names the option and what would work); 3 the device
@@ -16,6 +16,11 @@ import json
 import logging
 import sys
 from typing import Any, Sequence
+
+from compile_cache import CacheError, CompileCache
+
+from llmcore.compiled.build import CompileRequest, plan_compile, run_compile
+from llmcore.errors import ConfigError, DeviceUnavailableError, LlmcoreError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -80,12 +85,6 @@ class _Forward(logging.Handler):
 
 
 def run_compile_command(args: argparse.Namespace) -> int:
-    from compile_cache import CacheError, CompileCache
-
-    from llmcore.errors import ConfigError, DeviceUnavailableError, LlmcoreError
-
-    from .build import CompileRequest, plan_compile, run_compile
-
     out = sys.stdout
 
     def say(msg: str) -> None:
