@@ -45,11 +45,23 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (the device's default), float32, bfloat16, float16")
     p.add_argument("--quantization", default=None, help="quantization method, if the device offers one")
     p.add_argument("--tensor-parallel", type=int, default=1, help="cores/devices to shard the model over")
-    p.add_argument("--buckets", type=_int_list, default=None,
-                   help="decode batch buckets, e.g. 1,2,4 (default: powers of two up to --batch-size)")
+    p.add_argument("--buckets", "--decoder-batch-sizes", dest="buckets", type=_int_list, default=None,
+                   help="decode batch buckets, e.g. 1,2,4 (default: powers of two up to --batch-size; "
+                        "rbln: its decoder_batch_sizes, default --batch-size only)")
     p.add_argument("--seq-buckets", type=_int_list, default=None,
                    help="prefill length buckets, e.g. 64,256 (default: --max-seq-len only)")
     p.add_argument("--block-size", type=int, default=None, help="KV block size, where the device pages its KV")
+    g = p.add_argument_group("device settings (neuron, rbln)")
+    g.add_argument("--neuron-target", default=None, choices=["inf2", "trn1", "trn2"],
+                   help="neuron: instance family to compile for (default: $LLMCORE_NEURON_TARGET, this "
+                        "instance, else inf2)")
+    g.add_argument("--on-device-sampling", action="store_true", default=None,
+                   help="neuron: sample on the NeuronCores (top-k/top-p/temperature only, as optimum-neuron's "
+                        "hub cache compiles it); default: logits to the host, every sampling option")
+    g.add_argument("--rbln-npu", default=None,
+                   help="rbln: target NPU, e.g. RBLN-CA25 (default: $LLMCORE_RBLN_NPU, the card here, else RBLN-CA25)")
+    g.add_argument("--prefill-chunk-size", type=int, default=None,
+                   help="rbln: prompt tokens per prefill step, a multiple of 64 (default: 128 on ATOM, 512 on REBEL)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the cache key; compile nothing")
     p.add_argument("--cache-dir", default=None, help="cache root (default: $LLMCORE_CACHE_DIR or ~/.cache)")
     p.add_argument("--shared-cache-dir", default=None,
@@ -60,6 +72,17 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run_compile_command)
     return p
+
+
+def device_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The device options given on the command line, as ``EngineConfig.extra`` keys."""
+    given = {
+        "neuron_target": args.neuron_target,
+        "neuron_on_device_sampling": args.on_device_sampling,
+        "rbln_npu": args.rbln_npu,
+        "rbln_prefill_chunk_size": args.prefill_chunk_size,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def add_compile_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -101,6 +124,7 @@ def run_compile_command(args: argparse.Namespace) -> int:
         device=args.device, batch_size=args.batch_size, max_seq_len=args.max_seq_len, model=args.model,
         dtype=args.dtype, quantization=args.quantization, tensor_parallel=args.tensor_parallel,
         buckets=args.buckets, seq_buckets=args.seq_buckets, block_size=args.block_size,
+        settings=device_settings(args),
     )
     cache = CompileCache(args.cache_dir, args.shared_cache_dir)
     forward = _Forward(say)
@@ -166,7 +190,7 @@ def _print_plan(planned, cache, out) -> None:
     name = planned.model_path.name
     print(f"plan for {planned.plan.device} ({name}, {planned.model_config.architecture}):", file=out)
     describe = getattr(planned.device, "describe_plan", None)  # a device may add its compiler's view
-    for line in (describe(planned.plan) if describe else planned.plan.describe()).splitlines():
+    for line in (describe(planned.plan, planned.model_config) if describe else planned.plan.describe()).splitlines():
         print("  " + line, file=out)
     print(f"model       {planned.model_path}", file=out)
     if planned.key is not None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from compile_cache import CacheEntry, CacheError, CompileCache, CorruptEntryError, IncompatibleEntryError
 
+from llmcore.compiled.adopt import adopt, is_vendor_directory
 from llmcore.compiled.build import CompileRequest
 from llmcore.compiled.keys import build_key, key_differences
 from llmcore.compiled.plan import StaticPlan, reconcile
@@ -136,6 +137,9 @@ def prepare_static(cfg: EngineConfig, explicit: dict[str, Any], cache: CompileCa
     """
     ref = cfg.compiled
     cache = cache or CompileCache()
+    if is_vendor_directory(ref):  # saved by optimum-rbln / optimum-neuron: adopt it into the cache first
+        ref = adopt(ref, device=explicit.get("device"), model=explicit.get("model"), explicit=explicit,
+                    cache=cache).entry.digest
     entry = _resolve(cache, ref)
     meta = entry.metadata
     if "plan" not in meta or "compile_args" not in meta:
@@ -171,6 +175,7 @@ def prepare_static(cfg: EngineConfig, explicit: dict[str, Any], cache: CompileCa
 
     cfg.model = str(model_path)
     cfg.device = plan.device
+    cfg.extra = {**(request.settings or {}), **(cfg.extra or {})}  # the device settings it was built with
     cfg.dtype = plan.dtype
     cfg.quantization = plan.quantization
     cfg.max_num_seqs = plan.batch_size

@@ -95,6 +95,7 @@ class StaticSlotRunner:
         self.sampler = Sampler(eos_token_ids, seed, torch.device("cpu"))
         self.block_size = plan.max_seq_len
         self.num_kv_blocks = 0
+        self.slot_params: dict[int, Any] = {}  # slot -> SamplingParams of the sequence holding it
 
     def kv_bytes_per_block(self) -> int:
         return self.config.kv_bytes_per_token(DTYPE_BYTES[self.plan.dtype]) * self.block_size
@@ -113,6 +114,8 @@ class StaticSlotRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
+        for key in batch.finished_keys:
+            self.slot_params.pop(self.slots.get(key), None)
         self.slots.release(batch.finished_keys)
         self.sampler.release(batch.finished_keys)
         results: list[SampleResult | None] = [None] * len(batch.seqs)
@@ -126,8 +129,10 @@ class StaticSlotRunner:
             if (slot is not None and len(s.token_ids) == 1 and s.start_pos > 0
                     and self.slots.length[slot] == s.start_pos):
                 decode[slot] = (i, s.token_ids[0], s.start_pos)
+                self.slot_params[slot] = s.params
                 continue
             slot = self.slots.assign(s.key)
+            self.slot_params[slot] = s.params
             if not s.sample:
                 continue  # an earlier prompt chunk only reserves the slot; the prompt is prefilled whole
             tokens = list(s.history[:end])
@@ -146,10 +151,13 @@ class StaticSlotRunner:
                 self.slots.last_token[slot] = token
         sampled = [i for i, s in enumerate(batch.seqs) if s.sample and i in rows]
         if sampled:
-            logits = torch.stack([rows[i] for i in sampled]).float()
-            for i, res in zip(sampled, self.sampler(logits, [batch.seqs[i] for i in sampled])):
+            for i, res in zip(sampled, self.sample([rows[i] for i in sampled], [batch.seqs[i] for i in sampled])):
                 results[i] = res
         return results
+
+    def sample(self, rows: list[torch.Tensor], seqs: list[ScheduledSeq]) -> list[SampleResult]:
+        """Pick the next tokens from the graphs' last-position logits, on the host."""
+        return self.sampler(torch.stack(rows).float(), seqs)
 
     def check(self, s: ScheduledSeq) -> None:
         if s.want_prompt_logprobs:

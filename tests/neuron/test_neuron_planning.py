@@ -8,7 +8,7 @@ from llmcore.compiled.vendor import UNVERIFIED
 from llmcore.errors import ConfigError
 from llmcore.testing.configs import llama2_7b, smollm2_135m
 from llmcore_neuron import plugin, sdk
-from llmcore_neuron.planning import plan_for
+from llmcore_neuron.planning import padded_heads, plan_for
 
 GIB = 2**30
 
@@ -48,9 +48,11 @@ class TestLlama2On16GiBCores:
         with pytest.raises(ConfigError, match=r"needs ~24.5 GiB per core \(weights 6.3 \+ KV 16.0"):
             plan_for(llama2_7b(), batch_size=16, max_seq_len=4096, tensor_parallel=2)
 
-    def test_tp_must_divide_the_heads(self):
-        with pytest.raises(ConfigError, match="does not divide the model's 32 attention heads. Use one of: 1, 2, 4, 8, 16"):
-            plan_for(llama2_7b(), batch_size=4, max_seq_len=4096, tensor_parallel=3)
+    def test_tp_that_does_not_divide_the_heads_is_padded_as_the_sdk_does(self):
+        # optimum-neuron pads 32 heads to 33 for 3 cores (gqa.get_shardable_head_counts)
+        plan = plan_for(llama2_7b(), batch_size=4, max_seq_len=4096, tensor_parallel=3)
+        assert plan.tensor_parallel == 3
+        assert padded_heads(32, 3) == 33 and padded_heads(64, 24) == 72 and padded_heads(32, 8) == 32
 
     def test_sequence_length_is_capped_by_the_model(self):
         with pytest.raises(ConfigError, match="exceeds the model's max_position_embeddings \\(4096\\)"):
@@ -72,10 +74,9 @@ class TestSmolLM2:
         assert plan.weight_bytes_per_core == 269_030_016  # 134.5M params, tied embeddings counted once
         assert plan.kv_bytes_per_core == 4 * 2048 * 2 * 30 * 3 * 64 * 2
 
-    def test_nine_heads_allow_tp3_not_tp2(self):
-        assert plan_for(smollm2_135m(), batch_size=4, max_seq_len=2048, tensor_parallel=3).tensor_parallel == 3
-        with pytest.raises(ConfigError, match="9 attention heads. Use one of: 1, 3, 9"):
-            plan_for(smollm2_135m(), batch_size=4, max_seq_len=2048, tensor_parallel=2)
+    def test_nine_heads_allow_tp2_by_padding_to_ten(self):
+        assert plan_for(smollm2_135m(), batch_size=4, max_seq_len=2048, tensor_parallel=2).tensor_parallel == 2
+        assert padded_heads(9, 2) == 10
 
     def test_no_quantization_on_neuron(self):
         with pytest.raises(ConfigError, match="quantization='awq': is not available on neuron. Available on neuron: none"):

@@ -82,9 +82,12 @@ class TestSmolLM2AndOptions:
 
     def test_quantization_methods(self):
         plan = plan_for(smollm2_135m(), batch_size=4, max_seq_len=2048, quantization="rbln-w4a16")
-        assert plan.quantization == "rbln-w4a16" and plan.dtype == "float16"
+        # optimum-rbln compiles quantized checkpoints in float32: activations and KV at 4 bytes
+        assert plan.quantization == "rbln-w4a16" and plan.dtype == "float32"
         assert plan.weight_bytes_per_core == smollm2_135m().num_params() // 2
-        with pytest.raises(ConfigError, match="rbln-w8a8 computes in float16 on rbln"):
+        fp16 = plan_for(smollm2_135m(), batch_size=4, max_seq_len=2048)
+        assert plan.kv_bytes_per_core == 2 * fp16.kv_bytes_per_core
+        with pytest.raises(ConfigError, match="optimum-rbln compiles rbln-w8a8 checkpoints in float32"):
             plan_for(smollm2_135m(), batch_size=4, max_seq_len=2048, quantization="rbln-w8a8", dtype="bfloat16")
         with pytest.raises(ConfigError, match="Available on rbln: rbln-w4a16, rbln-w8a16, rbln-w8a8, rbln-fp8"):
             plan_for(smollm2_135m(), batch_size=4, max_seq_len=2048, quantization="awq")

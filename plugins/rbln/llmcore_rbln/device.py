@@ -69,7 +69,7 @@ class RblnDevice(Device):
         settings.setdefault("prefill_chunk_size", self.settings.get("rbln_prefill_chunk_size"))
         return planning.plan_for(model_config, npu=self.npu[0], **settings)
 
-    def describe_plan(self, plan) -> str:
+    def describe_plan(self, plan, model_config=None) -> str:
         npu, _ = self.npu
         kw = planning.sdk_kwargs(plan, npu, True, self.settings.get("rbln_prefill_chunk_size"))
         return plan.describe() + "\nrbln settings     " + ", ".join(f"{k}={v!r}" for k, v in kw.items())
