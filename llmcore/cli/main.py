@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     # commands contributed by other layers; each module exposes add_*_parser(subparsers)
     for module, fn in (
         ("llmcore.compiled.cli", "add_compile_parser"),
-        ("compile_cache.cli", "add_cache_parser"),
+        ("llmcore.compiled.cli", "add_cache_parser"),  # the store's commands plus `cache import`
         ("llmcore.server.cli", "add_serve_parser"),
         ("llmcore.server.cli", "add_batch_parser"),
         ("llmcore.cli.quantize", "add_parser"),

@@ -18,7 +18,9 @@ import sys
 from typing import Any, Sequence
 
 from compile_cache import CacheError, CompileCache
+from compile_cache.cli import add_cache_parser as add_store_commands
 
+from llmcore.compiled.adopt import adopt
 from llmcore.compiled.build import CompileRequest, plan_compile, run_compile
 from llmcore.errors import ConfigError, DeviceUnavailableError, LlmcoreError
 
@@ -94,6 +96,55 @@ def add_compile_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "llmcore generate --compiled KEY.",
     )
     return configure_parser(p)
+
+
+def add_cache_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``llmcore cache``: the store's commands (ls, verify, prune, rm) and ``import``."""
+    p = add_store_commands(subparsers)
+    imp = p.commands.add_parser(
+        "import", help="adopt a directory compiled by optimum-rbln / optimum-neuron save_pretrained",
+        description="Read the settings a vendor-compiled directory was built with from its own config file "
+                    "(rbln_config.json, neuron_config.json), check them against the options given here "
+                    "(each difference names both values) and store the directory in the compile cache, "
+                    "keyed like an entry `llmcore compile` made. Serve it with --compiled KEY.")
+    imp.add_argument("directory", metavar="DIR", help="the folder save_pretrained wrote")
+    imp.add_argument("--device", choices=["rbln", "neuron"], default=None,
+                     help="the SDK that wrote DIR (default: found from its config file)")
+    imp.add_argument("--model", default=None,
+                     help="Hugging Face folder with the tokenizer (default: DIR itself)")
+    imp.add_argument("--check", action="store_true", help="reconcile and print the plan; copy nothing")
+    for flag, dest, kind in (("--max-num-seqs", "max_num_seqs", int), ("--max-model-len", "max_model_len", int),
+                             ("--tensor-parallel-size", "tensor_parallel_size", int), ("--dtype", "dtype", str),
+                             ("--block-size", "block_size", int)):
+        imp.add_argument(flag, dest=dest, type=kind, default=None,
+                         help=f"refuse DIR unless it was compiled with this {dest}")
+    imp.add_argument("--cache-dir", default=argparse.SUPPRESS, help="cache root (default: $LLMCORE_CACHE_DIR)")
+    imp.set_defaults(func=run_import_command)
+    return p
+
+
+def run_import_command(args: argparse.Namespace) -> int:
+    explicit = {k: getattr(args, k) for k in ("max_num_seqs", "max_model_len", "tensor_parallel_size", "dtype",
+                                              "block_size")}
+    try:
+        done = adopt(args.directory, device=args.device, model=args.model, explicit=explicit, check=args.check,
+                     cache=CompileCache(getattr(args, "cache_dir", None)))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (LlmcoreError, CacheError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"plan for {done.device} (read from {args.directory}):")
+    for line in done.plan.describe().splitlines():
+        print("  " + line)
+    if done.entry is None:
+        print("check       ok: the directory's settings reconcile; nothing copied")
+    else:
+        print(f"imported    {done.entry.path}")
+        print(f"cache key   {done.entry.digest}")
+        print(f"serve it    llmcore generate --compiled {done.entry.digest[:16]}")
+    return EXIT_OK
 
 
 class _Forward(logging.Handler):

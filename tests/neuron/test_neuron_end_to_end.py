@@ -54,3 +54,23 @@ def test_compiled_neuron_artifact_serves_greedy_like_transformers(neuron_present
     reference = HFReference.from_pretrained(tiny_model)
     for prompt, out in zip(PROMPTS, outputs):
         assert out.outputs[0].token_ids == greedy(reference, prompt, 6)
+
+
+def test_on_device_sampling_artifact_serves_greedy_and_refuses_host_only_options(neuron_present, tiny_model):
+    from llmcore import Engine, SamplingParams
+    from llmcore.compiled import CompileRequest, compile_model
+    from llmcore.errors import RequestError
+    from llmcore.testing.reference import HFReference
+
+    request = CompileRequest(device="neuron", model=str(tiny_model), batch_size=2, max_seq_len=64, dtype="float32",
+                             settings={"neuron_on_device_sampling": True})
+    outcome = compile_model(request, show_progress=False)
+    assert outcome.entry.metadata["device_metadata"]["neuron_config"]["on_device_sampling"] is True
+    assert "--on-device-sampling" in outcome.entry.metadata["recompile_command"]
+    engine = Engine(compiled=outcome.entry.digest[:16], progress=False)
+    outputs = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    reference = HFReference.from_pretrained(tiny_model)
+    for prompt, out in zip(PROMPTS, outputs):
+        assert out.outputs[0].token_ids == greedy(reference, prompt, 6)
+    with pytest.raises(RequestError, match="logprobs=2: needs logits on the host"):
+        engine.generate(PROMPTS[:1], SamplingParams(max_tokens=2, logprobs=2))

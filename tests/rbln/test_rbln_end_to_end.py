@@ -49,3 +49,28 @@ def test_compiled_rbln_artifact_serves_greedy_like_transformers(rbln_present, ti
     reference = HFReference.from_pretrained(tiny_model)
     for prompt, out in zip(PROMPTS, outputs):
         assert out.outputs[0].token_ids == greedy(reference, prompt, 6)
+
+
+def test_a_directory_saved_by_the_sdk_serves_through_engine_compiled_dir(rbln_present, tiny_model, tmp_path):
+    from llmcore import Engine, SamplingParams
+    from llmcore.config import EngineConfig
+    from llmcore.errors import ConfigError
+    from llmcore.models.config import ModelConfig
+    from llmcore.testing.reference import HFReference
+    from llmcore_rbln import plugin
+
+    # what a vllm-rbln user has: optimum-rbln's from_pretrained(export=True) + save_pretrained output
+    device = plugin.llmcore_create_device(name="rbln", config=EngineConfig(device="rbln"))
+    mc = ModelConfig.from_path(tiny_model)
+    plan = device.plan(mc, batch_size=2, max_seq_len=64, dtype="float32")
+    vendor = tmp_path / "rbln-compiled"
+    vendor.mkdir()
+    device.compile(tiny_model, mc, plan, vendor, progress=False)
+
+    with pytest.raises(ConfigError, match="max_num_seqs: requested 4, compiled batch_size 2"):
+        Engine(compiled=str(vendor), model=str(tiny_model), max_num_seqs=4, progress=False)
+    engine = Engine(compiled=str(vendor), model=str(tiny_model), progress=False)
+    outputs = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    reference = HFReference.from_pretrained(tiny_model)
+    for prompt, out in zip(PROMPTS, outputs):
+        assert out.outputs[0].token_ids == greedy(reference, prompt, 6)

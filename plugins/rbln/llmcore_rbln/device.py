@@ -53,6 +53,8 @@ def import_model_class(architecture: str):
 class RblnDevice(Device):
     """Compiles with optimum-rbln and serves the compiled prefill/decode graphs with fixed slots."""
 
+    artifact_config_file = RBLN_CONFIG_FILE
+
     @property
     def settings(self) -> dict[str, Any]:
         return dict(getattr(self.config, "extra", None) or {})
@@ -73,6 +75,16 @@ class RblnDevice(Device):
         npu, _ = self.npu
         kw = planning.sdk_kwargs(plan, npu, True, self.settings.get("rbln_prefill_chunk_size"))
         return plan.describe() + "\nrbln settings     " + ", ".join(f"{k}={v!r}" for k, v in kw.items())
+
+    def plan_from_artifact(self, artifact_dir, model_config):
+        """(plan, device settings) of a directory saved by optimum-rbln's save_pretrained."""
+        cfg = read_rbln_config(Path(artifact_dir))
+        plan = planning.plan_from_artifact(cfg, model_config, self.settings.get("rbln_npu"))
+        _, npu = planning.saved_devices(cfg)
+        settings = {"rbln_npu": npu or self.npu[0]}
+        if cfg.get("prefill_chunk_size") not in (None, sdk.family(settings["rbln_npu"]).default_prefill_chunk):
+            settings["rbln_prefill_chunk_size"] = cfg["prefill_chunk_size"]
+        return plan, settings
 
     def create_runner(self, model_config, folder, dtype, eos_token_ids, max_model_len):
         raise PluginError(
