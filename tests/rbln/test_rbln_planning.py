@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from llmcore.compiled import vendor
 from llmcore.compiled.vendor import UNVERIFIED
 from llmcore.errors import ConfigError
 from llmcore.testing.configs import llama2_7b, smollm2_135m
@@ -117,7 +118,7 @@ class TestProbe:
 
     def test_device_without_sdk(self, monkeypatch):
         monkeypatch.setattr(sdk, "rbln_devices", lambda dev="/dev": ["rbln0"])
-        monkeypatch.setattr(sdk, "installed_version", lambda d: None)
+        monkeypatch.setattr(vendor, "installed_version", lambda d: None)
         p = plugin.probe({})
         assert p.reason == f"RBLN SDK not installed (rebel-compiler, optimum-rbln missing); {UNVERIFIED}"
         assert p.capabilities.device_count == 1

@@ -22,6 +22,8 @@ from pathlib import Path
 
 SDK_VERSION = "0.4.5"
 HERE = Path(__file__).resolve().parent
+#: where to write (default: next to this script); CI writes elsewhere and compares
+OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE
 SHARD = "checkpoint/weights/tp{rank}_sharded_checkpoint.safetensors"
 
 CASES = {
@@ -50,9 +52,9 @@ def main() -> None:
         heads = case.pop("heads")
         nc = NxDNeuronConfig(checkpoint_id=None, checkpoint_revision=None, target="trn1", fused_qkv=True,
                              continuous_batching=case["batch_size"] > 1, **case)
-        out = HERE / name
+        out = OUT / name
         shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
+        out.mkdir(parents=True)
         nc.save_pretrained(out)
         hf = LlamaConfig(hidden_size=64 * heads // 4, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=heads, num_key_value_heads=8, vocab_size=256,

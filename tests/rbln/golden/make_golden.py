@@ -24,6 +24,8 @@ from pathlib import Path
 
 SDK_VERSION = "0.12.0"
 HERE = Path(__file__).resolve().parent
+#: where to write (default: next to this script); CI writes elsewhere and compares
+OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE
 
 
 class _StubModule(types.ModuleType):
@@ -72,9 +74,9 @@ def write_case(name: str, arch: str, rbln: dict, hf_extra: dict | None = None) -
     rbln_config = config_cls(**rbln)
     rbln_config = model_cls._update_rbln_config(model_config=hf, rbln_config=rbln_config)
     rbln_config.freeze()
-    out = HERE / name
+    out = OUT / name
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
+    out.mkdir(parents=True)
     rbln_config.save(out)
     hf.save_pretrained(out)
     for cfg in json.loads((out / "rbln_config.json").read_text())["_compile_cfgs"]:

@@ -24,6 +24,9 @@ from llmcore.testing.configs import llama2_7b
 from llmcore_rbln import planning
 from tests.rbln import standin
 
+#: stand-in tests: the SDK is played by tests/rbln/standin.py; nothing here ran on RBLN hardware
+pytestmark = pytest.mark.standin
+
 #: from optimum-rbln 0.12.0's source
 SDK_SIGNATURES = {
     "RBLNBaseModel.from_pretrained": ("model_id", "export", "rbln_config", "kwargs"),

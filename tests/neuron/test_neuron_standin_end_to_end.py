@@ -3,14 +3,18 @@
 The device is made to look present (a /dev/neuron0, the runtime, the SDK) and
 the stand-in plays the compiled model; everything else is llmcore's real path:
 `llmcore compile`'s API, the cache entry, the static-slot engine, the plugin's
-runner. Greedy output must equal transformers' token for token.
+runner. The stand-in's logits are transformers' on the tokens the runner wrote into
+each slot's KV, so a wrong slot or position shows up as a token that differs from
+transformers' greedy output; the SDK's own numerics are not tested here.
 """
 
 from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("llmcore.compiled")
+#: stand-in tests: the SDK is played by tests/neuron/standin.py; nothing here ran on Neuron hardware
+pytestmark = pytest.mark.standin
+
 
 PROMPTS = [[1, 4093, 532, 9043, 310, 28, 1711], [1, 742, 18], [1, 30210, 995, 12, 7]]
 
@@ -34,7 +38,7 @@ def greedy(reference, prompt, n):
     return out[len(prompt):]
 
 
-def test_compiled_neuron_artifact_serves_greedy_like_transformers(neuron_present, tiny_model):
+def test_standin_neuron_artifact_feeds_the_right_slots_and_positions(neuron_present, tiny_model):
     from llmcore import Engine, SamplingParams
     from llmcore.compiled import CompileRequest, compile_model
     from llmcore.testing.reference import HFReference
