@@ -7,7 +7,7 @@ Run from the repository root (takes ~10 minutes on a 2-core machine)::
 
 Model: the embedded SmolLM2-135M-Instruct (``Engine()``'s default). Phases:
 
-1. **cold compile**: ``python -m llmcore.compile.cli --device cpu ...`` into an empty
+1. **cold compile**: ``python -m llmcore.compiled.cli --device cpu ...`` into an empty
    compile cache, with an empty ``TORCHINDUCTOR_CACHE_DIR`` so Inductor's own
    caches do not help (what a fresh machine pays). Wall time of the process.
 2. **cache hit**: the same command again (a new process): wall time.
@@ -125,7 +125,7 @@ def main() -> None:
                PYTHONWARNINGS="ignore")
     env.pop("LLMCORE_SHARED_CACHE_DIR", None)
     os.environ.update(LLMCORE_CACHE_DIR=env["LLMCORE_CACHE_DIR"])
-    compile_cmd = [sys.executable, "-m", "llmcore.compile.cli", "--device", "cpu", "--batch-size",
+    compile_cmd = [sys.executable, "-m", "llmcore.compiled.cli", "--device", "cpu", "--batch-size",
                    str(args.batch_size), "--max-seq-len", str(args.max_seq_len), "--dtype", args.dtype,
                    "--json", "--quiet"]
     if args.seq_buckets:

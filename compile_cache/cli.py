@@ -118,6 +118,7 @@ def add_cache_parser(subparsers: Any) -> argparse.ArgumentParser:
     for sp in (ls, verify, prune, rm):
         _add_dir_options(sp, top=False)
     p.set_defaults(func=run_cache_command, cache_parser=p)
+    p.commands = sub  # so a layer above (llmcore) can add commands that need more than the store
     return p
 
 

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from llmcore.config import EngineConfig
     from llmcore.engine.batch import SampleResult, ScheduledBatch
     from llmcore.models.config import ModelConfig
+    from llmcore.compiled.plan import StaticPlan
     from llmcore.parallel.tensor_parallel import TPGroup
-    from llmcore.static_plan import StaticPlan
 
 
 class ModelRunner(Protocol):
@@ -88,7 +88,7 @@ class Device:
     def plan(self, model_config: ModelConfig, **settings: Any) -> StaticPlan:
         """The static plan this device would compile for ``settings``.
 
-        ``settings`` are :func:`~llmcore.static_plan.plan_static`'s keywords
+        ``settings`` are :func:`~llmcore.compiled.plan.plan_static`'s keywords
         (``batch_size``, ``max_seq_len``, ``dtype``, ``tensor_parallel``,
         ``quantization``, ``batch_buckets``, ``seq_buckets``, ``block_size``).
         The default is ``plan_static`` with this device's capabilities; a device
@@ -96,7 +96,7 @@ class Device:
         tied to its attention kernel) overrides it, so ``llmcore compile`` can
         show and validate the plan that will really be compiled.
         """
-        from llmcore.static_plan import plan_static
+        from llmcore.compiled.plan import plan_static
 
         return plan_static(model_config, self.capabilities, self.name, **settings)
 
@@ -106,7 +106,7 @@ class Device:
         :returns: ``{"compiler", "compiler_version", "compiler_flags"}`` and
             optionally ``"target"`` (the hardware the code is built for, e.g. a
             CPU feature set or NPU generation) and ``"extra"`` (a dict of anything
-            else the artifact depends on). ``llmcore.compile.keys.build_key``
+            else the artifact depends on). ``llmcore.compiled.keys.build_key``
             puts them in the key, and serving recomputes them to refuse an
             artifact built for another environment.
         """

@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_parser(sub)
     # commands contributed by other layers; each module exposes add_*_parser(subparsers)
     for module, fn in (
-        ("llmcore.compile.cli", "add_compile_parser"),
-        ("compile_cache.cli", "add_cache_parser"),
+        ("llmcore.compiled.cli", "add_compile_parser"),
+        ("llmcore.compiled.cli", "add_cache_parser"),  # the store's commands plus `cache import`
         ("llmcore.server.cli", "add_serve_parser"),
         ("llmcore.server.cli", "add_batch_parser"),
         ("llmcore.kserve.cli", "add_repo_parser"),

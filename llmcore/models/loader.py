@@ -110,9 +110,11 @@ def gguf_to_folder(gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
-        model.config.quantization_config = None
-        if hasattr(model, "hf_quantizer") and model.hf_quantizer is not None:
+        if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
+        elif hasattr(model.config, "quantization_config"):
+            # deleted, not set to None: transformers 4.57 (optimum-neuron's pin) cannot save a None one
+            del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tok.save_pretrained(tmp)

@@ -54,7 +54,7 @@ from llmcore.config import EngineConfig
 from llmcore.device import Device
 from llmcore.errors import ConfigError, LlmcoreError, RequestError
 from llmcore.hookspecs import SUPPORTED_CONTRACT_VERSIONS
-from llmcore.static_plan import DTYPE_BYTES, StaticPlan, plan_static
+from llmcore.compiled.plan import DTYPE_BYTES, StaticPlan, plan_static
 
 #: Modules a probe must not import: each costs seconds or touches the device.
 HEAVY_MODULES = ("torch", "transformers", "accelerate", "safetensors", "numpy", "triton", "optimum",

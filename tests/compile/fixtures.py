@@ -36,7 +36,7 @@ class CompiledTiny:
 
 def run_cli(args: list[str]) -> tuple[int, str, str]:
     """`llmcore compile ARGS` in-process; returns (exit status, stdout, stderr)."""
-    from llmcore.compile.cli import main
+    from llmcore.compiled.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from compile_cache import CompileCache
 
-from llmcore.compile import CompileRequest, build_key, key_differences, plan_compile
+from llmcore.compiled import CompileRequest, build_key, key_differences, plan_compile
 from llmcore.errors import ConfigError
 
 
@@ -102,7 +102,7 @@ def test_cpu_plan_refuses_tensor_parallel(tiny_llama, cache):
 
 def test_another_process_computes_the_same_key(tiny_llama, cache):
     mine = planned(cache, tiny_llama).key.digest()
-    cmd = [sys.executable, "-m", "llmcore.compile.cli", "--device", "cpu", "--model", str(tiny_llama),
+    cmd = [sys.executable, "-m", "llmcore.compiled.cli", "--device", "cpu", "--model", str(tiny_llama),
            "--batch-size", "2", "--max-seq-len", "64", "--dtype", "float32", "--dry-run", "--json",
            "--cache-dir", str(cache.root)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

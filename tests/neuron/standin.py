@@ -244,14 +244,28 @@ class StandinNxDModel:
             raise ContractError(f"seq_ids {tuple(seq_ids.shape)} must be [batch]")
         if sampling_params is None or tuple(sampling_params.shape) != (input_ids.shape[0], 3):
             raise ContractError("sampling_params must be a [batch, 3] tensor (top_k, top_p, temperature)")
-        if nc.on_device_sampling:
-            raise ContractError("the stand-in only emulates host sampling (on_device_sampling=False)")
         if input_ids.shape[-1] > 1 and not position_ids.min().item():
-            return self._context_encoding(input_ids, position_ids, seq_ids)
-        if input_ids.shape[-1] != 1:
+            out = self._context_encoding(input_ids, position_ids, seq_ids)
+        elif input_ids.shape[-1] != 1:
             raise ContractError(f"{input_ids.shape[-1]} tokens not starting at position 0: neither graph "
                                 "accepts that (no speculation compiled)")
-        return self._token_generation(input_ids, position_ids, seq_ids)
+        else:
+            out = self._token_generation(input_ids, position_ids, seq_ids)
+        return self._sample(out[:, -1, :], sampling_params) if nc.on_device_sampling else out
+
+    def _sample(self, logits: torch.Tensor, sampling_params: torch.Tensor) -> torch.Tensor:
+        """On-device sampling: one token per row from [top_k, top_p, temperature] (top_k 1: greedy)."""
+        tokens = []
+        for row, (top_k, top_p, temperature) in zip(logits, sampling_params.tolist()):
+            if not 1 <= top_k <= self.neuron_config.max_topk:
+                raise ContractError(f"top_k {top_k} outside 1..max_topk {self.neuron_config.max_topk}")
+            if top_k == 1:
+                tokens.append(int(row.argmax()))
+                continue
+            values, indices = row.float().topk(int(top_k))
+            probs = torch.softmax(values / temperature, dim=-1)
+            tokens.append(int(indices[torch.multinomial(probs, 1)]))
+        return torch.tensor(tokens, dtype=torch.int64)  # [batch]
 
     __call__ = forward
 

@@ -8,7 +8,7 @@ import pytest
 
 from llmcore.testing.configs import LLAMA2_7B, SMOLLM2_135M
 
-pytest.importorskip("llmcore.compile.cli")
+pytest.importorskip("llmcore.compiled.cli")
 
 
 def config_only_model(path, config):
@@ -21,7 +21,7 @@ def config_only_model(path, config):
 
 
 def run(args, tmp_path, capsys, monkeypatch):
-    from llmcore.compile.cli import main
+    from llmcore.compiled.cli import main
     from llmcore_neuron import sdk
 
     monkeypatch.delenv("LLMCORE_NEURON_TARGET", raising=False)
@@ -69,3 +69,22 @@ def test_compile_without_the_sdk_prints_the_plan_then_fails_with_the_fix(tmp_pat
     assert "memory per core" in out, "the plan is printed before the failure"
     assert "no Neuron device (/dev/neuron* not found)" in err
     assert "pip install 'llmcore[neuron]'" in err and "pip.repos.neuron.amazonaws.com" in err
+
+
+def test_device_options_reach_the_plan_and_the_recompile_command(tmp_path, capsys, monkeypatch):
+    model = config_only_model(tmp_path / "llama2", LLAMA2_7B)
+    code, out, err = run(["--device", "neuron", "--model", str(model), "--batch-size", "1", "--max-seq-len", "4096",
+                          "--tensor-parallel", "3", "--neuron-target", "trn2", "--on-device-sampling", "--dry-run",
+                          "--json"], tmp_path, capsys, monkeypatch)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["recompile_command"].endswith("--tensor-parallel 3 --on-device-sampling --neuron-target trn2")
+    assert result["plan"]["memory_limit"] == 24 * 2**30, "planned for trn2's 24 GiB cores"
+
+
+def test_an_rbln_option_is_refused_for_neuron(tmp_path, capsys, monkeypatch):
+    model = config_only_model(tmp_path / "llama2", LLAMA2_7B)
+    code, out, err = run(["--device", "neuron", "--model", str(model), "--batch-size", "1", "--max-seq-len", "4096",
+                          "--prefill-chunk-size", "256", "--dry-run"], tmp_path, capsys, monkeypatch)
+    assert code == 2
+    assert "--prefill-chunk-size=256: is a rbln setting, not one for neuron. Drop --prefill-chunk-size" in err

@@ -226,7 +226,7 @@ def test_engine_config_and_engine_refuse_before_loading(tiny_llama):
 
 
 def test_compile_refuses_tensor_parallel_on_runtime_devices():
-    from llmcore.static_plan import plan_static
+    from llmcore.compiled.plan import plan_static
 
     caps = Capabilities(dtypes=("float32",), tensor_parallel=True)
     with pytest.raises(ConfigError, match="cpu shards a model at run time.*--tensor-parallel 2"):

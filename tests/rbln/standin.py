@@ -44,6 +44,7 @@ CONFIG_KEYS = {
 }
 DEPRECATED_KEYS = {"tensor_parallel_size": "num_devices", "kvcache_metas": "cache_metas"}
 RUNTIME_KEYS = {"create_runtimes", "device", "device_map", "activate_profiler", "timeout"}
+NON_SAVED_KEYS = {"npu", "num_devices"}  # saved inside each _compile_cfgs entry only
 QUANT = dict(weights=("int4", "int8", "fp8", "fp16"), activations=("int8", "fp8", "fp16"), kv_caches=("fp8", "fp16"))
 SCALE_SUFFIXES = (".weight_scale", ".scales", ".w_scale", ".scale")
 
@@ -158,10 +159,10 @@ def resolve_config(cfg: dict[str, Any], hf_config, dtype: str) -> dict[str, Any]
         use_inputs_embeds=bool(out.get("use_inputs_embeds")), cache_impl="static", phases=["prefill", "decode"],
         logits_to_keep=1, output_hidden_states=False, dtype=dtype, optimum_rbln_version=VERSION,
         _requires_batch_sort=_requires_batch_sort(out.get("npu"), attn, use_mask),
-        _compile_cfgs=[{"compiled_model_name": n} for n in
-                       ["prefill"] + [f"decoder_batch_{b}" for b in sorted(dbs, reverse=True)]],
+        _compile_cfgs=[{"compiled_model_name": n, "npu": out.get("npu"), "num_devices": out.get("num_devices")}
+                       for n in ["prefill"] + [f"decoder_batch_{b}" for b in sorted(dbs, reverse=True)]],
     )
-    for k in RUNTIME_KEYS:
+    for k in RUNTIME_KEYS | NON_SAVED_KEYS:  # as RBLNModelConfig.non_save_attributes (golden files)
         out.pop(k, None)
     return out
 

@@ -8,7 +8,7 @@ import pytest
 
 from llmcore.testing.configs import LLAMA2_7B, SMOLLM2_135M
 
-pytest.importorskip("llmcore.compile.cli")
+pytest.importorskip("llmcore.compiled.cli")
 
 
 def config_only_model(path, config):
@@ -21,7 +21,7 @@ def config_only_model(path, config):
 
 
 def run(args, tmp_path, capsys, monkeypatch):
-    from llmcore.compile.cli import main
+    from llmcore.compiled.cli import main
     from llmcore_rbln import sdk
 
     monkeypatch.delenv("LLMCORE_RBLN_NPU", raising=False)

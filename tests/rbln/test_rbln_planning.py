@@ -6,6 +6,8 @@ import dataclasses
 
 import pytest
 
+from llmcore.compiled import vendor
+from llmcore.compiled.vendor import UNVERIFIED
 from llmcore.errors import ConfigError
 from llmcore.testing.configs import llama2_7b, smollm2_135m
 from llmcore_rbln import plugin, sdk
@@ -81,9 +83,12 @@ class TestSmolLM2AndOptions:
 
     def test_quantization_methods(self):
         plan = plan_for(smollm2_135m(), batch_size=4, max_seq_len=2048, quantization="rbln-w4a16")
-        assert plan.quantization == "rbln-w4a16" and plan.dtype == "float16"
+        # optimum-rbln compiles quantized checkpoints in float32: activations and KV at 4 bytes
+        assert plan.quantization == "rbln-w4a16" and plan.dtype == "float32"
         assert plan.weight_bytes_per_core == smollm2_135m().num_params() // 2
-        with pytest.raises(ConfigError, match="rbln-w8a8 computes in float16 on rbln"):
+        fp16 = plan_for(smollm2_135m(), batch_size=4, max_seq_len=2048)
+        assert plan.kv_bytes_per_core == 2 * fp16.kv_bytes_per_core
+        with pytest.raises(ConfigError, match="optimum-rbln compiles rbln-w8a8 checkpoints in float32"):
             plan_for(smollm2_135m(), batch_size=4, max_seq_len=2048, quantization="rbln-w8a8", dtype="bfloat16")
         with pytest.raises(ConfigError, match="Available on rbln: rbln-w4a16, rbln-w8a16, rbln-w8a8, rbln-fp8"):
             plan_for(smollm2_135m(), batch_size=4, max_seq_len=2048, quantization="awq")
@@ -105,16 +110,17 @@ class TestProbe:
         monkeypatch.setattr(sdk, "rbln_devices", lambda dev="/dev": [])
         p = plugin.probe({})
         assert p.score == 0
-        assert p.reason == "no RBLN device (/dev/rbln* not found; is the RBLN driver installed and loaded?)"
+        assert p.reason == ("no RBLN device (/dev/rbln* not found; is the RBLN driver installed and loaded?); "
+                            f"{UNVERIFIED}")
         assert "rebel-compiler" in p.hint and "pip install 'llmcore[rbln]'" in p.hint
         assert p.capabilities.device_count == 16 and p.capabilities.memory_bytes == ATOM_BYTES
         assert p.capabilities.quantization == ("rbln-w4a16", "rbln-w8a16", "rbln-w8a8", "rbln-fp8")
 
     def test_device_without_sdk(self, monkeypatch):
         monkeypatch.setattr(sdk, "rbln_devices", lambda dev="/dev": ["rbln0"])
-        monkeypatch.setattr(sdk, "installed_version", lambda d: None)
+        monkeypatch.setattr(vendor, "installed_version", lambda d: None)
         p = plugin.probe({})
-        assert p.reason == "RBLN SDK not installed (rebel-compiler, optimum-rbln missing)"
+        assert p.reason == f"RBLN SDK not installed (rebel-compiler, optimum-rbln missing); {UNVERIFIED}"
         assert p.capabilities.device_count == 1
 
     def test_usable(self, monkeypatch):
@@ -123,7 +129,7 @@ class TestProbe:
         monkeypatch.setenv("LLMCORE_RBLN_NPU", "RBLN-CA22")
         p = plugin.probe({})
         assert p.score == plugin.RBLN_SCORE and p.capabilities.device_count == 2
-        assert p.description == "2 RBLN device(s) (RBLN-CA22, ATOM, 15.7 GiB each)"
+        assert p.description == f"2 RBLN device(s) (RBLN-CA22, ATOM, 15.7 GiB each); {UNVERIFIED}"
 
     def test_device_nodes_are_matched_exactly(self, tmp_path):
         for name in ("rbln0", "rbln11", "rbln3", "rbln_ctl", "rsd0"):

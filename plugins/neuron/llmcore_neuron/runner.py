@@ -17,125 +17,95 @@ and vLLM runner):
   idle live slots re-feed their last token at its own position (rewrites the
   same KV), free slots get a pad token at position 0.
 
-Logits come back to the host (``on_device_sampling=False``) and llmcore's
-sampler picks tokens, so every sampling option behaves as on cpu.
+By default logits come back to the host (``on_device_sampling=False``) and
+llmcore's sampler picks tokens, so every sampling option behaves as on cpu. An
+artifact compiled with on-device sampling (``--on-device-sampling``, what
+optimum-neuron's own exports and hub cache use) returns one token per row,
+sampled on the NeuronCores from each row's ``[top_k, top_p, temperature]``;
+requests that need logits on the host (logprobs, penalties, min_p, seed,
+min_tokens) are refused with the option named. Slots, checks
+and sampling are :class:`~llmcore.compiled.slots.StaticSlotRunner`'s.
 """
 
 from __future__ import annotations
 
 import torch
 
-from llmcore.engine.batch import SampleResult, ScheduledBatch, ScheduledSeq
+from llmcore.compiled.slots import Decode, StaticSlotRunner
+from llmcore.engine.batch import SampleResult, ScheduledSeq
 from llmcore.errors import RequestError
-from llmcore.runtime.sampler import Sampler
-from llmcore.runtime.slots import PAD_TOKEN, SlotTable
-from llmcore.static_plan import DTYPE_BYTES
 
-class NeuronStaticRunner:
-    def __init__(self, model, plan, model_config, eos_token_ids, seed: int = 0) -> None:
-        self.model = model
-        self.plan = plan
-        self.config = model_config
-        self.max_seq_len = plan.max_seq_len
-        self.slots = SlotTable(plan.batch_size)
-        self.sampler = Sampler(eos_token_ids, seed, torch.device("cpu"))
-        # one "block" is one slot's whole KV region
-        self.block_size = plan.max_seq_len
-        self.num_kv_blocks = 0
+#: optimum-neuron NxDNeuronConfig.max_topk default: the largest top_k the compiled sampler takes
+MAX_TOPK = 256
 
-    def kv_bytes_per_block(self) -> int:
-        return self.config.kv_bytes_per_token(DTYPE_BYTES[self.plan.dtype]) * self.block_size
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        # the compiled graphs hold the KV cache (batch_size regions); nothing to allocate
-        self.num_kv_blocks = num_blocks
+class NeuronStaticRunner(StaticSlotRunner):
+    device_name = "neuron"
+    single_token_prompt_decodes = True  # a 1-token prompt does not select the context-encoding graph
 
-    @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
-        self.slots.release(batch.finished_keys)
-        self.sampler.release(batch.finished_keys)
-        results: list[SampleResult | None] = [None] * len(batch.seqs)
-        rows: dict[int, torch.Tensor] = {}
-        decode: dict[int, tuple[int, int, int]] = {}  # slot -> (entry index, token, position)
-        prefill: list[tuple[int, int, list[int]]] = []  # (entry index, slot, prompt)
-        for i, s in enumerate(batch.seqs):  # every check and slot first, before any device call
-            self._check(s)
-            end = s.start_pos + len(s.token_ids)
-            slot = self.slots.get(s.key)
-            if (slot is not None and len(s.token_ids) == 1 and s.start_pos > 0
-                    and self.slots.length[slot] == s.start_pos):
-                decode[slot] = (i, s.token_ids[0], s.start_pos)
-                continue
-            slot = self.slots.assign(s.key)
-            if not s.sample:
-                continue  # a prompt chunk: prefilled in one pass once its last chunk arrives
-            tokens = list(s.history[:end])
-            if len(tokens) == 1:
-                decode[slot] = (i, tokens[0], 0)
+    def __init__(self, model, plan, model_config, eos_token_ids, seed: int = 0,
+                 on_device_sampling: bool = False) -> None:
+        super().__init__(model, plan, model_config, eos_token_ids, seed=seed)
+        self.on_device_sampling = on_device_sampling
+
+    def check(self, s: ScheduledSeq) -> None:
+        super().check(s)
+        if not self.on_device_sampling:
+            return
+        p = s.params
+        needs_logits = {
+            "logprobs": p.logprobs is not None, "min_p": p.min_p > 0, "seed": p.seed is not None,
+            "min_tokens": p.min_tokens > 0, "repetition_penalty": p.repetition_penalty != 1.0,
+            "presence_penalty": p.presence_penalty != 0.0, "frequency_penalty": p.frequency_penalty != 0.0,
+        }
+        for option, asked in needs_logits.items():
+            if asked:
+                raise RequestError(option, getattr(p, option),
+                                   "needs logits on the host, but this Neuron artifact samples on the device "
+                                   "(top_k, top_p, temperature only)",
+                                   f"Drop {option}, or recompile without --on-device-sampling")
+
+    def sample(self, rows: list[torch.Tensor], seqs: list[ScheduledSeq]) -> list[SampleResult]:
+        if not self.on_device_sampling:
+            return super().sample(rows, seqs)
+        return [SampleResult(token_ids=[int(t)]) for t in rows]
+
+    def _row(self, out: torch.Tensor, row: int) -> torch.Tensor:
+        """Row ``row``'s logits [vocab], or its token id when the graphs sample on the device."""
+        return out.reshape(out.shape[0], -1)[row, 0] if self.on_device_sampling else out[row, -1]
+
+    def _sampling_params(self, slots: list[int]) -> torch.Tensor:
+        """[top_k, top_p, temperature] per row (the graphs read it only with on-device sampling)."""
+        rows = []
+        for slot in slots:
+            p = self.slot_params.get(slot)
+            if p is None or p.temperature == 0:
+                rows.append([1.0, 1.0, 1.0])  # greedy: top_k 1
             else:
-                prefill.append((i, slot, tokens))
-        for i, slot, tokens in prefill:
-            rows[i] = self._prefill(slot, tokens)
-        if decode:
-            rows.update(self._decode(decode))
-        sampled = [i for i, s in enumerate(batch.seqs) if s.sample and i in rows]
-        if sampled:
-            logits = torch.stack([rows[i] for i in sampled]).float()
-            for i, res in zip(sampled, self.sampler(logits, [batch.seqs[i] for i in sampled])):
-                results[i] = res
-        return results
+                top_k = p.top_k if 0 < p.top_k <= MAX_TOPK else MAX_TOPK
+                rows.append([float(top_k), float(p.top_p), float(p.temperature)])
+        return torch.tensor(rows, dtype=torch.float32)
 
-    def _check(self, s: ScheduledSeq) -> None:
-        if s.want_prompt_logprobs:
-            raise RequestError("prompt_logprobs", s.params.prompt_logprobs,
-                               "is not available on neuron: the compiled graphs return the last "
-                               "position's logits only", "Drop prompt_logprobs")
-        end = s.start_pos + len(s.token_ids)
-        if end > self.max_seq_len:
-            raise RequestError(
-                "max_seq_len", end,
-                f"sequence {s.key} would hold {end} tokens, more than the compiled max_seq_len "
-                f"{self.max_seq_len}",
-                f"Keep prompt + max_tokens <= {self.max_seq_len}, or recompile with a larger --max-seq-len",
-            )
-
-    def _prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
+    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
         n = len(tokens)
         out = self.model.forward(
             input_ids=torch.tensor([tokens], dtype=torch.long),
             position_ids=torch.arange(n, dtype=torch.long).unsqueeze(0),
             seq_ids=torch.tensor([slot], dtype=torch.long),
-            sampling_params=_sampling_params(1),
+            sampling_params=self._sampling_params([slot]),
         )
-        self.slots.length[slot] = n
-        self.slots.last_token[slot] = tokens[-1]
-        return out[0, -1]
+        return self._row(out, 0)
 
-    def _decode(self, decode: dict[int, tuple[int, int, int]]) -> dict[int, torch.Tensor]:
+    def decode(self, decode: Decode) -> dict[int, torch.Tensor]:
         tokens, positions = [], []
         for slot in range(self.slots.num_slots):
-            if slot in decode:
-                _, token, pos = decode[slot]
-            elif self.slots.length[slot] > 0:  # live but not scheduled: rewrite its last KV entry
-                token, pos = self.slots.last_token[slot], self.slots.length[slot] - 1
-            else:
-                token, pos = PAD_TOKEN, 0
+            token, pos = decode[slot][1:] if slot in decode else self.slots.filler(slot)
             tokens.append([token])
             positions.append([pos])
         out = self.model.forward(
             input_ids=torch.tensor(tokens, dtype=torch.long),
             position_ids=torch.tensor(positions, dtype=torch.long),
             seq_ids=torch.arange(self.slots.num_slots, dtype=torch.long),
-            sampling_params=_sampling_params(self.slots.num_slots),
+            sampling_params=self._sampling_params(list(range(self.slots.num_slots))),
         )
-        rows = {}
-        for slot, (i, token, pos) in decode.items():
-            self.slots.length[slot] = pos + 1
-            self.slots.last_token[slot] = token
-            rows[i] = out[slot, -1]
-        return rows
-
-
-def _sampling_params(n: int) -> torch.Tensor:
-    """[top_k, top_p, temperature] per row; the graphs ignore it without on-device sampling."""
-    return torch.tensor([[1.0, 1.0, 1.0]] * n, dtype=torch.float32)
+        return {i: self._row(out, slot) for slot, (i, _, _) in decode.items()}

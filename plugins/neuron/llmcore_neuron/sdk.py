@@ -7,12 +7,14 @@ The probe must stay cheap and side-effect free, so everything here reads
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import re
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
+
+from llmcore.capabilities import KV_FIXED_SLOTS, Capabilities
+from llmcore.compiled.vendor import UNVERIFIED, device_nodes, installed_version
+from llmcore.compiled.vendor import missing_sdk as _missing
+from llmcore.errors import ConfigError
 
 GIB = 2**30
 
@@ -25,7 +27,6 @@ SDK_DISTRIBUTIONS = {
 }
 RUNTIME_LIBRARIES = ("/opt/aws/neuron/lib/libnrt.so.1", "/opt/aws/neuron/lib/libnrt.so")
 PRODUCT_NAME_FILE = "/sys/devices/virtual/dmi/id/product_name"
-DEVICE_NAME = re.compile(r"^neuron\d+$")
 
 INSTALL_HINT = (
     "Run on an inf2/trn1/trn2 instance with the Neuron driver and runtime (aws-neuronx-dkms, "
@@ -61,11 +62,7 @@ COMPILE_TARGETS = {"inf2": "trn1", "trn1": "trn1", "trn2": "trn2"}
 
 
 def neuron_devices(dev: str = "/dev") -> list[str]:
-    try:
-        names = os.listdir(dev)
-    except OSError:
-        return []
-    return sorted((n for n in names if DEVICE_NAME.match(n)), key=lambda n: int(n[6:]))
+    return device_nodes("neuron", dev)
 
 
 def instance_family() -> str | None:
@@ -86,27 +83,13 @@ def resolve_target(requested: str | None = None) -> str:
     if name == "trn1n":
         name = "trn1"
     if name not in TARGETS:
-        from llmcore.errors import ConfigError
-
         raise ConfigError("neuron_target", name, "is not a Neuron instance family",
                           f"Use one of: {', '.join(TARGETS)}")
     return name
 
 
-def installed_version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def missing_sdk() -> list[str]:
-    """Distributions not installed, or installed without their module (pypi placeholders)."""
-    missing = []
-    for dist, module in SDK_DISTRIBUTIONS.items():
-        if installed_version(dist) is None or importlib.util.find_spec(module) is None:
-            missing.append(dist)
-    return missing
+    return _missing(SDK_DISTRIBUTIONS)
 
 
 def runtime_library() -> str | None:
@@ -118,3 +101,30 @@ def runtime_library() -> str | None:
 
 def sdk_versions() -> dict[str, str]:
     return {d: installed_version(d) or "not installed" for d in SDK_DISTRIBUTIONS}
+
+
+def capabilities(target: str = DEFAULT_TARGET, num_cores: int | None = None) -> Capabilities:
+    """What Neuron offers for ``target``; ``num_cores`` defaults to its largest instance."""
+    t = TARGETS[target]
+    cores = num_cores or t.max_cores
+    notes = [
+        UNVERIFIED,
+        "batch slots and sequence length are fixed at compile time (llmcore compile --device neuron)",
+        "dtype is the export dtype (optimum-neuron casts weights and compute to it)",
+        "one context-encoding graph (prompt prefilled in one pass) and one decode graph for all slots",
+    ]
+    if num_cores is None:
+        notes.append(f"no Neuron device here: planning for {target} up to {t.largest_instance} "
+                     f"({t.max_cores} NeuronCores)")
+    return Capabilities(
+        dtypes=("bfloat16", "float16", "float32"),
+        default_dtype="bfloat16",
+        quantization=(),
+        kv_layout=KV_FIXED_SLOTS,
+        needs_compile=True,
+        static_shapes=True,
+        memory_bytes=t.memory_per_core,
+        device_count=cores,
+        tensor_parallel=True,
+        notes=tuple(notes),
+    )

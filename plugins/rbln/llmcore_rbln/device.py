@@ -18,15 +18,18 @@ The tests in tests/rbln check these calls against a stand-in that records them.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from llmcore.compiled.vendor import artifact_files, read_config_file
 from llmcore.device import Device
-from llmcore.errors import ConfigError, PluginError
+from llmcore.errors import PluginError
 from llmcore_rbln import __version__, planning, sdk
 from llmcore_rbln import quantization as quant
+from llmcore_rbln.runner import RblnStaticRunner
 
 log = logging.getLogger("llmcore.rbln")
 
@@ -35,7 +38,7 @@ RBLN_CONFIG_FILE = "rbln_config.json"
 
 def import_model_class(architecture: str):
     """``optimum.rbln.RBLN<architecture>``, or a PluginError saying what to install."""
-    try:
+    try:  # optional dependency: the vendor SDK
         import optimum.rbln as rbln
     except ImportError as exc:
         raise PluginError(
@@ -49,6 +52,8 @@ def import_model_class(architecture: str):
 
 class RblnDevice(Device):
     """Compiles with optimum-rbln and serves the compiled prefill/decode graphs with fixed slots."""
+
+    artifact_config_file = RBLN_CONFIG_FILE
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -66,10 +71,20 @@ class RblnDevice(Device):
         settings.setdefault("prefill_chunk_size", self.settings.get("rbln_prefill_chunk_size"))
         return planning.plan_for(model_config, npu=self.npu[0], **settings)
 
-    def describe_plan(self, plan) -> str:
+    def describe_plan(self, plan, model_config=None) -> str:
         npu, _ = self.npu
         kw = planning.sdk_kwargs(plan, npu, True, self.settings.get("rbln_prefill_chunk_size"))
         return plan.describe() + "\nrbln settings     " + ", ".join(f"{k}={v!r}" for k, v in kw.items())
+
+    def plan_from_artifact(self, artifact_dir, model_config):
+        """(plan, device settings) of a directory saved by optimum-rbln's save_pretrained."""
+        cfg = read_rbln_config(Path(artifact_dir))
+        plan = planning.plan_from_artifact(cfg, model_config, self.settings.get("rbln_npu"))
+        _, npu = planning.saved_devices(cfg)
+        settings = {"rbln_npu": npu or self.npu[0]}
+        if cfg.get("prefill_chunk_size") not in (None, sdk.family(settings["rbln_npu"]).default_prefill_chunk):
+            settings["rbln_prefill_chunk_size"] = cfg["prefill_chunk_size"]
+        return plan, settings
 
     def create_runner(self, model_config, folder, dtype, eos_token_ids, max_model_len):
         raise PluginError(
@@ -94,8 +109,6 @@ class RblnDevice(Device):
         }
 
     def compile(self, model_path, model_config, plan, out_dir, progress=True) -> dict[str, Any]:
-        import torch
-
         npu, pass_npu = self.npu
         planning.check_plan(plan, npu)
         planning.check_model(model_config)
@@ -119,7 +132,7 @@ class RblnDevice(Device):
             "npu": npu,
             "exporter": "optimum-rbln",
             "exporter_version": saved.get("optimum_rbln_version") or sdk.installed_version("optimum-rbln"),
-            "files": sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()),
+            "files": artifact_files(out_dir),
         }
 
     # --------------------------------------------------------------- serve
@@ -132,8 +145,6 @@ class RblnDevice(Device):
         planning.reconcile_artifact(cfg, plan, npu, where=f"{artifact_dir}/{RBLN_CONFIG_FILE}")
         cls = import_model_class(model_config.architecture)
         model = cls.from_pretrained(str(artifact_dir), export=False)
-        from llmcore_rbln.runner import RblnStaticRunner
-
         _, block = planning.attention(plan, npu)
         return RblnStaticRunner(model, plan, model_config, eos_token_ids, kv_block_size=block,
                                 sort_decode=bool(cfg.get("_requires_batch_sort")),
@@ -141,12 +152,4 @@ class RblnDevice(Device):
 
 
 def read_rbln_config(artifact_dir: Path) -> dict[str, Any]:
-    path = Path(artifact_dir) / RBLN_CONFIG_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError("compiled", str(artifact_dir), f"has no {RBLN_CONFIG_FILE}: not an RBLN artifact",
-                          "Compile it with: llmcore compile --device rbln ...") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError("compiled", str(path), f"is not valid JSON ({exc})",
-                          "Recompile: the entry is damaged") from exc
+    return read_config_file(artifact_dir, RBLN_CONFIG_FILE, "rbln")

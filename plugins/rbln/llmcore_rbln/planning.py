@@ -16,20 +16,30 @@ A plan maps onto that as: ``batch_buckets`` -> ``decoder_batch_sizes``,
 ``num_devices``, ``quantization`` -> ``rbln_quantization``. Each slot owns
 ``max_seq_len / block_size`` blocks, so ``kvcache_num_blocks`` is set to
 ``batch_size * max_seq_len / block_size`` (the KV the plan's memory estimate counts).
+
+Derived the way optimum-rbln derives them (checked against its own code by the golden files in
+tests/rbln/golden): a quantized checkpoint compiles in float32 (activations and KV), so its plan's
+dtype is float32; a model with ``sliding_window`` set and ``use_sliding_window`` not false compiles
+``cache_impl="sliding_window"`` (a local KV window, no ``block_tables``), which llmcore's runner does
+not drive, so it is refused; ``num_devices`` and ``npu`` are saved only inside ``_compile_cfgs``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable
 
+from llmcore.compiled.plan import StaticPlan, plan_static
+from llmcore.compiled.vendor import mismatches
 from llmcore.config import normalize_dtype
 from llmcore.errors import ConfigError
 from llmcore.models.config import ModelConfig
-from llmcore.static_plan import StaticPlan, plan_static
 from llmcore_rbln import quantization as quant
 from llmcore_rbln import sdk
+from llmcore_rbln.sdk import capabilities
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+#: optimum-rbln 0.12 get_quantized_model: "rebel compiler does not support bfloat16 for quantized models"
+QUANTIZED_DTYPE = "float32"
 
 
 def plan_for(
@@ -48,8 +58,6 @@ def plan_for(
     prefill_chunk_size: int | None = None,
 ) -> StaticPlan:
     """The plan ``llmcore compile --device rbln`` would compile, or a ConfigError naming the option."""
-    from llmcore_rbln.plugin import capabilities
-
     npu, _ = sdk.resolve_npu(npu)
     fam = sdk.family(npu)
     caps = capabilities(npu, num_devices)
@@ -64,9 +72,10 @@ def plan_for(
     weight_bits = None
     if quantization is not None:
         weight_bits = quant.method(quantization).weight_bits
-        if dtype not in (None, "auto") and normalize_dtype(dtype) != "float16":
-            raise ConfigError("dtype", dtype, f"{quantization} computes in float16 on rbln", "Use --dtype float16")
-        dtype = "float16"
+        if dtype not in (None, "auto") and normalize_dtype(dtype) != QUANTIZED_DTYPE:
+            raise ConfigError("dtype", dtype, f"optimum-rbln compiles {quantization} checkpoints in "
+                              f"{QUANTIZED_DTYPE} (activations and KV cache)", f"Use --dtype {QUANTIZED_DTYPE} or auto")
+        dtype = QUANTIZED_DTYPE
     dtype = caps.default_dtype if dtype in (None, "auto") else normalize_dtype(dtype)
     if isinstance(max_seq_len, int) and max_seq_len > 1:
         block_size = resolve_block_size(block_size, max_seq_len, fam)
@@ -82,6 +91,28 @@ def check_model(model_config: ModelConfig) -> None:
     if model_config.architecture not in SUPPORTED_ARCHITECTURES:
         raise ConfigError("model", model_config.architecture, "is not served on rbln by this plugin",
                           f"Supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if sdk_cache_impl(model_config.raw) != "static":
+        window = model_config.raw.get("sliding_window")
+        raise ConfigError(
+            "model", model_config.architecture,
+            f"has sliding_window={window} and use_sliding_window={model_config.raw.get('use_sliding_window')!r}: "
+            "optimum-rbln compiles it with a sliding-window KV cache (cache_impl='sliding_window', "
+            "local block tables), which this plugin's fixed-slot runner does not drive",
+            "Set \"use_sliding_window\": false in the model's config.json if max_seq_len <= sliding_window "
+            "(the window never slides), or serve the model on cpu/cuda",
+        )
+
+
+def sdk_cache_impl(hf_config: dict[str, Any]) -> str:
+    """optimum-rbln 0.12's ``cache_impl`` for a Hugging Face config (``_update_rbln_config``):
+    a missing ``use_sliding_window`` counts as true."""
+    layer_types = hf_config.get("layer_types")
+    all_full = layer_types is not None and all(t == "full_attention" for t in layer_types)
+    if hf_config.get("sliding_window") is None or not hf_config.get("use_sliding_window", True) or all_full:
+        return "static"
+    if layer_types is not None and not all(t == "sliding_attention" for t in layer_types):
+        return "hybrid"
+    return "sliding_window"
 
 
 def check_prefill_chunk(chunk: int | None) -> None:
@@ -172,6 +203,20 @@ def recompile_command(plan: StaticPlan, model: str = "MODEL") -> str:
     return cmd
 
 
+def saved_devices(cfg: dict[str, Any]) -> tuple[int | None, str | None]:
+    """(num_devices, npu) of a saved rbln_config.json: optimum-rbln keeps them in every
+    ``_compile_cfgs`` entry (they are not saved at the top level); releases before 0.12 wrote
+    ``tensor_parallel_size``."""
+    entries = [c for c in cfg.get("_compile_cfgs") or [] if isinstance(c, dict)]
+    devices = {c.get("num_devices") for c in entries} or {cfg.get("num_devices", cfg.get("tensor_parallel_size"))}
+    npus = {c.get("npu") for c in entries} or {cfg.get("npu")}
+    if len(devices) > 1:
+        raise ConfigError("compiled", "rbln_config.json", f"its compiled graphs disagree on num_devices ({sorted(devices)})",
+                          "Recompile the artifact")
+    n = devices.pop()
+    return (1 if n is None else n), (npus.pop() if len(npus) == 1 else None)
+
+
 def reconcile_artifact(cfg: dict[str, Any], plan: StaticPlan, npu: str, where: str = "rbln_config.json") -> None:
     """Refuse an artifact whose rbln_config.json disagrees with the plan it is served under."""
     attn, block = attention(plan, npu)
@@ -182,23 +227,20 @@ def reconcile_artifact(cfg: dict[str, Any], plan: StaticPlan, npu: str, where: s
         "kvcache_block_size": block,
         "attn_impl": attn,
         "decoder_batch_sizes": sorted(plan.batch_buckets, reverse=True),
+        "cache_impl": "static",
+        "dtype": plan.dtype,
     }
     have = dict(cfg)
-    if "num_devices" not in have and "tensor_parallel_size" in have:  # releases before 0.12
-        have["num_devices"] = have["tensor_parallel_size"]
-    problems = [f"{k}: {where} has {have.get(k, '<missing>')!r}, the plan has {v!r}"
-                for k, v in want.items() if have.get(k, "<missing>") != v]
-    if plan.quantization is None:
-        if have.get("dtype", "<missing>") != plan.dtype:
-            problems.append(f"dtype: {where} has {have.get('dtype', '<missing>')!r}, the plan has {plan.dtype!r}")
-        if have.get("quantization"):
-            problems.append(f"quantization: {where} has {have['quantization']!r}, the plan has none")
-    else:
-        m = quant.method(plan.quantization)
-        q = have.get("quantization") or {}
-        if (q.get("weights"), q.get("activations")) != (m.weights, m.activations):
-            problems.append(f"quantization: {where} has {q or None!r}, the plan has {plan.quantization} "
-                            f"(weights {m.weights}, activations {m.activations})")
+    have["num_devices"], _ = saved_devices(cfg)
+    have.setdefault("cache_impl", "static")
+    problems = mismatches(want, have, where)
+    m = quant.method(plan.quantization) if plan.quantization else None
+    q = have.get("quantization") or {}
+    if m is None and q:
+        problems.append(f"quantization: {where} has {q!r}, the plan has none")
+    elif m is not None and (q.get("weights"), q.get("activations")) != (m.weights, m.activations):
+        problems.append(f"quantization: {where} has {q or None!r}, the plan has {plan.quantization} "
+                        f"(weights {m.weights}, activations {m.activations})")
     blocks = have.get("kvcache_num_blocks", 0)
     if isinstance(blocks, int) and blocks < num_kv_blocks(plan, block):
         problems.append(f"kvcache_num_blocks: {where} has {blocks}, fixed slots need "
@@ -209,3 +251,20 @@ def reconcile_artifact(cfg: dict[str, Any], plan: StaticPlan, npu: str, where: s
             "the RBLN artifact does not match the serving plan (" + "; ".join(problems) + ")",
             f"Recompile: {recompile_command(plan)}",
         )
+
+
+def plan_from_artifact(cfg: dict[str, Any], model_config: ModelConfig, npu: str | None = None) -> StaticPlan:
+    """The plan a directory saved by optimum-rbln was compiled for, read from its rbln_config.json."""
+    num_devices, saved_npu = saved_devices(cfg)
+    q = cfg.get("quantization") or {}
+    method = next((m.name for m in quant.METHODS.values()
+                   if (m.weights, m.activations) == (q.get("weights"), q.get("activations"))), None)
+    if q and method is None:
+        raise ConfigError("quantization", q, "is not an RBLN method this plugin serves",
+                          f"Available on rbln: {', '.join(quant.METHODS)}")
+    return plan_for(
+        model_config, batch_size=cfg.get("batch_size"), max_seq_len=cfg.get("max_seq_len"),
+        tensor_parallel=num_devices, dtype=cfg.get("dtype"), block_size=cfg.get("kvcache_block_size"),
+        batch_buckets=cfg.get("decoder_batch_sizes"), quantization=method, npu=npu or saved_npu,
+        num_devices=max(num_devices, sdk.DEFAULT_PLANNING_DEVICES),
+    )

@@ -8,16 +8,18 @@ their limits below are the ones optimum-rbln 0.12.0 uses
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import re
 from dataclasses import dataclass
-from importlib import metadata
+
+from llmcore.capabilities import KV_FIXED_SLOTS, Capabilities
+from llmcore.compiled.vendor import UNVERIFIED, device_nodes, installed_version
+from llmcore.compiled.vendor import missing_sdk as _missing
+from llmcore.errors import ConfigError
+from llmcore_rbln.quantization import METHODS
 
 GIB, MIB = 2**30, 2**20
 
 SDK_DISTRIBUTIONS = {"rebel-compiler": "rebel", "optimum-rbln": "optimum"}
-DEVICE_NAME = re.compile(r"^rbln\d+$")
 
 INSTALL_HINT = (
     "Run on a host with a Rebellions ATOM/REBEL card and the RBLN driver loaded (/dev/rbln*); install "
@@ -52,8 +54,6 @@ def family(npu: str) -> NpuFamily:
     for prefix, fam in FAMILIES.items():
         if npu.startswith(prefix):
             return fam
-    from llmcore.errors import ConfigError
-
     raise ConfigError("rbln_npu", npu, "is not a known RBLN NPU", "Use an RBLN-CA* (ATOM) or RBLN-CR* (REBEL) name")
 
 
@@ -67,20 +67,36 @@ def resolve_npu(requested: str | None = None) -> tuple[str, bool]:
 
 
 def rbln_devices(dev: str = "/dev") -> list[str]:
-    try:
-        names = os.listdir(dev)
-    except OSError:
-        return []
-    return sorted((n for n in names if DEVICE_NAME.match(n)), key=lambda n: int(n[4:]))
-
-
-def installed_version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
+    return device_nodes("rbln", dev)
 
 
 def missing_sdk() -> list[str]:
-    return [d for d, module in SDK_DISTRIBUTIONS.items()
-            if installed_version(d) is None or importlib.util.find_spec(module) is None]
+    return _missing(SDK_DISTRIBUTIONS)
+
+
+def capabilities(npu: str = DEFAULT_NPU, num_devices: int | None = None) -> Capabilities:
+    """What ``npu`` offers; ``num_devices`` defaults to a full server of cards when none is seen."""
+    fam = family(npu)
+    notes = [
+        UNVERIFIED,
+        "batch slots, max sequence length and decode batch sizes are fixed at compile time "
+        "(llmcore compile --device rbln)",
+        f"KV block size = max_seq_len (eager attention, up to {fam.max_eager_seq_len}) or a "
+        f"flash-attention partition of {fam.min_partition_len}-{fam.max_partition_len} tokens",
+        "quantization needs a checkpoint pre-quantized for RBLN (weight scales included)",
+    ]
+    if num_devices is None:
+        notes.append(f"no RBLN device here: planning for {npu} ({fam.name}), up to "
+                     f"{DEFAULT_PLANNING_DEVICES} cards")
+    return Capabilities(
+        dtypes=("float16", "bfloat16", "float32"),
+        default_dtype="float16",
+        quantization=tuple(METHODS),
+        kv_layout=KV_FIXED_SLOTS,
+        needs_compile=True,
+        static_shapes=True,
+        memory_bytes=fam.memory_bytes,
+        device_count=num_devices or DEFAULT_PLANNING_DEVICES,
+        tensor_parallel=True,
+        notes=tuple(notes),
+    )

@@ -1,7 +1,7 @@
 """``llmcore compile``: print the plan, compile into the cache, print the key and path.
 
 Wired into the main CLI with :func:`add_compile_parser`; also runs on its own:
-``python -m llmcore.compile.cli --device cpu --batch-size 4 --max-seq-len 256``.
+``python -m llmcore.compiled.cli --device cpu --batch-size 4 --max-seq-len 256``.
 
 Exit status: 0 compiled, cache hit or dry run; 1 compile failed; 2 invalid
 settings (the message names the option and what would work); 3 the device
@@ -16,6 +16,13 @@ import json
 import logging
 import sys
 from typing import Any, Sequence
+
+from compile_cache import CacheError, CompileCache
+from compile_cache.cli import add_cache_parser as add_store_commands
+
+from llmcore.compiled.adopt import adopt
+from llmcore.compiled.build import CompileRequest, plan_compile, run_compile
+from llmcore.errors import ConfigError, DeviceUnavailableError, LlmcoreError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -40,11 +47,23 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (the device's default), float32, bfloat16, float16")
     p.add_argument("--quantization", default=None, help="quantization method, if the device offers one")
     p.add_argument("--tensor-parallel", type=int, default=1, help="cores/devices to shard the model over")
-    p.add_argument("--buckets", type=_int_list, default=None,
-                   help="decode batch buckets, e.g. 1,2,4 (default: powers of two up to --batch-size)")
+    p.add_argument("--buckets", "--decoder-batch-sizes", dest="buckets", type=_int_list, default=None,
+                   help="decode batch buckets, e.g. 1,2,4 (default: powers of two up to --batch-size; "
+                        "rbln: its decoder_batch_sizes, default --batch-size only)")
     p.add_argument("--seq-buckets", type=_int_list, default=None,
                    help="prefill length buckets, e.g. 64,256 (default: --max-seq-len only)")
     p.add_argument("--block-size", type=int, default=None, help="KV block size, where the device pages its KV")
+    g = p.add_argument_group("device settings (neuron, rbln)")
+    g.add_argument("--neuron-target", default=None, choices=["inf2", "trn1", "trn2"],
+                   help="neuron: instance family to compile for (default: $LLMCORE_NEURON_TARGET, this "
+                        "instance, else inf2)")
+    g.add_argument("--on-device-sampling", action="store_true", default=None,
+                   help="neuron: sample on the NeuronCores (top-k/top-p/temperature only, as optimum-neuron's "
+                        "hub cache compiles it); default: logits to the host, every sampling option")
+    g.add_argument("--rbln-npu", default=None,
+                   help="rbln: target NPU, e.g. RBLN-CA25 (default: $LLMCORE_RBLN_NPU, the card here, else RBLN-CA25)")
+    g.add_argument("--prefill-chunk-size", type=int, default=None,
+                   help="rbln: prompt tokens per prefill step, a multiple of 64 (default: 128 on ATOM, 512 on REBEL)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the cache key; compile nothing")
     p.add_argument("--cache-dir", default=None, help="cache root (default: $LLMCORE_CACHE_DIR or ~/.cache)")
     p.add_argument("--shared-cache-dir", default=None,
@@ -61,8 +80,21 @@ EXAMPLES = """\
 examples:
   llmcore compile --device cpu --batch-size 4 --max-seq-len 1024 --dtype float32
   llmcore compile --device neuron --model ./Llama-3.2-1B --batch-size 4 --max-seq-len 4096 --dry-run
+  llmcore compile --device neuron --neuron-target trn1 --tensor-parallel 24 --batch-size 8 --max-seq-len 4096
+  llmcore compile --device rbln --rbln-npu RBLN-CA22 --batch-size 4 --max-seq-len 8192 --prefill-chunk-size 128
   llmcore generate --compiled KEY "Hello"          # serve what was compiled (KEY: printed above)
 """
+
+
+def device_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The device options given on the command line, as ``EngineConfig.extra`` keys."""
+    given = {
+        "neuron_target": args.neuron_target,
+        "neuron_on_device_sampling": args.on_device_sampling,
+        "rbln_npu": args.rbln_npu,
+        "rbln_prefill_chunk_size": args.prefill_chunk_size,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def add_compile_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -77,6 +109,55 @@ def add_compile_parser(subparsers: Any) -> argparse.ArgumentParser:
     return configure_parser(p)
 
 
+def add_cache_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``llmcore cache``: the store's commands (ls, verify, prune, rm) and ``import``."""
+    p = add_store_commands(subparsers)
+    imp = p.commands.add_parser(
+        "import", help="adopt a directory compiled by optimum-rbln / optimum-neuron save_pretrained",
+        description="Read the settings a vendor-compiled directory was built with from its own config file "
+                    "(rbln_config.json, neuron_config.json), check them against the options given here "
+                    "(each difference names both values) and store the directory in the compile cache, "
+                    "keyed like an entry `llmcore compile` made. Serve it with --compiled KEY.")
+    imp.add_argument("directory", metavar="DIR", help="the folder save_pretrained wrote")
+    imp.add_argument("--device", choices=["rbln", "neuron"], default=None,
+                     help="the SDK that wrote DIR (default: found from its config file)")
+    imp.add_argument("--model", default=None,
+                     help="Hugging Face folder with the tokenizer (default: DIR itself)")
+    imp.add_argument("--check", action="store_true", help="reconcile and print the plan; copy nothing")
+    for flag, dest, kind in (("--max-num-seqs", "max_num_seqs", int), ("--max-model-len", "max_model_len", int),
+                             ("--tensor-parallel-size", "tensor_parallel_size", int), ("--dtype", "dtype", str),
+                             ("--block-size", "block_size", int)):
+        imp.add_argument(flag, dest=dest, type=kind, default=None,
+                         help=f"refuse DIR unless it was compiled with this {dest}")
+    imp.add_argument("--cache-dir", default=argparse.SUPPRESS, help="cache root (default: $LLMCORE_CACHE_DIR)")
+    imp.set_defaults(func=run_import_command)
+    return p
+
+
+def run_import_command(args: argparse.Namespace) -> int:
+    explicit = {k: getattr(args, k) for k in ("max_num_seqs", "max_model_len", "tensor_parallel_size", "dtype",
+                                              "block_size")}
+    try:
+        done = adopt(args.directory, device=args.device, model=args.model, explicit=explicit, check=args.check,
+                     cache=CompileCache(getattr(args, "cache_dir", None)))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (LlmcoreError, CacheError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"plan for {done.device} (read from {args.directory}):")
+    for line in done.plan.describe().splitlines():
+        print("  " + line)
+    if done.entry is None:
+        print("check       ok: the directory's settings reconcile; nothing copied")
+    else:
+        print(f"imported    {done.entry.path}")
+        print(f"cache key   {done.entry.digest}")
+        print(f"serve it    llmcore generate --compiled {done.entry.digest[:16]}")
+    return EXIT_OK
+
+
 class _Forward(logging.Handler):
     """Shows the cache's warnings (a corrupt entry found and removed) as progress lines."""
 
@@ -89,12 +170,6 @@ class _Forward(logging.Handler):
 
 
 def run_compile_command(args: argparse.Namespace) -> int:
-    from compile_cache import CacheError, CompileCache
-
-    from llmcore.errors import ConfigError, DeviceUnavailableError, LlmcoreError
-
-    from .build import CompileRequest, plan_compile, run_compile
-
     out = sys.stdout
 
     def say(msg: str) -> None:
@@ -111,6 +186,7 @@ def run_compile_command(args: argparse.Namespace) -> int:
         device=args.device, batch_size=args.batch_size, max_seq_len=args.max_seq_len, model=args.model,
         dtype=args.dtype, quantization=args.quantization, tensor_parallel=args.tensor_parallel,
         buckets=args.buckets, seq_buckets=args.seq_buckets, block_size=args.block_size,
+        settings=device_settings(args),
     )
     cache = CompileCache(args.cache_dir, args.shared_cache_dir)
     forward = _Forward(say)
@@ -176,7 +252,7 @@ def _print_plan(planned, cache, out) -> None:
     name = planned.model_path.name
     print(f"plan for {planned.plan.device} ({name}, {planned.model_config.architecture}):", file=out)
     describe = getattr(planned.device, "describe_plan", None)  # a device may add its compiler's view
-    for line in (describe(planned.plan) if describe else planned.plan.describe()).splitlines():
+    for line in (describe(planned.plan, planned.model_config) if describe else planned.plan.describe()).splitlines():
         print("  " + line, file=out)
     print(f"model       {planned.model_path}", file=out)
     if planned.key is not None:

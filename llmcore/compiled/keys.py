@@ -15,7 +15,7 @@ from typing import Any
 
 from compile_cache import CacheKey
 
-from llmcore.static_plan import StaticPlan
+from llmcore.compiled.plan import StaticPlan
 from llmcore.version import __version__ as LLMCORE_VERSION
 
 

@@ -20,6 +20,9 @@ from llmcore.errors import ConfigError, PluginError, RequestError
 from llmcore.sampling_params import SamplingParams
 from tests.neuron import standin
 
+#: stand-in tests: the SDK is played by tests/neuron/standin.py; nothing here ran on Neuron hardware
+pytestmark = pytest.mark.standin
+
 #: parameter names of the entry points the plugin uses, from optimum-neuron 0.4.5's source
 SDK_SIGNATURES = {
     "NeuronModelForCausalLM.get_neuron_config": (
@@ -210,6 +213,7 @@ class TestNeuronSdkSignatures:
     def test_installed_sdk_still_has_them(self):
         """Runs where optimum-neuron imports (a Neuron SDK host); skipped elsewhere."""
         neuron = pytest.importorskip("optimum.neuron")
+        pytest.importorskip("neuronx_distributed")  # the NxD model classes need it (Neuron's index only)
         from optimum.neuron.models.inference.backend.modules.decoder.modeling_decoder import NxDModelForCausalLM
         from optimum.neuron.models.inference.modeling_utils import NeuronPreTrainedModel
 

@@ -20,16 +20,27 @@ from typing import Any, Callable
 
 from compile_cache import CacheEntry, CacheKey, CompileCache
 
+from llmcore.compiled.keys import build_key
+from llmcore.compiled.plan import StaticPlan, plan_static
 from llmcore.config import EngineConfig, normalize_dtype
 from llmcore.errors import ConfigError, DeviceUnavailableError, PluginError
-from llmcore.static_plan import StaticPlan, plan_static
+from llmcore.models.config import ModelConfig
+from llmcore.models.loader import resolve_model
+from llmcore.plugins import get_registry
+from llmcore.selection import probe_all, select_device
 from llmcore.version import __version__ as LLMCORE_VERSION
 
-from .keys import build_key
 
-log = logging.getLogger("llmcore.compile")
+log = logging.getLogger("llmcore.compiled")
 
 Say = Callable[[str], None]
+#: CompileRequest.settings key -> its ``llmcore compile`` option
+SETTING_FLAGS = {
+    "neuron_target": "--neuron-target",
+    "neuron_on_device_sampling": "--on-device-sampling",
+    "rbln_npu": "--rbln-npu",
+    "rbln_prefill_chunk_size": "--prefill-chunk-size",
+}
 
 
 @dataclass(slots=True)
@@ -46,6 +57,9 @@ class CompileRequest:
     buckets: tuple[int, ...] | None = None
     seq_buckets: tuple[int, ...] | None = None
     block_size: int | None = None
+    #: device settings (``EngineConfig.extra``): neuron_target, rbln_npu, rbln_prefill_chunk_size,
+    #: neuron_on_device_sampling; they change the compiled artifact, so they travel with the entry
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -88,6 +102,12 @@ class CompileRequest:
             parts += ["--seq-buckets", ",".join(map(str, r.seq_buckets))]
         if r.block_size:
             parts += ["--block-size", str(r.block_size)]
+        for name, value in sorted((r.settings or {}).items()):
+            flag = SETTING_FLAGS.get(name)
+            if flag and value is True:
+                parts.append(flag)
+            elif flag and value not in (None, False):
+                parts += [flag, str(value)]
         return shlex.join(parts)
 
 
@@ -128,11 +148,6 @@ def plan_compile(request: CompileRequest, cache: CompileCache, registry: Any = N
     Works for a device that is not usable here (the plan comes from the
     capabilities its probe reports); raises ConfigError for an invalid plan.
     """
-    from llmcore.models.config import ModelConfig
-    from llmcore.models.loader import resolve_model
-    from llmcore.plugins import get_registry
-    from llmcore.selection import probe_all, select_device
-
     registry = registry or get_registry()
     reports = probe_all(registry, {"device": request.device})
     report = next((r for r in reports if r.probe.name == request.device), None)
@@ -140,6 +155,11 @@ def plan_compile(request: CompileRequest, cache: CompileCache, registry: Any = N
         select_device(registry, reports, request.device)  # raises: unknown device, with the known ones
         raise ConfigError("device", request.device, "is not a known device")
     caps = report.probe.capabilities
+    for name, value in (request.settings or {}).items():
+        owner = name.split("_")[0]
+        if owner != request.device:
+            raise ConfigError(SETTING_FLAGS.get(name, name), value, f"is a {owner} setting, not one for {request.device}",
+                              f"Drop {SETTING_FLAGS.get(name, name)}")
     dtype = normalize_dtype(request.dtype)
     if dtype == "auto":
         dtype = caps.default_dtype
@@ -157,7 +177,8 @@ def plan_compile(request: CompileRequest, cache: CompileCache, registry: Any = N
     dev, problem = None, ""
     try:
         dev = registry.hook.llmcore_create_device(
-            name=request.device, config=EngineConfig(device=request.device, dtype=dtype)
+            name=request.device, config=EngineConfig(device=request.device, dtype=dtype,
+                                                     extra=dict(request.settings or {}))
         )
         if dev is None:
             problem = f"plugin {report.plugin!r} creates no {request.device!r} device here"

@@ -136,8 +136,13 @@ def plan_static(
     seq_buckets: Iterable[int] | None = None,
     block_size: int | None = None,
     weight_bits: int | None = None,
+    pad_heads: bool = False,
 ) -> StaticPlan:
-    """Compute and validate a plan; every error names the option and what would work."""
+    """Compute and validate a plan; every error names the option and what would work.
+
+    ``pad_heads``: the device's compiler pads attention heads up to a multiple of the
+    tensor-parallel degree (optimum-neuron does), so the degree need not divide them.
+    """
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ConfigError("batch_size", batch_size, "must be a positive integer")
     if caps.max_batch_size and batch_size > caps.max_batch_size:
@@ -174,7 +179,7 @@ def plan_static(
         raise ConfigError("tensor_parallel", tp,
                           f"exceeds the {caps.device_count} cores/devices {device} reports",
                           f"Use --tensor-parallel <= {caps.device_count}")
-    if model.num_heads % tp:
+    if model.num_heads % tp and not pad_heads:
         divisors = [d for d in range(1, model.num_heads + 1) if model.num_heads % d == 0 and d <= max(caps.device_count, 1)]
         raise ConfigError(
             "tensor_parallel", tp,
