@@ -80,9 +80,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
                    help="shard the model over N GPUs, one process per GPU (default 1; see docs/parallel.md)")
-    g.add_argument("--compile-decode", action="store_true",
-                   help="compile the decode step (CPU: torch.compile/Inductor, ~1.2x faster single-stream decode; "
-                        "the first run compiles for 1-3 minutes, later runs read the on-disk cache)")
+    # deprecated: accepted so old command lines still run; the CPU device warns that it is ignored
+    g.add_argument("--compile-decode", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--no-native-decode", action="store_true",
                    help="CPU: decode with torch ops instead of the native C++ step (built with g++ at first "
                         "use, ~2 s; used by default when it covers the model, see docs/cpu.md)")

@@ -151,9 +151,8 @@ def _add_engine_options(p: argparse.ArgumentParser, multi_model: bool) -> None:
     g.add_argument("--seed", type=int, default=None, help="engine RNG seed for requests without a seed")
     g.add_argument("--tensor-parallel", type=_positive_int, default=None, metavar="N",
                    help="shard each model over N GPUs, one process per GPU (default 1; see docs/parallel.md)")
-    g.add_argument("--compile-decode", action="store_true", default=None,
-                   help="compile the decode step (CPU: torch.compile/Inductor, ~1.2x faster single-stream decode; the "
-                        "first start compiles for 1-3 minutes, later starts read the on-disk cache)")
+    # deprecated: accepted so old command lines still run; the CPU device warns that it is ignored
+    g.add_argument("--compile-decode", action="store_true", default=None, help=argparse.SUPPRESS)
     g.add_argument("--no-native-decode", action="store_true", default=None,
                    help="CPU: decode with torch ops instead of the native C++ step (default: native where it "
                         "covers the model; see docs/cpu.md)")
