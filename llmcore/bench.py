@@ -86,6 +86,9 @@ def bench_hf(model, tok, prompts, new_tokens, repeats):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.compile_decode:
+        raise SystemExit("llmcore bench: --compile-decode was removed with the CPU's Inductor-compiled decode "
+                         "step (the native step, measured by default, is faster); compare with --torch-decode")
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = Engine(model=args.model, device=args.device, dtype=args.dtype, progress=False,
@@ -104,11 +107,6 @@ def run(args: argparse.Namespace) -> int:
         variants.append(("llmcore torch decode", Engine(
             model=args.model, device=args.device, dtype=args.dtype, progress=False,
             max_num_seqs=max(args.batch, 1), num_threads=args.threads, native_decode=False)))
-    if args.compile_decode:
-        compiled = Engine(model=args.model, device=args.device, dtype=args.dtype, progress=False,
-                          max_num_seqs=max(args.batch, 1), num_threads=args.threads, compile_decode=True)
-        bench_llmcore(compiled, prompts[:2], 4, 1)  # compiles (or reads Inductor's cache) outside the timing
-        variants.append(("llmcore --compile-decode", compiled))
     rows = []
     work = [("single stream", prompts[:1]), (f"{args.batch} concurrent", prompts[: args.batch])]
     for name, ps in tqdm(work, desc="Benchmarks", unit="workload"):
@@ -154,8 +152,7 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-hf", action="store_true", help="measure llmcore only")
-    p.add_argument("--compile-decode", action="store_true",
-                   help="also measure an engine with the compiled decode step (--compile-decode)")
+    p.add_argument("--compile-decode", action="store_true", help=argparse.SUPPRESS)  # removed: run() says so
     p.add_argument("--torch-decode", action="store_true",
                    help="also measure an engine without the CPU's native decode step (--no-native-decode)")
     p.add_argument("--json", action="store_true")

@@ -54,8 +54,8 @@ class EngineConfig:
     seed: int = 0
     compiled: str | None = None  # a compile-cache key or entry path
     enforce_eager: bool = False
-    # compile the decode step with the device's graph compiler where it has one (CPU: Inductor;
-    # the first use compiles for a minute or two, later starts read the on-disk cache)
+    # deprecated, ignored with a warning: the CPU's Inductor-compiled decode step was removed (the
+    # native step is faster); `llmcore compile` + compiled= is the compiled path
     compile_decode: bool = False
     # CPU: run decode batches through the native step (llmcore_cpu.native: one C++ call per step,
     # built at first use); the torch path when False, when it cannot run, or with enforce_eager

@@ -112,9 +112,9 @@ def add_engine_options(p: argparse.ArgumentParser, *, several_models: bool = Fal
                    help="CPU threads (default: the device decides; on a busy machine 1 can be much faster)")
     g.add_argument("--tensor-parallel", type=positive_int, default=None, metavar="N",
                    help="shard the model over N GPUs, one process per GPU (default 1; see docs/parallel.md)")
-    g.add_argument("--compile-decode", action="store_true", default=None,
-                   help="compile the decode step (CPU: torch.compile/Inductor, ~1.2x faster single-stream decode; "
-                        "the first run compiles for 1-3 minutes, later runs read the on-disk cache)")
+    # removed with the CPU's Inductor-compiled decode step: accepted so old command lines still run
+    # (the CPU device warns that it is ignored)
+    g.add_argument("--compile-decode", action="store_true", default=None, help=argparse.SUPPRESS)
     g.add_argument("--no-native-decode", action="store_true", default=None,
                    help="CPU: decode with torch ops instead of the native C++ step (built with g++ at first use, "
                         "~2 s; used by default where it covers the model, see docs/cpu.md)")

@@ -122,8 +122,11 @@ class Scheduler:
             n_seqs = seq.params.n if not seq.request.forked else 1
             if len(self.running) + n_seqs > self.max_num_seqs and self.running:
                 break
-            # prompt logprobs need every prompt position computed
-            cached = [] if seq.params.prompt_logprobs is not None else self.bm.match_prefix(seq.token_ids)
+            # prompt logprobs need every prompt position computed; a seeded request computes its whole
+            # prompt too, so its text does not depend on what earlier requests left in the cache (a
+            # partial hit prefills fewer rows, which changes the kernels' rounding; docs/cpu.md "Seeds")
+            skip_cache = seq.params.prompt_logprobs is not None or seq.params.seed is not None
+            cached = [] if skip_cache else self.bm.match_prefix(seq.token_ids)
             num_cached = len(cached) * self.bm.block_size
             remaining = len(seq.token_ids) - num_cached
             num_new = min(remaining, budget)

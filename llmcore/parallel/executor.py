@@ -126,8 +126,7 @@ class TensorParallelRunner:
                  max_model_len: int) -> None:
         cfg = device.config
         n = cfg.tensor_parallel_size
-        validate_tensor_parallel(n, model_config, device, quantization=cfg.quantization,
-                                 compile_decode=bool(getattr(cfg, "compile_decode", False)))
+        validate_tensor_parallel(n, model_config, device, quantization=cfg.quantization)
         if dist.is_initialized() and _OWNER is not None and _OWNER() is None:
             # left by an engine that was dropped without shutdown(): its workers are gone
             destroy_group(_OWNER_BACKEND[0], healthy=False)

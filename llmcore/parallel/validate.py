@@ -46,7 +46,7 @@ def check_divides(n: int, model: Any, limit: int | None = None, option: str = OP
 
 
 def validate_tensor_parallel(n: Any, model: Any, device: Any, *, quantization: str | None = None,
-                             compile_decode: bool = False, option: str = OPTION) -> None:
+                             option: str = OPTION) -> None:
     """Check ``tensor_parallel_size=n`` for ``model`` (a ModelConfig) on ``device`` (a Device).
 
     Run-time tensor parallelism (:mod:`llmcore.parallel.executor`) needs a device that opts in
@@ -75,9 +75,6 @@ def validate_tensor_parallel(n: Any, model: Any, device: Any, *, quantization: s
             "not sharded)", "Use tensor_parallel_size=1 with quantization, or an unquantized model with "
             "tensor parallelism",
         )
-    if compile_decode:
-        raise ConfigError("compile_decode", True, f"cannot be combined with {option}={n} yet",
-                          f"Drop compile_decode (--compile-decode), or use {option}=1")
     limit, what = device.tensor_parallel_limit()
     check_divides(n, model, limit, option, what)
     if n > limit:

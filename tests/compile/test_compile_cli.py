@@ -33,7 +33,7 @@ def test_first_compile_prints_plan_progress_key_and_path(compiled_tiny):
 
 
 def test_second_identical_compile_is_a_cache_hit_that_compiles_nothing(compiled_tiny, monkeypatch):
-    from llmcore_cpu.plugin import CpuDevice
+    from llmcore_cpu.device import CpuDevice
 
     def no_compile(*a, **k):
         raise AssertionError("a cache hit must not compile")
@@ -60,7 +60,7 @@ def test_corrupt_entry_is_reported_refused_for_serving_and_rebuilt(compiled_tiny
     real graphs so this test does not pay for a second compile (the session fixture compiled them)."""
     from llmcore import Engine
     from llmcore.errors import ConfigError
-    from llmcore_cpu.plugin import CpuDevice
+    from llmcore_cpu.device import CpuDevice
 
     pristine = tmp_path / "pristine"
     shutil.copytree(compiled_tiny.path, pristine)

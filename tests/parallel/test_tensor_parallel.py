@@ -205,8 +205,6 @@ def test_validation_errors_name_option_value_and_what_works():
         validate_tensor_parallel(2, _model(), _device(name="toy", backend=None))
     with pytest.raises(ConfigError, match="quantization='int8'"):
         validate_tensor_parallel(2, _model(), _device(), quantization="int8")
-    with pytest.raises(ConfigError, match="compile_decode=True: cannot be combined with tensor_parallel_size=2"):
-        validate_tensor_parallel(2, _model(), _device(), compile_decode=True)
     assert local_config(_model(), 4).num_heads == 2
     with pytest.raises(ConfigError):
         local_config(_model(kv=2), 4)

@@ -9,7 +9,7 @@ library plus its metadata) built by ``torch._inductor.aoti_compile_and_package``
   tokens of one slot (a chunk may start after earlier chunks).
 
 Serving loads the packages (``aoti_load_package``: a ``dlopen``, no codegen,
-no C++ compiler) and runs them; nothing is compiled at warm start.
+no C++ compiler) and runs them (llmcore_cpu.static_runner); nothing is compiled at warm start.
 
 Graphs are pure functions. The KV cache is an input, never mutated inside a
 graph: each graph returns the new tokens' keys and values and the runner
@@ -32,11 +32,11 @@ the extra slot is scratch for padded decode rows.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
 import logging
-import os
 import platform
 import sys
 import time
@@ -48,9 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcore.engine.batch import SampleResult, ScheduledBatch, ScheduledSeq
 from llmcore.errors import ConfigError, PluginError
 from llmcore.models.llama import LlamaForCausalLM, rotate_half
+from llmcore.runtime.attention import TorchPagedAttention
+from llmcore.runtime.runner import TorchModelRunner
+from llmcore_cpu.cpuinfo import cpu_flags
 
 log = logging.getLogger("llmcore.cpu.compiled")
 
@@ -81,9 +83,7 @@ def cpu_target() -> str:
     Read from /proc/cpuinfo, not from Inductor's ISA probe, which builds test
     programs with the C++ compiler (seconds, and a compiler serving should not need).
     """
-    from llmcore_cpu.plugin import _cpu_flags
-
-    flags = _cpu_flags()
+    flags = cpu_flags()
     present = [f for f in _ISA_FLAGS if f in flags]
     return f"{platform.machine()}:{'+'.join(present) or 'baseline'}"
 
@@ -91,6 +91,7 @@ def cpu_target() -> str:
 def inductor_isa() -> str:
     """The vector ISA Inductor picked for code generation (recorded in the entry's metadata)."""
     try:
+        # deferred: importing torch._inductor takes seconds, which serving a compiled entry never needs
         from torch._inductor.cpu_vec_isa import pick_vec_isa
 
         return str(pick_vec_isa()).strip() or "scalar"
@@ -233,10 +234,7 @@ def _check_plan(plan) -> None:
         raise ConfigError("quantization", plan.quantization, "is not available in the CPU compiled mode")
 
 
-def _load_eager(model_config, model_path: Path, plan, eos_token_ids, seed: int, progress: bool):
-    from llmcore.runtime.attention import TorchPagedAttention
-    from llmcore.runtime.runner import TorchModelRunner
-
+def load_eager(model_config, model_path: Path, plan, eos_token_ids, seed: int, progress: bool):
     runner = TorchModelRunner(
         model_config, Path(model_path), torch.device("cpu"), plan.dtype, TorchPagedAttention(),
         block_size=16, max_model_len=plan.max_seq_len, eos_token_ids=list(eos_token_ids),
@@ -253,24 +251,25 @@ def compile_graphs(
 ) -> dict[str, Any]:
     """Export and AOT-compile every bucket of ``plan`` into ``out_dir``; return entry metadata.
 
-    Each compiled graph is loaded back and checked against the eager graph it
-    came from before the entry is stored, so a miscompile never reaches the cache.
+    Each compiled graph is loaded back and checked (:func:`_verify`) before the entry is
+    stored, so a miscompile never reaches the cache.
     """
     _check_plan(plan)
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True) if progress else None)
-    eager = _load_eager(model_config, model_path, plan, [], 0, progress)
+    eager = load_eager(model_config, model_path, plan, [], 0, progress)
     model = eager.model
     if not isinstance(model, LlamaForCausalLM):
         raise PluginError(f"the CPU compiled mode builds Llama-family graphs; {model_config.architecture} "
                           "is served by the eager engine only (drop compiled=)")
     kv = [torch.randn(kv_shape(model_config, plan.batch_size, plan.max_seq_len)).to(eager.dtype) * 0.5
           for _ in range(2)]
-    jobs = [("decode", b, DecodeGraph(model, plan.max_seq_len), _decode_inputs(b, plan, kv))
-            for b in plan.batch_buckets]
-    jobs += [("prefill", s, PrefillGraph(model, plan.max_seq_len), _prefill_inputs(s, plan, kv))
-             for s in plan.seq_buckets]
+    # the float32 computation every graph is judged against (a copy only when the model is not float32)
+    ref_model = model if eager.dtype == torch.float32 else copy.deepcopy(model).float()
+    jobs = [("decode", b, DecodeGraph, _decode_inputs(b, plan, kv)) for b in plan.batch_buckets]
+    jobs += [("prefill", s, PrefillGraph, _prefill_inputs(s, plan, kv)) for s in plan.seq_buckets]
     graphs, timings, diffs = [], {}, {}
-    for n, (kind, size, module, inputs) in enumerate(jobs, 1):
+    for n, (kind, size, graph_cls, inputs) in enumerate(jobs, 1):
+        module = graph_cls(model, plan.max_seq_len)
         name = f"{kind}-{'b' if kind == 'decode' else 's'}{size}.pt2"
         label = f"[{n}/{len(jobs)}] {kind} graph, {'batch' if kind == 'decode' else 'tokens'} {size}"
         say(f"{label}: exporting and compiling ...")
@@ -284,30 +283,30 @@ def compile_graphs(
                 ep, package_path=str(out_dir / name), inductor_configs=dict(INDUCTOR_CONFIGS)
             )
         seconds = time.perf_counter() - t0
-        err = _verify(out_dir / name, module, inputs)
-        say(f"{label}: done in {seconds:.1f}s (max |logit diff| vs eager {err:.2e})")
+        diff = _verify(out_dir / name, module, graph_cls(ref_model, plan.max_seq_len), inputs)
+        say(f"{label}: done in {seconds:.1f}s ({_describe(diff, plan.dtype)})")
         graphs.append({"file": name, "kind": kind, "size": size})
         timings[name] = round(seconds, 2)
-        diffs[name] = err
+        diffs[name] = diff
     index = {
         "format": GRAPH_FORMAT,
         "kv_layout": "[num_layers, slots + 1, num_kv_heads, max_seq_len, head_dim]",
         "graphs": graphs,
-        "constants": sorted(_constants(jobs[0][2])),
+        "constants": sorted(graph_constants(DecodeGraph(model, plan.max_seq_len))),
     }
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    return {"graphs": graphs, "compile_seconds": timings, "max_logit_diff_vs_eager": diffs,
+    return {"graphs": graphs, "compile_seconds": timings, "max_logit_diff_vs_float32": diffs,
             "torch": torch.__version__, "target": cpu_target(),
             "inductor_isa": inductor_isa()}
 
 
-def _constants(module: nn.Module) -> dict[str, torch.Tensor]:
+def graph_constants(module: nn.Module) -> dict[str, torch.Tensor]:
     out = dict(module.named_parameters())
     out.update(module.named_buffers())
     return out
 
 
-def _load_package(path: Path, constants: dict[str, torch.Tensor]):
+def load_package(path: Path, constants: dict[str, torch.Tensor]):
     pkg = torch._inductor.aoti_load_package(str(path))
     names = pkg.get_constant_fqns()
     missing = [n for n in names if n not in constants]
@@ -318,179 +317,42 @@ def _load_package(path: Path, constants: dict[str, torch.Tensor]):
     return pkg
 
 
-def _verify(path: Path, module: nn.Module, inputs: tuple) -> float:
-    pkg = _load_package(path, _constants(module))
-    with torch.no_grad():
-        want = module(*inputs)[0]
-    got = pkg(*inputs)[0]
-    err = float((want - got).abs().max())
-    scale = float(want.abs().max()) or 1.0
-    tol = 1e-3 if want.dtype == torch.float32 and inputs[-1].dtype == torch.float32 else 5e-2
-    if not err <= tol * max(scale, 1.0):
-        raise PluginError(f"compiled graph {path.name} disagrees with eager torch (max |diff| {err:.3g} "
-                          f"on logits up to {scale:.3g}); not caching it")
-    return err
+def _float32(inputs: tuple) -> tuple:
+    return tuple(x.float() if x.is_floating_point() else x for x in inputs)
 
 
-# ------------------------------------------------------------------------ runner
+def _verify(path: Path, module: nn.Module, reference: nn.Module, inputs: tuple) -> dict[str, float]:
+    """Check a compiled graph before it is cached; return its and eager torch's max |logit diff|.
 
+    Both are measured against ``reference``: the same graph run eagerly in float32 (``module``
+    itself for a float32 model). In bfloat16, eager torch rounds every op's output to bf16 while
+    Inductor keeps a fused kernel's intermediates in float32, so the two can be far apart while
+    both are near the float32 result: SmolLM2, one token at position 0, logits up to 31, eager
+    bf16 7.7 from float32, the compiled graph 1.7, so 6.0 from each other. Comparing the
+    compiled graph with eager bf16 refused a graph more accurate than eager torch (issue #17).
 
-class CpuStaticRunner:
-    """Serves a compiled entry: fixed slots, decode padded to a batch bucket, prefill to a seq bucket.
-
-    Sequences are keyed by ``ScheduledSeq.key``; a key gets the lowest free
-    slot on first sight and gives it back when it appears in
-    ``ScheduledBatch.finished_keys``.
+    The bound: the compiled graph may be as far from float32 as eager torch in the model's dtype
+    is, plus a margin for rounding that fusion changes (1e-3 of the logits' scale in float32,
+    where only the summation order differs; 5e-2 in bfloat16, whose 8-bit mantissa rounds each
+    output to 0.4%). A miscompile (a wrong index, mask or weight) moves logits by their own scale.
     """
-
-    def __init__(self, artifact_dir: Path, plan, model_config, model_path: Path, eos_token_ids: list[int],
-                 *, block_size: int = 16, seed: int = 0, progress: bool = True) -> None:
-        t0 = time.perf_counter()
-        self.plan = plan
-        self.config = model_config
-        self.block_size = block_size
-        self.num_kv_blocks = 0
-        index = _read_index(artifact_dir)
-        self.eager = _load_eager(model_config, model_path, plan, eos_token_ids, seed, progress)
-        self.dtype = self.eager.dtype
-        self.sampler = self.eager.sampler
-        constants = _constants(DecodeGraph(self.eager.model, plan.max_seq_len))
-        self.decode_graphs: dict[int, Any] = {}
-        self.prefill_graphs: dict[int, Any] = {}
-        for g in index["graphs"]:
-            table = self.decode_graphs if g["kind"] == "decode" else self.prefill_graphs
-            table[int(g["size"])] = _load_package(artifact_dir / g["file"], constants)
-        want_b, want_s = set(plan.batch_buckets), set(plan.seq_buckets)
-        if set(self.decode_graphs) != want_b or set(self.prefill_graphs) != want_s:
-            raise PluginError(f"compiled entry {artifact_dir} holds graphs for batch {sorted(self.decode_graphs)} "
-                              f"/ tokens {sorted(self.prefill_graphs)}, but its plan says {sorted(want_b)} / "
-                              f"{sorted(want_s)}; recompile it")
-        self.scratch_slot = plan.batch_size
-        self.slot_of: dict[str, int] = {}
-        self.free_slots = list(range(plan.batch_size))
-        self.k_cache = self.v_cache = None
-        self.load_seconds = time.perf_counter() - t0
-        log.info("loaded %d compiled graphs from %s in %.2fs", len(index["graphs"]), artifact_dir,
-                 self.load_seconds)
-
-    # ------------------------------------------------------------------ set-up
-
-    def kv_bytes_per_block(self) -> int:
-        return self.config.kv_bytes_per_token(self.dtype.itemsize) * self.block_size
-
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        """The slot cache is fixed by the plan; ``num_blocks`` only sizes the engine's bookkeeping."""
-        shape = kv_shape(self.config, self.plan.batch_size, self.plan.max_seq_len)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype)
-        self.num_kv_blocks = num_blocks
-
-    def set_num_threads(self, n: int) -> None:
-        torch.set_num_threads(n)
-
-    def embed(self, token_ids):
-        raise PluginError("embeddings are not served from a compiled artifact; create the Engine "
-                          "without compiled= to embed")
-
-    # ----------------------------------------------------------------- execute
-
-    @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
-        if batch.finished_keys:
-            for key in batch.finished_keys:
-                slot = self.slot_of.pop(key, None)
-                if slot is not None:
-                    self.free_slots.append(slot)
-            self.free_slots.sort()
-            self.sampler.release(batch.finished_keys)
-        # block_copies (copy-on-write of shared paged blocks) have no meaning here: slots are private
-        if not batch.seqs:
-            return []
-        slots = [self._slot(s) for s in batch.seqs]
-        rows: dict[int, torch.Tensor] = {}
-        decodes = [i for i, s in enumerate(batch.seqs) if s.num_new == 1]
-        for i, s in enumerate(batch.seqs):
-            if s.num_new > 1:
-                rows[i] = self._prefill(s, slots[i])
-        top = self.plan.batch_size
-        for g in range(0, len(decodes), top):
-            group = decodes[g : g + top]
-            logits = self._decode([batch.seqs[i] for i in group], [slots[i] for i in group])
-            for r, i in enumerate(group):
-                rows[i] = logits[r]
-        results: list[SampleResult | None] = [None] * len(batch.seqs)
-        sample = [i for i, s in enumerate(batch.seqs) if s.sample]
-        if sample:
-            logits = torch.stack([rows[i] for i in sample])
-            for i, res in zip(sample, self.sampler(logits, [batch.seqs[i] for i in sample])):
-                results[i] = res
-        return results
-
-    def _slot(self, s: ScheduledSeq) -> int:
-        slot = self.slot_of.get(s.key)
-        if slot is not None:
-            return slot
-        if not self.free_slots:
-            raise RuntimeError(f"all {self.plan.batch_size} compiled slots are in use; the scheduler "
-                               f"must run at most {self.plan.batch_size} sequences")
-        slot = self.free_slots.pop(0)
-        self.slot_of[s.key] = slot
-        if s.start_pos > 0:
-            # a sample forked from a prompt (n > 1) starts where its parent's prompt ends
-            parent = self.slot_of.get(s.key.rsplit(":", 1)[0] + ":0")
-            if parent is None:
-                raise RuntimeError(f"sequence {s.key} starts at position {s.start_pos} but no slot holds "
-                                   "its context")
-            self.k_cache[:, slot, :, : s.start_pos] = self.k_cache[:, parent, :, : s.start_pos]
-            self.v_cache[:, slot, :, : s.start_pos] = self.v_cache[:, parent, :, : s.start_pos]
-        return slot
-
-    def _prefill(self, s: ScheduledSeq, slot: int) -> torch.Tensor:
-        top = self.plan.seq_buckets[-1]
-        limit = self.plan.max_seq_len
-        logits = None
-        for off in range(0, s.num_new, top):
-            chunk = s.token_ids[off : off + top]
-            n, start = len(chunk), s.start_pos + off
-            if start + n > limit:
-                raise RuntimeError(f"sequence {s.key} reaches position {start + n - 1}, past the compiled "
-                                   f"max_seq_len {limit}")
-            size = self.plan.bucket_for_len(n)
-            ids = torch.zeros(size, dtype=torch.long)
-            ids[:n] = torch.tensor(chunk, dtype=torch.long)
-            pos = torch.arange(start, start + size, dtype=torch.long).clamp_(max=limit - 1)
-            logits, nk, nv = self.prefill_graphs[size](
-                ids, pos, torch.tensor([slot]), torch.tensor([n - 1]), self.k_cache, self.v_cache
-            )
-            self.k_cache[:, slot, :, start : start + n] = nk[:, :n].transpose(1, 2)
-            self.v_cache[:, slot, :, start : start + n] = nv[:, :n].transpose(1, 2)
-        return logits[0]
-
-    def _decode(self, seqs: list[ScheduledSeq], slots: list[int]) -> torch.Tensor:
-        b = len(seqs)
-        size = self.plan.bucket_for_batch(b)
-        pad = size - b
-        ids = torch.tensor([s.token_ids[0] for s in seqs] + [0] * pad, dtype=torch.long)
-        pos = torch.tensor([s.start_pos for s in seqs] + [0] * pad, dtype=torch.long)
-        slot_t = torch.tensor(slots + [self.scratch_slot] * pad, dtype=torch.long)
-        logits, nk, nv = self.decode_graphs[size](ids, pos, slot_t, self.k_cache, self.v_cache)
-        # advanced indices around a slice put the batch dim first: [b, layers, kv_heads, head_dim]
-        self.k_cache[:, slot_t[:b], :, pos[:b]] = nk[:, :b].transpose(0, 1)
-        self.v_cache[:, slot_t[:b], :, pos[:b]] = nv[:, :b].transpose(0, 1)
-        return logits[:b]
+    pkg = load_package(path, graph_constants(module))
+    low_precision = inputs[-1].dtype != torch.float32
+    with torch.no_grad():
+        eager = module(*inputs)[0]
+        ref = reference(*_float32(inputs))[0] if low_precision else eager
+    got = pkg(*inputs)[0]
+    scale = max(float(ref.abs().max()), 1.0)
+    diff = {"compiled": float((got - ref).abs().max()), "eager": float((eager - ref).abs().max())}
+    bound = diff["eager"] + (5e-2 if low_precision else 1e-3) * scale
+    if not diff["compiled"] <= bound:
+        raise PluginError(f"compiled graph {path.name} is further from the float32 result than eager torch "
+                          f"(max |logit diff| {diff['compiled']:.3g}, eager {diff['eager']:.3g}, bound {bound:.3g} "
+                          f"on logits up to {scale:.3g}); not caching it")
+    return diff
 
 
-def _read_index(artifact_dir: Path) -> dict[str, Any]:
-    path = Path(artifact_dir) / INDEX_FILE
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise PluginError(f"{artifact_dir} is not a CPU compiled entry ({INDEX_FILE}: {exc}); recompile it") from None
-    if index.get("format") != GRAPH_FORMAT:
-        raise PluginError(f"{artifact_dir} holds graph format {index.get('format')!r}; this llmcore-cpu reads "
-                          f"{GRAPH_FORMAT}; recompile it")
-    return index
-
-
-def default_threads(config) -> int:
-    return config.num_threads or os.cpu_count() or 1
+def _describe(diff: dict[str, float], dtype: str) -> str:
+    if dtype == "float32":
+        return f"max |logit diff| vs eager {diff['compiled']:.2e}"
+    return f"max |logit diff| vs float32: compiled {diff['compiled']:.2e}, eager {dtype} {diff['eager']:.2e}"

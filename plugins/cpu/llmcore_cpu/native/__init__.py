@@ -30,7 +30,6 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -39,6 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmcore.models.llama import LlamaForCausalLM
+from llmcore.quantization.int8 import Int8Embedding, Int8Linear
+from llmcore_cpu.cpuinfo import cpu_id
 from llmcore_cpu.toolchain import find_compiler, native_setting
 
 log = logging.getLogger("llmcore.cpu")
@@ -68,16 +70,6 @@ def _compiler() -> str:
     return cxx
 
 
-def _cpu_id() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL:
     """The built library (built once per source, compiler and CPU; then loaded from disk)."""
@@ -89,7 +81,7 @@ def library() -> ctypes.CDLL:
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeUnavailable(f"{cxx} does not run: {exc}") from exc
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_id().encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + cpu_id().encode()
                          + " ".join(flags).encode()).hexdigest()[:16]
     out = cache_dir() / key / "libllmcore_cpu_native.so"
     if not out.is_file():
@@ -116,6 +108,7 @@ def library() -> ctypes.CDLL:
     lib.llmcore_attention.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     lib.llmcore_native_features.restype = ctypes.c_int
+    lib.llmcore_struct_layout.restype = ctypes.c_char_p
     return lib
 
 
@@ -180,8 +173,6 @@ class _Keep:
 
 
 def _linear(module: nn.Module, keep: _Keep, what: str) -> _Linear:
-    from llmcore.quantization.int8 import Int8Linear
-
     if isinstance(module, nn.Linear):
         w, scale = module.weight.detach(), None
         if w.dtype not in (torch.float32, torch.bfloat16):
@@ -201,8 +192,6 @@ def _linear(module: nn.Module, keep: _Keep, what: str) -> _Linear:
 
 def check_model(model: nn.Module) -> None:
     """Raise :class:`NativeUnavailable` (with the reason) if the native step cannot run ``model``."""
-    from llmcore.models.llama import LlamaForCausalLM
-
     if not isinstance(model, LlamaForCausalLM):
         raise NativeUnavailable(f"{type(model).__name__} is not a Llama-family model of llmcore.models.llama")
     if getattr(model, "tp", None) is not None:
@@ -315,8 +304,6 @@ class NativeDecode:
     """``decode_graph`` for :class:`~llmcore.runtime.runner.TorchModelRunner` (see the runner)."""
 
     def __init__(self, model: nn.Module, block_size: int, threads: int | None = None, pack: bool = True) -> None:
-        from llmcore.quantization.int8 import Int8Embedding
-
         check_model(model)
         self.lib = library()
         self.model = model

@@ -14,8 +14,10 @@
 // Kernels: AVX-512 (BF16 dot products where the CPU has them) with a portable scalar path.
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <string>
 #include <vector>
 // Software prefetch distance, bytes ahead in each weight row being read: the tiles read R
 // rows at once, which the hardware prefetchers follow poorly (measured on the 2-core EPYC:
@@ -1153,6 +1155,37 @@ extern "C" int llmcore_native_features(void) {
     f |= 4;
 #endif
     return f;
+}
+
+// For the layout test: every field of the structs the ctypes Structures mirror, one line each,
+// "struct field offset size", then "struct - sizeof size". A field added, moved or retyped on
+// one side only fails tests/cpu/test_native_layout.py instead of reading the wrong bytes.
+#define LAYOUT_FIELD(S, f) \
+    out += #S " " #f " " + std::to_string(offsetof(S, f)) + " " + std::to_string(sizeof(((S*)nullptr)->f)) + "\n"
+#define LAYOUT_SIZE(S) out += #S " - " + std::to_string(sizeof(S)) + "\n"
+extern "C" const char* llmcore_struct_layout(void) {
+    static const std::string layout = [] {
+        std::string out;
+        LAYOUT_FIELD(Linear, w); LAYOUT_FIELD(Linear, scale); LAYOUT_FIELD(Linear, bias);
+        LAYOUT_FIELD(Linear, rowsum); LAYOUT_FIELD(Linear, n); LAYOUT_FIELD(Linear, k);
+        LAYOUT_FIELD(Linear, kind); LAYOUT_FIELD(Linear, packed); LAYOUT_SIZE(Linear);
+        LAYOUT_FIELD(Layer, qkv); LAYOUT_FIELD(Layer, o); LAYOUT_FIELD(Layer, gate_up); LAYOUT_FIELD(Layer, down);
+        LAYOUT_FIELD(Layer, in_norm); LAYOUT_FIELD(Layer, post_norm); LAYOUT_FIELD(Layer, q_norm);
+        LAYOUT_FIELD(Layer, k_norm); LAYOUT_FIELD(Layer, k_cache); LAYOUT_FIELD(Layer, v_cache); LAYOUT_SIZE(Layer);
+        LAYOUT_FIELD(Model, hidden); LAYOUT_FIELD(Model, n_heads); LAYOUT_FIELD(Model, n_kv_heads);
+        LAYOUT_FIELD(Model, head_dim); LAYOUT_FIELD(Model, inter); LAYOUT_FIELD(Model, vocab);
+        LAYOUT_FIELD(Model, n_layers); LAYOUT_FIELD(Model, block_size); LAYOUT_FIELD(Model, max_pos);
+        LAYOUT_FIELD(Model, eps); LAYOUT_FIELD(Model, attn_scale); LAYOUT_FIELD(Model, cache_kind);
+        LAYOUT_FIELD(Model, round_bf16); LAYOUT_FIELD(Model, embed); LAYOUT_FIELD(Model, embed_scale);
+        LAYOUT_FIELD(Model, embed_kind); LAYOUT_FIELD(Model, embed_packed); LAYOUT_FIELD(Model, final_norm);
+        LAYOUT_FIELD(Model, lm_head); LAYOUT_FIELD(Model, rope_cos); LAYOUT_FIELD(Model, rope_sin);
+        LAYOUT_FIELD(Model, layers); LAYOUT_SIZE(Model);
+        LAYOUT_FIELD(Work, x); LAYOUT_FIELD(Work, qkv); LAYOUT_FIELD(Work, att); LAYOUT_FIELD(Work, act);
+        LAYOUT_FIELD(Work, h); LAYOUT_FIELD(Work, scratch); LAYOUT_FIELD(Work, att_h); LAYOUT_FIELD(Work, act_h);
+        LAYOUT_FIELD(Work, hh); LAYOUT_SIZE(Work);
+        return out;
+    }();
+    return layout.c_str();
 }
 
 // y = x W^T (+ bias) for tests of the tiled products alone.
