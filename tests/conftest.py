@@ -47,8 +47,11 @@ def tiny_engine(tiny_llama):
                   num_kv_blocks=256)
 
 
-def hf_greedy(model_dir, prompt_ids, max_new_tokens, model_cache={}):
-    """Hugging Face transformers' greedy continuation (float32, batch of one, no padding)."""
+def hf_greedy(model_dir, prompt_ids, max_new_tokens, model_cache={}, **generate_kw):
+    """Hugging Face transformers' greedy continuation (float32, batch of one, no padding).
+
+    ``generate_kw`` go to ``generate`` (``repetition_penalty``, ``logits_processor``, ...).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -59,7 +62,7 @@ def hf_greedy(model_dir, prompt_ids, max_new_tokens, model_cache={}):
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=0, eos_token_id=None)
+                             do_sample=False, pad_token_id=0, eos_token_id=None, **generate_kw)
     return out[0, len(prompt_ids):].tolist()
 
 
