@@ -2,7 +2,8 @@
 # Run the CUDA tests and/or the benchmark on a GPU machine, from the repository root,
 # without installing: the repo and its plugins go on PYTHONPATH and the entry points
 # come from llmcore.egg-info (carried), else from an editable install.
-#   bash benchmarks/cuda_gpu_run.sh tests [pytest args...]
+#   bash benchmarks/cuda_gpu_run.sh tests [pytest args...]   (the whole GPU suite: the CUDA plugin,
+#       its conformance checks, the quantization Triton kernels, tensor parallelism on 2+ GPUs)
 #   bash benchmarks/cuda_gpu_run.sh bench [cuda_bench.py args...]
 set -o pipefail
 ROOT=$(pwd)
@@ -13,7 +14,8 @@ if ! python3 -c "from importlib.metadata import entry_points as e; import sys; s
 fi
 what=$1; shift
 case $what in
-  tests) python3 -m pytest tests/cuda -q -rs "$@" ;;
+  tests) python3 -m pytest tests/cuda tests/conformance/test_cuda_conformance.py \
+           tests/quantization/test_triton_kernels.py tests/parallel/test_tensor_parallel_gpu.py -q -rs "$@" ;;
   bench) python3 benchmarks/cuda_bench.py "$@" ;;
   *) echo "usage: $0 tests|bench [args]"; exit 2 ;;
 esac

@@ -47,8 +47,11 @@ def tiny_engine(tiny_llama):
                   num_kv_blocks=256)
 
 
-def hf_greedy(model_dir, prompt_ids, max_new_tokens, model_cache={}):
-    """Hugging Face transformers' greedy continuation (float32, batch of one, no padding)."""
+def hf_greedy(model_dir, prompt_ids, max_new_tokens, model_cache={}, **generate_kw):
+    """Hugging Face transformers' greedy continuation (float32, batch of one, no padding).
+
+    ``generate_kw`` go to ``generate`` (``repetition_penalty``, ``logits_processor``, ...).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -59,11 +62,18 @@ def hf_greedy(model_dir, prompt_ids, max_new_tokens, model_cache={}):
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=0, eos_token_id=None)
+                             do_sample=False, pad_token_id=0, eos_token_id=None, **generate_kw)
     return out[0, len(prompt_ids):].tolist()
 
 
 # ------------------------------------------------ Triton kernel tests (CUDA plugin, quantization)
+
+#: CUDA-plugin tests that run on the CPU through Triton's interpreter (CI sets TRITON_INTERPRET=1)
+interpreted_only = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs the CUDA plugin on the CPU through Triton's interpreter: set TRITON_INTERPRET=1 (as CI does)",
+)
+
 
 def kernel_device() -> str:
     """Where Triton kernel tests run: an NVIDIA GPU, else Triton's CPU interpreter."""
@@ -74,6 +84,13 @@ def kernel_device() -> str:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "cpu"
     pytest.skip("needs an NVIDIA GPU (or TRITON_INTERPRET=1 for the kernel tests)")
+
+
+def skip_large_when_interpreted(kdev: str, large: bool) -> None:
+    """Skip a large kernel-test case under Triton's interpreter (CI runs the kernel tests there,
+    within its time budget); the smaller cases of the same kernel and its masks still run."""
+    if large and kdev == "cpu":
+        pytest.skip("large case: runs on a GPU (Triton's interpreter runs this kernel's smaller cases)")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from llmcore import Engine, SamplingParams
+from llmcore_cpu import native, toolchain
 from tests.conftest import hf_greedy
 
 # prompts whose greedy continuations have no near-ties in float32
@@ -46,8 +47,16 @@ def test_smollm2_greedy_matches_transformers_with_staggered_joins(smol_engine, s
 
 @pytest.mark.parametrize("native_decode", [True, False], ids=["native-decode", "torch-decode"])
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
-def test_random_models_match_transformers(fixture, native_decode, request):
+def test_random_models_match_transformers(fixture, native_decode, request, monkeypatch):
+    """Through the CPU plugin's native decode step (its portable kernels where the CPU has no
+    AVX-512, which the engine would otherwise not use) and through the torch path."""
     model_dir = request.getfixturevalue(fixture)
+    if native_decode:
+        try:
+            native.library()
+        except native.NativeUnavailable as exc:  # no C++ compiler here
+            pytest.skip(f"native step unavailable: {exc}")
+        monkeypatch.setenv(toolchain.ENV, "1")
     engine = Engine(model=str(model_dir), device="cpu", dtype="float32", progress=False,
                     num_kv_blocks=64, block_size=16, max_num_batched_tokens=32, native_decode=native_decode)
     # lengths straddle block boundaries; the 40-token prompt is prefilled in chunks of <= 32
@@ -56,6 +65,11 @@ def test_random_models_match_transformers(fixture, native_decode, request):
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(model_dir, prompt, 20), f"prompt of {len(prompt)}"
     assert engine.stats()["kv_blocks_used"] == 0
+    step = engine.runner.decode_graph
+    if native_decode:  # the decode-only steps ran natively (mixed prefill steps take the torch path)
+        assert isinstance(step, native.NativeDecode) and step.calls >= 10, step
+    else:
+        assert step is None, f"native_decode=False still installed {step!r}"
 
 
 def test_chat_template_greedy(smol_engine):

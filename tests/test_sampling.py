@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
+import torch
+from transformers import LogitsProcessorList
+
 from llmcore import SamplingParams
+from tests.conftest import hf_greedy
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]  # -> "The capital of France is Paris."
 
@@ -67,14 +72,48 @@ def test_logprobs_and_prompt_logprobs(tiny_engine):
         assert tok in lp
 
 
-def test_penalties_change_repetitive_output(tiny_engine):
-    prompt = list(range(60, 70))
-    base = tiny_engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
-    pen = tiny_engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
-                                                        frequency_penalty=2.0, presence_penalty=2.0,
-                                                        repetition_penalty=1.5))[0].outputs[0].token_ids
-    assert len(set(pen)) >= len(set(base))
-    assert pen != base or len(set(base)) == len(base)
+class OpenAIPenalties:
+    """Presence and frequency penalties as OpenAI defines them, for transformers' ``generate``:
+    ``logit[t] -= frequency * count[t] + presence * (count[t] > 0)``, counting generated tokens only."""
+
+    def __init__(self, prompt_len: int, presence: float = 0.0, frequency: float = 0.0) -> None:
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        counts = torch.bincount(input_ids[0, self.prompt_len:], minlength=scores.shape[-1]).to(scores.dtype)
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+REPEATS = list(range(60, 70))  # tiny_llama's greedy continuation repeats 25873, 14265 and 45386
+ECHOES = REPEATS + [45386, 14265]  # the same, with two of the repeated tokens already in the prompt
+
+
+@pytest.mark.parametrize("prompt", [REPEATS, ECHOES], ids=["repeats", "prompt-echoes"])
+@pytest.mark.parametrize("penalty", ["repetition_penalty", "presence_penalty", "frequency_penalty"])
+def test_each_penalty_matches_its_definition(tiny_engine, tiny_llama, penalty, prompt):
+    """One penalty at a time against transformers on the same weights: repetition_penalty as
+    transformers applies it (every token of prompt and output, logit / p if positive else * p),
+    presence and frequency as OpenAI defines them (generated tokens only)."""
+    n = 24
+    base = tiny_engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0]
+    base = base.outputs[0].token_ids
+    assert len(set(base)) < len(base), f"the baseline must repeat a token to test a penalty: {base}"
+    value = {"repetition_penalty": 1.3, "presence_penalty": 0.3, "frequency_penalty": 0.3}[penalty]
+    got = tiny_engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True,
+                                                        **{penalty: value}))[0].outputs[0].token_ids
+    if penalty == "repetition_penalty":
+        want = hf_greedy(tiny_llama, prompt, n, repetition_penalty=value)
+    else:
+        def openai(kind):
+            rule = OpenAIPenalties(len(prompt), **{kind: value})
+            return hf_greedy(tiny_llama, prompt, n, logits_processor=LogitsProcessorList([rule]))
+
+        kind = penalty.split("_")[0]
+        want = openai(kind)
+        # at 0.3 a token's second repeat matters: presence and frequency pick different tokens here
+        assert want != openai({"presence": "frequency", "frequency": "presence"}[kind])
+    assert got == want
+    assert got != base, "the penalty changed nothing: the test would pass without it"
 
 
 def test_top_k_1_equals_greedy_and_top_p_min_p_run(tiny_engine):
@@ -89,8 +128,15 @@ def test_top_k_1_equals_greedy_and_top_p_min_p_run(tiny_engine):
 
 
 def test_multibyte_characters_are_never_split(smol_engine):
+    """SmolLM2 answers "Café: 🎉🎉..."; each 4-byte 🎉 spans several byte-level tokens, none of which
+    decodes to a character alone: the stream holds those bytes back until the character is whole."""
     prompt = smol_engine.apply_chat_template([{"role": "user", "content": "Write the word café and an emoji 🎉 three times."}])
     deltas = list(smol_engine.stream(prompt, SamplingParams(max_tokens=40, temperature=0)))
+    full = smol_engine.generate(prompt, SamplingParams(max_tokens=40, temperature=0))[0].outputs[0]
+    assert "é" in full.text and "🎉" in full.text, full.text  # multibyte characters were produced
+    partial = [t for t in full.token_ids if "\ufffd" in smol_engine.tokenizer.decode([t])]
+    assert partial, "no token of the output is part of a character: nothing here tests the split"
+    # a held-back piece shows as a delta with tokens and no text, or tokens carried into a later delta
+    assert any(d.token_ids and (not d.text or len(d.token_ids) > 1) for d in deltas), "nothing was held back"
     assert all("\ufffd" not in d.text for d in deltas)
-    full = smol_engine.generate(prompt, SamplingParams(max_tokens=40, temperature=0))[0].outputs[0].text
-    assert "".join(d.text for d in deltas) == full
+    assert "".join(d.text for d in deltas) == full.text

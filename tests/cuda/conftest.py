@@ -1,7 +1,9 @@
 """CUDA tests run on an NVIDIA GPU; without one they skip cleanly.
 
-Kernel tests also run on the CPU through Triton's interpreter when
-``TRITON_INTERPRET=1`` is set and triton is importable (slow; for development).
+The kernel tests, the runner tests ``*_interpreted.py`` and the CUDA conformance
+checks also run on the CPU through Triton's interpreter when ``TRITON_INTERPRET=1``
+is set and triton is importable, as in CI (the larger kernel cases stay on the GPU:
+``tests.conftest.skip_large_when_interpreted``).
 """
 
 from __future__ import annotations

@@ -8,21 +8,21 @@ projection and a tied embedding reading the int8 table. The reference is the cor
 runner with the same method (torch's CPU int8/int4 kernels), float32, token for token.
 
 bitsandbytes' layers run its CPU backend here (the runner's decisions are the same: bnb-nf4
-through the graph buckets, bnb-int8 eagerly). Runs only with ``TRITON_INTERPRET=1`` (slow:
-~40 s per method); on a GPU the same paths are covered by test_gpu_quantization.py.
+through the graph buckets, bnb-int8 eagerly). Runs with ``TRITON_INTERPRET=1`` (CI sets it),
+at sizes that take CI about 20 s per method; on a GPU the same paths are covered by
+test_gpu_quantization.py.
 """
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
-import torch
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="development test: needs TRITON_INTERPRET=1"
-)
+from llmcore import Engine, SamplingParams
+from tests.conftest import interpreted_only
+
+pytestmark = interpreted_only
 
 SHAPES = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
               num_key_value_heads=2, num_hidden_layers=2)
@@ -60,17 +60,15 @@ def force_triton(monkeypatch):
 
 
 def engines(folder, method, monkeypatch, **kw):
-    from llmcore.engine.engine import Engine
-    from llmcore_cuda.runner import CudaModelRunner
+    from llmcore_cuda.testing import cpu_runner  # imports triton (optional)
 
     ref = Engine(model=str(folder), device="cpu", dtype="float32", quantization=method, progress=False, **kw)
     eng = Engine(model=str(folder), device="cpu", dtype="float32", quantization=method, progress=False, **kw)
     with monkeypatch.context() as m:
         force_triton(m)
-        r = CudaModelRunner(eng.model_config, eng.model_path, torch.device("cpu"), "float32",
-                            block_size=eng.config.block_size, max_model_len=eng.max_model_len,
-                            eos_token_ids=eng.tokenizer.eos_token_ids, engine_config=eng.config,
-                            progress=False, quantization=method)
+        r = cpu_runner(eng.model_config, eng.model_path, eng.config, block_size=eng.config.block_size,
+                       max_model_len=eng.max_model_len, eos_token_ids=eng.tokenizer.eos_token_ids,
+                       quantization=method)
     r.allocate_kv_cache(eng.block_manager.num_blocks)
     eng.runner = r
     return ref, eng
@@ -79,7 +77,6 @@ def engines(folder, method, monkeypatch, **kw):
 @pytest.mark.parametrize("arch,method", [("qwen2", "eetq"), ("llama", "int4"), ("qwen2", "awq"),
                                          ("qwen2", "bnb-nf4"), ("llama", "bnb-int8")])
 def test_quantized_cuda_runner_matches_cpu_runner(folders, awq_folder, arch, method, monkeypatch):
-    from llmcore import SamplingParams
     from llmcore.quantization.awq import Int4Linear
     from llmcore.quantization.int8 import Int8Embedding, Int8Linear
     from llmcore_cuda.runner import EAGER_QUANTIZATION
@@ -88,7 +85,7 @@ def test_quantized_cuda_runner_matches_cpu_runner(folders, awq_folder, arch, met
         pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     folder = awq_folder if method == "awq" else folders[arch]
     ref, eng = engines(folder, method, monkeypatch, max_num_seqs=4, max_model_len=256,
-                       extra={"cuda_graph_buckets": (1, 2, 4)})
+                       extra={"cuda_graph_buckets": (1, 4)})
     fused = eng.runner.fused
     assert fused.quantized and not fused.pdl
     for L in fused.layers:
@@ -108,7 +105,7 @@ def test_quantized_cuda_runner_matches_cpu_runner(folders, awq_folder, arch, met
     else:  # awq, bnb: embedding and output projection as stored (float)
         assert fused.lm_q is None and fused.embed_q is None
     prompts = [list(range(3, 23)), [11, 12, 13], list(range(100, 133)), [5]]
-    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in ref.generate(prompts, sp)]
     got = [o.outputs[0].token_ids for o in eng.generate(prompts, sp)]
     assert got == want

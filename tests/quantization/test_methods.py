@@ -108,9 +108,21 @@ def test_bnb_layers_shrink_by_their_bits(tiny_llama, method, low, high):
 
 
 @needs_bnb
-def test_bnb_keeps_the_output_projection(mha_qwen2):
-    e = engine(mha_qwen2, "bnb-nf4")
-    assert e.runner.model.logits_proj is None or not isinstance(e.runner.model.logits_proj, Int8Linear)
+@pytest.mark.parametrize("method", ["bnb-int8", "bnb-nf4"])
+@pytest.mark.parametrize("fixture", ["mha_qwen2", "tiny_llama"])  # tied head, separate lm_head
+def test_bnb_keeps_the_output_projection(fixture, method, request):
+    """bitsandbytes quantizes the decoder's linear layers only: the logits are the checkpoint's
+    float head applied to the final hidden state, bit for bit (an 8- or 4-bit head is ~1e-2 off)."""
+    from safetensors.torch import load_file
+
+    model_dir = request.getfixturevalue(fixture)
+    e = engine(model_dir, method, dtype="float32")
+    model = e.runner.model
+    assert any(type(m).__module__.startswith("bitsandbytes") for m in model.model.layers.modules())
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+    hidden = torch.randn(3, head.shape[1], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.compute_logits(hidden), torch.nn.functional.linear(hidden, head))
     assert all(len(t) == 8 for t in greedy(e))
 
 

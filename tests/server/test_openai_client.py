@@ -6,6 +6,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
+import transformers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -149,6 +151,24 @@ def test_embeddings_float_and_base64(client):
     f = client.embeddings.create(model="tiny", input="hello world", encoding_format="float")
     assert np.allclose(f.data[0].embedding, e.data[0].embedding, atol=1e-6)
     assert e.usage.prompt_tokens > 0
+
+
+def test_embeddings_are_transformers_mean_pooled_last_hidden_state(client, tiny_model):
+    """What docs/serving.md promises: the mean over the input's tokens of the model's last
+    hidden state (after the final norm), here against transformers on the same float32 weights."""
+    model = transformers.AutoModel.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny_model))
+    texts = ["The quick brown fox jumps over the lazy dog", "bye"]
+    ids = [tokenizer.encode(t) for t in texts] + [[5, 17, 300, 42, 42, 9]]
+    got = client.embeddings.create(model="tiny", input=texts, encoding_format="float").data
+    got += client.embeddings.create(model="tiny", input=ids[2:], encoding_format="float").data
+    with torch.no_grad():
+        hidden = [model(torch.tensor([x])).last_hidden_state[0].numpy() for x in ids]
+    for x, g, h in zip(ids, got, hidden):
+        want = h.mean(0)
+        assert np.allclose(g.embedding, want, rtol=1e-4, atol=1e-5), (x, np.abs(g.embedding - want).max())
+        if len(x) > 1:  # pooled, not the last token's state
+            assert not np.allclose(g.embedding, h[-1], atol=1e-3)
 
 
 def test_api_keys(server, client):
