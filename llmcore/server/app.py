@@ -63,6 +63,8 @@ from llmcore.server.protocol import (
     ModelCard,
     ModelList,
 )
+from llmcore.server.structured import chat_tools, precompile
+from llmcore.server.tool_parsers import PARSERS
 from llmcore.version import __version__
 
 log = logging.getLogger("llmcore.server")
@@ -84,10 +86,14 @@ class ServedModel:
     in_flight: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
     decode: TokenDecoder | None = None
+    tool_call_parser: str | None = None  # None: chosen from the model's chat template
 
     def __post_init__(self) -> None:
         if self.decode is None:
             self.decode = TokenDecoder(self.engine.engine.tokenizer)
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ConfigError("tool_call_parser", self.tool_call_parser, "is not a known tool call parser",
+                              f"Use one of {', '.join(PARSERS)}")
 
     @property
     def max_model_len(self) -> int:
@@ -545,6 +551,7 @@ def create_app(
     async def completions(body: CompletionRequest, request: Request) -> Response:
         m = get_model(body.model, request)
         params, given, aliases = sampling_params(body, m.max_model_len)
+        await precompile(m.engine.engine, params, aliases)
         prompts = completion_prompts(body)
         rid = new_id("cmpl")
         infos = [PromptInfo() for _ in prompts]
@@ -567,12 +574,16 @@ def create_app(
         m = get_model(body.model, request)
         params, given, aliases = sampling_params(body, m.max_model_len)
         messages = chat_messages(body)
+        tools, messages, template_tools, params = chat_tools(body, messages, params, aliases,
+                                                             m.engine.engine.tokenizer, m.tool_call_parser)
+        await precompile(m.engine.engine, params, aliases)
         rid = new_id("chatcmpl")
         info = PromptInfo()
-        prepare = make_prepare(messages, params, chat=True, max_tokens_given=given, info=info)
+        prepare = make_prepare(messages, params, chat=True, max_tokens_given=given, info=info, tools=template_tools)
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         rb = ResponseBuilder("chat", m.name, rid, 1, params.n, params, decode=m.decode,
-                             top_logprobs=body.top_logprobs or 0, include_usage=include_usage, infos=[info])
+                             top_logprobs=body.top_logprobs or 0, include_usage=include_usage, infos=[info],
+                             tools=tools)
         job = Job(m, rid, 1, metrics)
         await start_job(m, job, [prepare], aliases)
         return await run(request, job, rb, bool(body.stream), include_usage)

@@ -54,6 +54,7 @@ from llmcore.server.openai_format import (
     validation_error_to_api,
 )
 from llmcore.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from llmcore.server.structured import chat_tools
 
 log = logging.getLogger("llmcore.batch")
 
@@ -231,18 +232,22 @@ class BatchRunner:
         chat = isinstance(req, ChatCompletionRequest)
         job.request_id = new_id("chatcmpl" if chat else "cmpl")
         sources: list[Any] = [chat_messages(req)] if chat else completion_prompts(req)
+        tools, template_tools = None, None
+        if chat:
+            tools, sources[0], template_tools, params = chat_tools(req, sources[0], params, aliases, eng.tokenizer)
         infos = [PromptInfo() for _ in sources]
         echo = bool(getattr(req, "echo", False))
         job.builder = ResponseBuilder(
             "chat" if chat else "completion", self.model_name, job.request_id, len(sources), params.n, params,
             decode=self.decode, top_logprobs=(req.top_logprobs or 0) if chat else 0, echo=echo, infos=infos,
+            tools=tools,
         )
         job.finals = [None] * len(sources)
         added: list[str] = []
         try:
             for i, (src, info) in enumerate(zip(sources, infos)):
                 prepare = make_prepare(src, params, chat=chat, max_tokens_given=given, info=info,
-                                       want_prompt_text=echo)
+                                       want_prompt_text=echo, tools=template_tools)
                 ids, p = prepare(eng)
                 rid = f"{job.request_id}-{i}"
                 eng.add_request(ids, p, rid)

@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 from llmcore.errors import LlmcoreError
+from llmcore.server.tool_parsers import PARSERS
 
 log = logging.getLogger("llmcore.server")
 
@@ -206,6 +207,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--request-timeout", type=_seconds, default=None, metavar="S",
                    help="seconds a request may take before it is aborted (504, or an error event when "
                         "streaming); 'none' disables (default 600)")
+    s.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                   help="how replies with tools are parsed into tool_calls (default: from the model's chat "
+                        "template: hermes for <tool_call> (Qwen, Hermes, and templates without tools), "
+                        "llama3_json, mistral)")
     s.add_argument("--log-level", dest="serve_log_level", default=None,
                    choices=["debug", "info", "warning", "error"],
                    help="log level of the server (default info)")
@@ -309,6 +314,8 @@ def build_serve_config(args: argparse.Namespace):
             raise ConfigError("--served-model-name", name, "is used by another model",
                               "Give every model a unique --served-model-name")
         cfg.models.append(ModelSpec(name=name, model=m, engine_kwargs=dict(kwargs)))
+    for spec in cfg.models:  # the flag sets every model's parser unless its config entry names one
+        spec.tool_call_parser = spec.tool_call_parser or getattr(args, "tool_call_parser", None)
     if args.config and kwargs and not models:
         # engine flags with --config apply to the file's models unless they set the option themselves
         for spec in cfg.models:
@@ -340,6 +347,7 @@ def load_models(cfg) -> list:
                 spec.name, AsyncEngine(engine, name=spec.name),
                 max_queue=cfg.max_queue if spec.max_queue == "default" else spec.max_queue,
                 request_timeout=cfg.request_timeout if spec.request_timeout == "default" else spec.request_timeout,
+                tool_call_parser=spec.tool_call_parser,
             ))
             log.info("model %r ready on %s (max_model_len %d, max_num_seqs %d)", spec.name,
                      engine.probe.name, engine.max_model_len, engine.config.max_num_seqs)

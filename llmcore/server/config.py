@@ -36,7 +36,7 @@ from llmcore.errors import ConfigError
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _TOP_KEYS = {"host", "port", "api_keys", "max_queue", "request_timeout", "models", "log_level", "ray"}
-_SERVER_MODEL_KEYS = {"name", "model", "max_queue", "request_timeout"}
+_SERVER_MODEL_KEYS = {"name", "model", "max_queue", "request_timeout", "tool_call_parser"}
 
 
 @dataclass
@@ -48,6 +48,7 @@ class ModelSpec:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     max_queue: int | None | str = "default"  # "default" = the server-wide value
     request_timeout: float | None | str = "default"
+    tool_call_parser: str | None = None  # None: chosen from the model's chat template
 
 
 @dataclass
@@ -82,7 +83,7 @@ def check_engine_kwargs(kwargs: dict[str, Any], where: str) -> None:
         if key not in allowed:
             raise ConfigError(
                 f"{where}.{key}", kwargs[key], "is not an engine option",
-                f"Use one of: name, model, max_queue, request_timeout, {', '.join(sorted(allowed))}",
+                f"Use one of: name, model, max_queue, request_timeout, tool_call_parser, {', '.join(sorted(allowed))}",
             )
 
 
@@ -169,5 +170,7 @@ def load_config(path: str | Path) -> ServeConfig:
             spec.max_queue = _positive_or_none(entry["max_queue"], f"{where}.max_queue", int)
         if "request_timeout" in entry:
             spec.request_timeout = _positive_or_none(entry["request_timeout"], f"{where}.request_timeout", float)
+        if entry.get("tool_call_parser") is not None:
+            spec.tool_call_parser = str(entry["tool_call_parser"])
         cfg.models.append(spec)
     return cfg

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 from llmcore.errors import ConfigError, RequestError
 from llmcore.outputs import CompletionOutput, RequestOutput
 from llmcore.sampling_params import SamplingParams
+from llmcore.structured.openai import constraint_from_request
 from llmcore.server.protocol import (
     MAX_BATCH_INPUTS,
     MAX_STOP,
@@ -182,12 +183,6 @@ def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
         if req.echo and req.logprobs is not None:
             raise _unsupported("echo", "echo together with logprobs")
     else:
-        if req.tools:
-            raise _unsupported("tools", "tool calling")
-        if req.tool_choice not in (None, "none", "auto"):
-            raise _unsupported("tool_choice", "tool_choice")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise _unsupported("response_format", f"response_format {req.response_format.get('type')!r}")
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs: requires logprobs=true", param="top_logprobs", code="invalid_value")
 
@@ -218,6 +213,8 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_model_le
         logprobs = req.logprobs
         aliases["prompt_token_ids"] = "prompt"
     try:
+        structured, structured_aliases = constraint_from_request(req)
+        aliases.update(structured_aliases)
         params = SamplingParams(
             max_tokens=given if given is not None else max(max_model_len, 1),
             temperature=temperature,
@@ -236,6 +233,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_model_le
             logprobs=logprobs,
             skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
+            structured_output=structured,
         )
     except ConfigError as exc:
         if given is None and exc.option == "min_tokens":
@@ -271,6 +269,10 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
         d: dict[str, Any] = {"role": role, "content": content}
         if m.name:
             d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = m.tool_calls
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
         msgs.append(d)
     return msgs
 
@@ -291,6 +293,7 @@ def make_prepare(
     max_tokens_given: int | None,
     info: PromptInfo,
     want_prompt_text: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Callable[[Any], tuple[list[int], SamplingParams]]:
     """A function run on the engine thread: render/tokenize, check lengths, fix max_tokens."""
     prompt_param = "messages" if chat else "prompt"
@@ -300,7 +303,7 @@ def make_prepare(
         text: str | None
         if chat:
             try:
-                text = tok.apply_chat_template(source)
+                text = tok.apply_chat_template(source, tools=tools)
             except ConfigError:
                 raise
             except Exception as exc:  # jinja errors from the model's template
@@ -441,6 +444,7 @@ class ResponseBuilder:
     echo: bool = False
     include_usage: bool = False
     infos: list[PromptInfo] = field(default_factory=list)
+    tools: Any = None  # llmcore.server.tools.ToolCalling: parse replies into tool_calls
     created: int = field(default_factory=lambda: int(time.time()))
     # streaming state, keyed by choice index
     _sent_text: dict[int, int] = field(default_factory=dict)
@@ -465,8 +469,10 @@ class ResponseBuilder:
                     lp = None
                     if o.logprobs is not None and self.decode is not None:
                         lp = {"content": chat_logprobs(o.token_ids, o.logprobs, self.top_logprobs, self.decode)}
-                    choices.append({"index": idx, "message": {"role": "assistant", "content": o.text},
-                                    "logprobs": lp, "finish_reason": _finish(o)})
+                    message, finish = {"role": "assistant", "content": o.text}, _finish(o)
+                    if self.tools is not None:
+                        message, finish = self.tools.message(o.text, finish)
+                    choices.append({"index": idx, "message": message, "logprobs": lp, "finish_reason": finish})
                 else:
                     prefix = (self.infos[pi].prompt_text or "") if self.echo else ""
                     lp = None
@@ -537,6 +543,10 @@ class ResponseBuilder:
                 if new_lps is not None and self.decode is not None:
                     lp = {"content": chat_logprobs(new_ids, new_lps, self.top_logprobs, self.decode)}
                 delta = {"content": text} if text or finish is None else {}
+                if self.tools is not None:
+                    delta, finish = self.tools.delta(idx, text, finish)
+                    if not delta and finish is None and lp is None:
+                        continue
                 choices.append({"index": idx, "delta": delta, "logprobs": lp, "finish_reason": finish})
             else:
                 lp = None
