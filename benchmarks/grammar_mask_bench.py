@@ -74,9 +74,9 @@ def bench_llguidance(tok: Tokenizer, vocab: int, schema, tokens, repeats, batch)
         executor = llguidance.LLExecutor()
         fill = lambda ms: executor.unsafe_compute_mask_ptr(  # noqa: E731
             [(x, i) for i, x in enumerate(ms)], mask.data_ptr(), mask.shape[1] * 4, mask.shape[0])
-        return compile_s, _replay_batch(new, fill, accept, m, tokens, repeats, batch)
-    return compile_s, _replay(
-        new, lambda mt: mt.unsafe_compute_mask_ptr(mask.data_ptr(), mask.shape[1] * 4), accept, m, tokens, repeats)
+    else:
+        fill = lambda ms: ms[0].unsafe_compute_mask_ptr(mask.data_ptr(), mask.shape[1] * 4)  # noqa: E731
+    return compile_s, _replay(new, fill, accept, m, tokens, repeats, batch)
 
 
 def bench_xgrammar(tok: Tokenizer, vocab: int, schema, tokens, repeats, batch):
@@ -86,7 +86,7 @@ def bench_xgrammar(tok: Tokenizer, vocab: int, schema, tokens, repeats, batch):
     compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)
     mask = xgrammar.allocate_token_bitmask(max(batch, 1), vocab)
     t0 = time.perf_counter()
-    compiled = compiler.compile_json_schema(json.dumps(schema), any_whitespace=True)
+    compiled = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)  # as llmcore compiles
     m = xgrammar.GrammarMatcher(compiled)
     compile_s = time.perf_counter() - t0
     new = lambda: xgrammar.GrammarMatcher(compiled)  # noqa: E731
@@ -94,33 +94,20 @@ def bench_xgrammar(tok: Tokenizer, vocab: int, schema, tokens, repeats, batch):
     if batch:
         batcher = xgrammar.BatchGrammarMatcher()
         fill = lambda ms: batcher.batch_fill_next_token_bitmask(ms, mask)  # noqa: E731
-        return compile_s, _replay_batch(new, fill, accept, m, tokens, repeats, batch)
-    return compile_s, _replay(new, lambda mt: mt.fill_next_token_bitmask(mask), accept, m, tokens, repeats)
+    else:
+        fill = lambda ms: ms[0].fill_next_token_bitmask(mask)  # noqa: E731
+    return compile_s, _replay(new, fill, accept, m, tokens, repeats, batch)
 
 
-def _replay(new, fill, accept, first, tokens, repeats):
-    """Per-token mask seconds over ``repeats`` replays; the first mask of the first replay apart."""
+def _replay(new, fill, accept, first, tokens, repeats, batch):
+    """Seconds per fill of ``max(batch, 1)`` matchers in lockstep over ``repeats`` replays.
+
+    ``fill`` takes the list of matchers; the very first fill (where a library may build lazy
+    tables) is returned apart.
+    """
     times, first_mask = [], None
     for r in range(repeats):
-        m = first if r == 0 else new()
-        for i, t in enumerate(tokens):
-            t0 = time.perf_counter()
-            fill(m)
-            dt = time.perf_counter() - t0
-            if first_mask is None:
-                first_mask = dt
-            else:
-                times.append(dt)
-            if not accept(m, t):
-                raise RuntimeError(f"the matcher refused token {i} ({t}) of a valid document")
-    return first_mask, times
-
-
-def _replay_batch(new, fill, accept, first, tokens, repeats, batch):
-    """Seconds per batched fill (``batch`` matchers in lockstep), the very first fill apart."""
-    times, first_mask = [], None
-    for r in range(repeats):
-        ms = [first if r == 0 and i == 0 else new() for i in range(batch)]
+        ms = [first if r == 0 and i == 0 else new() for i in range(max(batch, 1))]
         for t in tokens:
             t0 = time.perf_counter()
             fill(ms)

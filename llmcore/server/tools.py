@@ -79,7 +79,7 @@ class ToolCalling:
             choice = "function"
         elif choice not in ("none", "auto", "required"):
             raise RequestError("tool_choice", choice, "is not supported",
-                               "Use 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}")
+                               'Use "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
         try:
             parser = parser_for(parser_name, chat_template)
         except ValueError as exc:
@@ -273,7 +273,8 @@ def _for_template(m: dict[str, Any], template_has_tools: bool) -> dict[str, Any]
         out["tool_calls"] = parsed
         out["content"] = out.get("content") or ""
         return out
-    text = "\n".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
-                                                  ensure_ascii=False) + "\n</tool_call>" for c in parsed)
+    text = "\n".join(
+        "<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                                     ensure_ascii=False) + "\n</tool_call>" for c in parsed)
     out["content"] = ((out.get("content") or "") + "\n" + text).strip()
     return out

@@ -57,6 +57,7 @@ class GrammarCompiler:
         self.stop_token_ids = list(stop_token_ids)
         self._lock = threading.Lock()
         self._compiler = None
+        self._xgr = None
         self._max_token_bytes = 0
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self.hits = 0
@@ -70,6 +71,7 @@ class GrammarCompiler:
                     self.hf_tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids)
                 self._max_token_bytes = max(len(b) for b in info.decoded_vocab)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=4, cache_enabled=False)
+                self._xgr = xgr
             return self._compiler
 
     def compile(self, spec: StructuredOutput) -> Any:
@@ -86,8 +88,9 @@ class GrammarCompiler:
             if form in ("json", "json_object"):
                 # compact separators, no free whitespace: a small model cannot wander into
                 # endless newlines, and the text is what json.dumps writes
-                compiled = compiler.compile_json_schema(spec.text, any_whitespace=False,
-                                                        strict_mode=spec.strict and form == "json")
+                grammar = self._xgr.Grammar.from_json_schema(spec.text, any_whitespace=False,
+                                                             strict_mode=spec.strict and form == "json")
+                compiled = compiler.compile_grammar(_no_control_chars(str(grammar)))
             elif form == "regex":
                 compiled = compiler.compile_regex(spec.text)
             elif form == "choice":
@@ -129,6 +132,17 @@ class GrammarCompiler:
                 f"characters, at least {tokens} tokens",
                 f"Raise max_tokens to at least {tokens} or shorten the {spec.form}",
             )
+
+
+# xgrammar 0.2's rule for the characters of a length-bounded JSON string lets raw control
+# characters (U+0000-U+001F) through, which JSON forbids (json.loads refuses them); its unbounded
+# string rule excludes them. The same exclusion, applied to the bounded rule's character class.
+_BOUNDED_STRING_CHARS = r'[^\"\\\r\n]'
+_JSON_STRING_CHARS = r'[^\0-\x1f\"\\]'
+
+
+def _no_control_chars(ebnf: str) -> str:
+    return ebnf.replace(_BOUNDED_STRING_CHARS, _JSON_STRING_CHARS)
 
 
 def _regex_min_chars(regex: str) -> int:

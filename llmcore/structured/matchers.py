@@ -13,6 +13,7 @@ values are read, so on an accelerator it overlaps the forward pass still running
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any, Callable, Sequence
 
@@ -148,10 +149,6 @@ def _bit(i: int) -> int:
 def _backend(device: torch.device) -> str:
     if device.type == "cpu":
         return "cpu"
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401  optional: xgrammar's CUDA mask kernel is a Triton kernel
-        except ImportError:
-            return "torch_native"
-        return "triton"
-    return "torch_native"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"  # xgrammar's CUDA mask kernel
+    return "torch_native"  # plain torch ops, on any device

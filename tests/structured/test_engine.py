@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from types import SimpleNamespace
 
 import jsonschema
 import pytest
+import torch
+import xgrammar as xgr
 
 from llmcore import RequestError, SamplingParams
 from llmcore.capabilities import Capabilities
@@ -134,3 +137,27 @@ def test_a_device_without_logits_refuses_clearly(smol_engine):
                               SimpleNamespace(sampler=object()))
     with pytest.raises(RequestError, match="does not sample with llmcore's Sampler"):
         other.check(SamplingParams(structured_output={"regex": "a"}))
+
+
+def test_every_document_the_grammar_allows_validates(smol_engine):
+    """Random walks through each schema's grammar (any allowed token, no model) end in valid JSON."""
+    rng = random.Random(0)
+    vocab = smol_engine.model_config.vocab_size
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+    shifts = torch.arange(32, dtype=torch.int32)
+    eos = set(smol_engine.tokenizer.eos_token_ids)
+    for schema in schemas():
+        m = xgr.GrammarMatcher(smol_engine.structured.compile(StructuredOutput(json=schema)))
+        ids: list[int] = []
+        while True:
+            m.fill_next_token_bitmask(bitmask)
+            allowed = ((bitmask[0].unsqueeze(-1) >> shifts) & 1).flatten()[:vocab].nonzero().flatten().tolist()
+            if eos & set(allowed) and (rng.random() < 0.5 or len(allowed) == 1):
+                break
+            t = rng.choice([a for a in allowed if a not in eos])
+            ids.append(t)
+            assert m.accept_token(t)
+            assert len(ids) < 400, smol_engine.tokenizer.decode(ids)
+        assert_valid(smol_engine.tokenizer.decode(ids), schema)
+    bounded = xgr.GrammarMatcher(smol_engine.structured.compile(StructuredOutput(json={"type": "string", "maxLength": 5})))
+    assert not bounded.accept_string('"a\x03')  # JSON forbids raw control characters in strings
