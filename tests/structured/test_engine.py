@@ -18,12 +18,13 @@ from llmcore.structured import StructuredOutput
 from llmcore.structured.support import StructuredOutputs
 from tests.structured.schemas import schemas
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(1800)  # the 50-schema batches take minutes on a busy 2-core machine
 MAX_TOKENS = 160
 
 
 def prompt(engine, schema: dict) -> str:
-    return engine.apply_chat_template([{"role": "user", "content": f"Write JSON matching this schema: {json.dumps(schema)}"}])
+    # short on purpose: the grammar carries the schema, and 50 long prompts would crowd the KV cache
+    return engine.apply_chat_template([{"role": "user", "content": f"Write an example JSON {schema.get('type', 'value')}."}])
 
 
 def assert_valid(text: str, schema: dict) -> None:
