@@ -40,6 +40,10 @@ class Capabilities:
     # KV block size (tokens) used when the user sets none: smaller blocks waste less memory in
     # each sequence's last, partly filled block; kernels may need a minimum
     default_block_size: int = 16
+    # constrained decoding (JSON schema, regex, grammar): the logits reach llmcore's sampler, which
+    # masks them. False for a device that samples on the device and never returns logits; the
+    # engine then refuses constrained requests naming the device
+    structured_output: bool = True
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

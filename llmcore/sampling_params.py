@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmcore.errors import ConfigError
+from llmcore.structured.spec import StructuredOutput
 
 
 GREEDY_EPS = 1e-5
@@ -16,7 +17,9 @@ class SamplingParams:
 
     ``temperature == 0`` (anything below 1e-5) is greedy decoding (argmax; equals Hugging Face greedy
     output token for token on the same weights in float32). ``top_k == 0`` and
-    ``top_p == 1`` disable those filters.
+    ``top_p == 1`` disable those filters. ``structured_output`` constrains the text to a JSON
+    schema, a regex, a choice or a grammar (:class:`~llmcore.structured.StructuredOutput`, or a
+    dict of its fields such as ``{"json": schema}``).
     """
 
     max_tokens: int = 16
@@ -37,6 +40,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_output: StructuredOutput | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +84,15 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < 2**31 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be token ids in [0, 2**31)")
+        self.structured_output = StructuredOutput.coerce(self.structured_output)
+        if self.structured_output is not None:
+            # the grammar decides where the output ends: end-of-sequence is its to allow or refuse
+            if self.ignore_eos:
+                raise bad("ignore_eos", "cannot be combined with structured_output (the grammar ends the output)",
+                          "Drop ignore_eos")
+            if self.min_tokens:
+                raise bad("min_tokens", "cannot be combined with structured_output (the grammar ends the output)",
+                          "Drop min_tokens")
 
     @property
     def greedy(self) -> bool:

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
             "Probe every installed device plugin (no model is loaded) and print its score "
             "(0 = cannot run here, with the reason and a fix), the device chosen by default, "
             "and the capability matrix: dtypes, quantization methods, KV layout (paged blocks "
-            "or fixed slots), whether it needs an ahead-of-time compile, static shapes, memory. "
+            "or fixed slots), whether it needs an ahead-of-time compile, static shapes, structured output "
+            "(JSON schema, regex, grammar: the device returns logits to llmcore's sampler), memory. "
             "Plugins refused at load (wrong contract version, misspelled hook) are listed too."
         ),
         epilog="examples:\n"
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    rows = [("device", "score", "status", "dtypes", "quantization", "KV layout", "compile", "static", "memory")]
+    rows = [("device", "score", "status", "dtypes", "quantization", "KV layout", "compile", "static", "structured",
+             "memory")]
     for d in info["devices"]:
         c = d["capabilities"]
         status = "default" if d["name"] == info["default"] else ("usable" if d["usable"] else "unusable")
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
             d["name"], str(d["score"]), status, ",".join(c["dtypes"]),
             ",".join(c["quantization"]) or "none", c["kv_layout"],
             "yes" if c["needs_compile"] else "no", "yes" if c["static_shapes"] else "no",
+            "yes" if c.get("structured_output", True) else "no",
             _gib(c["memory_bytes"]) + (f" x{c['device_count']}" if c["device_count"] > 1 else ""),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -20,6 +20,7 @@ from llmcore.engine.sequence import Request, Sequence
 from llmcore.errors import ConfigError, PluginError, RequestError
 from llmcore.outputs import CompletionOutput, RequestOutput, StreamDelta
 from llmcore.sampling_params import SamplingParams
+from llmcore.structured.support import StructuredOutputs
 
 log = logging.getLogger("llmcore.engine")
 
@@ -99,6 +100,7 @@ class Engine:
             self.shutdown()  # tensor-parallel workers must not outlive a failed start
             raise
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.structured = StructuredOutputs(self.tokenizer, mc.vocab_size, self.probe, self.runner)
         budget = cfg.max_num_batched_tokens or max(2048, cfg.max_num_seqs)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, budget, cfg.enable_chunked_prefill,
                                    cfg.long_prefill_threshold)
@@ -211,6 +213,7 @@ class Engine:
                 f"needs {need} KV blocks but the cache has {self.block_manager.num_blocks}",
                 "Raise kv_cache_memory / num_kv_blocks or shorten the prompt",
             )
+        self.structured.check(params)  # refuses or compiles (cached) a constraint
         rid = request_id if request_id is not None else f"req-{next(self._counter)}"
         if rid in self._requests:
             raise RequestError("request_id", rid, "is already in use")

@@ -47,19 +47,23 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render ``messages`` (and ``tools``, OpenAI's function list, for templates that take them)."""
         if not self.has_chat_template:
             raise ConfigError(
                 "messages", "...", "this model's tokenizer has no chat template",
                 "Use generate() with a plain prompt instead",
             )
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            if not isinstance(m, dict) or "role" not in m or ("content" not in m and "tool_calls" not in m):
                 raise ConfigError(
                     f"messages[{i}]", m, "must be a dict with 'role' and 'content'",
                     'e.g. {"role": "user", "content": "Hello"}',
                 )
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        extra = {} if tools is None else {"tools": tools}
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **extra)
 
     def detokenize_incrementally(
         self, ids: Sequence[int], prefix_offset: int, read_offset: int, skip_special_tokens: bool

@@ -15,10 +15,14 @@ class Sampler:
         self.default_generator = torch.Generator(device=device)
         self.default_generator.manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}
+        # llmcore.structured.matchers.GrammarStates, set by the engine (llmcore.structured.support)
+        self.structured = None
 
     def release(self, rng_keys: list[str]) -> None:
         for k in rng_keys:
             self.generators.pop(k, None)
+        if self.structured is not None:
+            self.structured.release(rng_keys)
 
     def _generator(self, key: str, seed: int | None) -> torch.Generator:
         if seed is None:
@@ -31,7 +35,17 @@ class Sampler:
         return g
 
     def __call__(self, logits: torch.Tensor, entries: list[ScheduledSeq]) -> list[SampleResult]:
-        """``logits`` has one float32 row per entry (the entry's last position)."""
+        """``logits`` has one float32 row per entry (the entry's last position).
+
+        Constrained entries' rows are masked in place first; their matchers take the tokens after.
+        """
+        constrained = self.structured is not None and self.structured.apply(logits, entries)
+        results = self._sample(logits, entries)
+        if constrained:
+            self.structured.accept(entries, results)
+        return results
+
+    def _sample(self, logits: torch.Tensor, entries: list[ScheduledSeq]) -> list[SampleResult]:
         simple = all(
             e.params.greedy and not e.params.needs_penalties and e.params.logprobs is None
             and e.num_samples == 1 and e.params.min_tokens == 0

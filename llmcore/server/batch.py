@@ -51,6 +51,7 @@ from llmcore.server.embeddings import INPUT_ALIASES, check_embedding_request, em
 from llmcore.server.errors import ApiError, config_error_to_api, validation_error_to_api
 from llmcore.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from llmcore.server.responses import ResponseBuilder, TokenDecoder, new_id
+from llmcore.server.structured import chat_tools
 
 log = logging.getLogger("llmcore.batch")
 
@@ -224,24 +225,29 @@ class BatchRunner:
         if isinstance(req, EmbeddingRequest):
             return  # run synchronously by the caller
         conv = sampling_params(req, self.default_max_tokens)
-        params = conv.params
         if req.stream:
             raise ApiError(400, "stream: streaming is not available in batch jobs", param="stream",
                            code="invalid_value")
         chat = isinstance(req, ChatCompletionRequest)
         job.request_id = new_id("chatcmpl" if chat else "cmpl")
         sources: list[Any] = [chat_messages(req)] if chat else completion_prompts(req)
+        tools, template_tools = None, None
+        if chat:
+            tools, sources[0], template_tools, conv = chat_tools(req, sources[0], conv, eng.tokenizer)
+        params = conv.params
         infos = [PromptInfo() for _ in sources]
         echo = bool(getattr(req, "echo", False))
         job.builder = ResponseBuilder(
             "chat" if chat else "completion", self.model_name, job.request_id, len(sources), params.n, params,
             decode=self.decode, top_logprobs=(req.top_logprobs or 0) if chat else 0, echo=echo, infos=infos,
+            tools=tools,
         )
         job.finals = [None] * len(sources)
         added: list[str] = []
         try:
             for i, (src, info) in enumerate(zip(sources, infos)):
-                prepare = make_prepare(src, conv, chat=chat, info=info, want_prompt_text=echo)
+                prepare = make_prepare(src, conv, chat=chat, info=info, want_prompt_text=echo,
+                                       tools=template_tools)
                 ids, p = prepare(eng)
                 rid = f"{job.request_id}-{i}"
                 eng.add_request(ids, p, rid)

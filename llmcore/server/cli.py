@@ -28,6 +28,7 @@ from llmcore.cli.options import (
     setup_logging,
 )
 from llmcore.kserve.options import add_serve_options
+from llmcore.server.tool_parsers import PARSERS
 
 SERVE_EPILOG = """\
 examples:
@@ -52,7 +53,8 @@ config file (YAML):
   max_body_bytes: 2097152   # larger request bodies get 413
   models:
     - {name: smol, model: null, device: cpu, max_num_seqs: 32}
-    - {name: qwen, model: /models/Qwen2.5-7B-Instruct, device: cuda, dtype: bfloat16, max_queue: 64}
+    - {name: qwen, model: /models/Qwen2.5-7B-Instruct, device: cuda, dtype: bfloat16, max_queue: 64,
+       tool_call_parser: hermes}
   ray:                      # optional: replicas on Ray Serve, as with --ray
     num_gpus_per_replica: 1
     autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16}
@@ -118,6 +120,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "max_completion_tokens (default 512; never more than the context has left)")
     s.add_argument("--max-body-bytes", type=positive_int, default=None, metavar="N",
                    help="request bodies larger than this get 413 before being read (default 2097152 = 2 MiB)")
+    s.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                   help="how replies with tools are parsed into tool_calls (default: from the model's chat "
+                        "template: hermes for <tool_call> (Qwen, Hermes, and templates without tools), "
+                        "llama3_json, mistral)")
     s.add_argument("--log-level", dest="serve_log_level", default=None,
                    choices=["debug", "info", "warning", "error"],
                    help="log level of the server (default info)")

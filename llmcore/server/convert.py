@@ -19,6 +19,7 @@ from llmcore.errors import ConfigError, RequestError
 from llmcore.sampling_params import SamplingParams
 from llmcore.server.errors import ApiError, ContextLengthError, config_error_to_api, unsupported
 from llmcore.server.protocol import MAX_BATCH_INPUTS, MAX_STOP, ChatCompletionRequest, CompletionRequest
+from llmcore.structured.openai import constraint_from_request
 
 MIN_TEMPERATURE = 1e-5
 #: tokens a chat request generates when it sets neither max_tokens nor max_completion_tokens
@@ -52,12 +53,6 @@ def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
         if req.echo and req.logprobs is not None:
             raise unsupported("echo", "echo together with logprobs")
     else:
-        if req.tools:
-            raise unsupported("tools", "tool calling")
-        if req.tool_choice not in (None, "none", "auto"):
-            raise unsupported("tool_choice", "tool_choice")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise unsupported("response_format", f"response_format {req.response_format.get('type')!r}")
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs: requires logprobs=true", param="top_logprobs", code="invalid_value")
 
@@ -89,6 +84,8 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest,
         logprobs = req.logprobs
         aliases["prompt_token_ids"] = "prompt"
     try:
+        structured, structured_aliases = constraint_from_request(req)
+        aliases.update(structured_aliases)
         params = SamplingParams(
             max_tokens=default_max_tokens if given is None else given,
             temperature=temperature,
@@ -107,6 +104,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest,
             logprobs=logprobs,
             skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
+            structured_output=structured,
         )
     except ConfigError as exc:
         if given is None and exc.option == "min_tokens":
@@ -136,8 +134,9 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
 def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     """The messages as the chat template takes them; refuses a message without content.
 
-    ``content: null`` is OpenAI's form for an assistant message that only calls tools; llmcore
-    runs no tools, so only an assistant message may have it (read as empty text).
+    ``content: null`` is OpenAI's form for an assistant message that only calls tools, so only an
+    assistant message may have it (read as empty text). ``tool_calls`` and ``tool_call_id`` pass
+    through to the chat template (:mod:`llmcore.server.tools` rewrites them for templates without tools).
     """
     msgs = []
     for i, m in enumerate(req.messages):
@@ -153,6 +152,10 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
         d: dict[str, Any] = {"role": role, "content": content}
         if m.name:
             d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = m.tool_calls
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
         msgs.append(d)
     return msgs
 
@@ -165,11 +168,12 @@ class PromptInfo:
     prompt_text: str | None = None
 
 
-def _tokenize(engine: Any, source: str | list[int] | list[dict[str, Any]], chat: bool) -> tuple[list[int], str | None]:
+def _tokenize(engine: Any, source: str | list[int] | list[dict[str, Any]], chat: bool,
+              tools: list[dict[str, Any]] | None = None) -> tuple[list[int], str | None]:
     tok = engine.tokenizer
     if chat:
         try:
-            text = tok.apply_chat_template(source)
+            text = tok.apply_chat_template(source, tools=tools)
         except ConfigError:
             raise
         except Exception as exc:  # jinja errors from the model's template
@@ -187,12 +191,16 @@ def make_prepare(
     chat: bool,
     info: PromptInfo,
     want_prompt_text: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Callable[[Any], tuple[list[int], SamplingParams]]:
-    """A function run on the engine thread: render/tokenize, check the context fits, fix max_tokens."""
+    """A function run on the engine thread: render/tokenize, check the context fits, fix max_tokens.
+
+    :param tools: the functions the chat template is given (see :func:`llmcore.server.structured.chat_tools`).
+    """
     prompt_param = "messages" if chat else "prompt"
 
     def prepare(engine: Any) -> tuple[list[int], SamplingParams]:
-        ids, text = _tokenize(engine, source, chat)
+        ids, text = _tokenize(engine, source, chat, tools)
         if not ids:
             raise RequestError(prompt_param, "", "encodes to zero tokens", "Pass a non-empty prompt")
         limit = engine.max_model_len

@@ -32,6 +32,7 @@ from llmcore.server.registry import ServedModel
 from llmcore.server.responses import ResponseBuilder, new_id
 from llmcore.server.state import lookup_model, server_state
 from llmcore.server.streaming import respond
+from llmcore.server.structured import chat_tools, precompile
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Bad request: `param` names the offending parameter"},
@@ -72,6 +73,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     state = server_state(request)
     m = lookup_model(request, body.model)
     conv = sampling_params(body, state.default_max_tokens)
+    await precompile(m.engine.engine, conv)
     prompts = completion_prompts(body)
     rid = new_id("cmpl")
     infos = [PromptInfo() for _ in prompts]
@@ -96,13 +98,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     m = lookup_model(request, body.model)
     conv = sampling_params(body, state.default_max_tokens)
     messages = chat_messages(body)
+    tools, messages, template_tools, conv = chat_tools(body, messages, conv, m.engine.engine.tokenizer,
+                                                       m.tool_call_parser)
+    await precompile(m.engine.engine, conv)
     rid = new_id("chatcmpl")
     info = PromptInfo()
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     rb = ResponseBuilder("chat", m.name, rid, 1, conv.params.n, conv.params, decode=m.decode,
-                         top_logprobs=body.top_logprobs or 0, include_usage=include_usage, infos=[info])
+                         top_logprobs=body.top_logprobs or 0, include_usage=include_usage, infos=[info],
+                         tools=tools)
     job = Job(m, rid, 1, state.metrics)
-    await job.start([make_prepare(messages, conv, chat=True, info=info)], conv.aliases)
+    await job.start([make_prepare(messages, conv, chat=True, info=info, tools=template_tools)], conv.aliases)
     return await respond(request, job, rb, bool(body.stream), include_usage)
 
 

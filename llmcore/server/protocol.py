@@ -68,6 +68,14 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] | None = Field(None, max_length=256)
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # structured output, vLLM's names (llmcore/structured/openai.py); at most one per request
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description='{"json": schema} | {"regex": ...} | {"choice": [...]} | {"grammar": ...} | {"json_object": true}')
+    guided_json: dict[str, Any] | str | None = Field(None, description="A JSON schema the output follows.")
+    guided_regex: str | None = Field(None, description="A regular expression the output matches.")
+    guided_choice: list[str] | None = Field(None, description="The output is one of these strings.")
+    guided_grammar: str | None = Field(None, description="A GBNF (root ::= ...) or Lark (start: ...) grammar.")
+    guided_decoding_backend: str | None = Field(None, description="Only 'xgrammar' (or 'auto').")
 
 
 class CompletionRequest(_SamplingFields):
@@ -94,6 +102,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -104,10 +114,15 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=10_000_000, description="Alias of max_tokens.")
     logprobs: bool | None = Field(False, description="Return log-probabilities of the chosen tokens.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: also the top N alternatives.")
-    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"} is supported.')
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: must be absent, null or [].")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='Not supported: absent, null or "none".')
-    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+                          '{"name": ..., "schema": {...}, "strict": true}}.')
+    tools: list[dict[str, Any]] | None = Field(None, description='Functions the model may call: '
+                                               '[{"type": "function", "function": {"name", "description", "parameters"}}].')
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description='"none", "auto" (default with tools), "required", or {"type": "function", "function": '
+                          '{"name": ...}}; the last two constrain decoding to the functions\' parameters.')
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per reply.")
 
 
 class EmbeddingRequest(BaseModel):
@@ -187,6 +202,7 @@ class ChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -22,6 +22,7 @@ from llmcore.errors import ConfigError
 from llmcore.kserve.registry import LiveModels
 from llmcore.server.errors import ApiError
 from llmcore.server.responses import TokenDecoder
+from llmcore.server.tool_parsers import PARSERS
 
 log = logging.getLogger("llmcore.server")
 
@@ -40,10 +41,14 @@ class ServedModel:
     in_flight: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
     decode: TokenDecoder | None = None
+    tool_call_parser: str | None = None  # None: chosen from the model's chat template
 
     def __post_init__(self) -> None:
         if self.decode is None:
             self.decode = TokenDecoder(self.engine.engine.tokenizer)
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ConfigError("tool_call_parser", self.tool_call_parser, "is not a known tool call parser",
+                              f"Use one of {', '.join(PARSERS)}")
 
     @property
     def max_model_len(self) -> int:
@@ -169,6 +174,7 @@ def load_models(cfg: Any) -> list[ServedModel]:
                 spec.name, AsyncEngine(engine, name=spec.name),
                 max_queue=cfg.max_queue if spec.max_queue == "default" else spec.max_queue,
                 request_timeout=cfg.request_timeout if spec.request_timeout == "default" else spec.request_timeout,
+                tool_call_parser=spec.tool_call_parser,
             ))
             log.info("model %r ready on %s (max_model_len %d, max_num_seqs %d)", spec.name,
                      engine.probe.name, engine.max_model_len, engine.config.max_num_seqs)

@@ -121,6 +121,7 @@ class ResponseBuilder:
     echo: bool = False
     include_usage: bool = False
     infos: list[PromptInfo] = field(default_factory=list)
+    tools: Any = None  # llmcore.server.tools.ToolCalling: parse replies into tool_calls
     created: int = field(default_factory=lambda: int(time.time()))
     # streaming state, keyed by choice index
     _sent_text: dict[int, int] = field(default_factory=dict)
@@ -145,8 +146,10 @@ class ResponseBuilder:
                     lp = None
                     if o.logprobs is not None and self.decode is not None:
                         lp = {"content": chat_logprobs(o.token_ids, o.logprobs, self.top_logprobs, self.decode)}
-                    choices.append({"index": idx, "message": {"role": "assistant", "content": o.text},
-                                    "logprobs": lp, "finish_reason": _finish(o)})
+                    message, finish = {"role": "assistant", "content": o.text}, _finish(o)
+                    if self.tools is not None:
+                        message, finish = self.tools.message(o.text, finish)
+                    choices.append({"index": idx, "message": message, "logprobs": lp, "finish_reason": finish})
                 else:
                     prefix = (self.infos[pi].prompt_text or "") if self.echo else ""
                     lp = None
@@ -217,6 +220,10 @@ class ResponseBuilder:
                 if new_lps is not None and self.decode is not None:
                     lp = {"content": chat_logprobs(new_ids, new_lps, self.top_logprobs, self.decode)}
                 delta = {"content": text} if text or finish is None else {}
+                if self.tools is not None:
+                    delta, finish = self.tools.delta(idx, text, finish)
+                    if not delta and finish is None and lp is None:
+                        continue
                 choices.append({"index": idx, "delta": delta, "logprobs": lp, "finish_reason": finish})
             else:
                 lp = None

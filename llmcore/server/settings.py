@@ -21,6 +21,7 @@
         dtype: bfloat16
         max_queue: 64                  # per-model override
         request_timeout: 120
+        tool_call_parser: hermes       # how replies with tools become tool_calls (default: from the template)
     ray:                               # optional: serve replicas on Ray Serve (llmcore serve --ray)
       replicas: 2                      # or autoscaling_config: {min_replicas: 1, max_replicas: 4}
       num_cpus_per_replica: 1
@@ -42,13 +43,14 @@ from llmcore.config import EngineConfig
 from llmcore.errors import ConfigError
 from llmcore.server.convert import DEFAULT_CHAT_MAX_TOKENS
 from llmcore.server.ray_settings import RaySettings, merge_cli, settings_from_yaml
+from llmcore.server.tool_parsers import PARSERS
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 #: request bodies above this get 413 (a prompt filling a 128k-token context is about 0.5 MB of text)
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
 _TOP_KEYS = {"host", "port", "api_keys", "max_queue", "request_timeout", "default_max_tokens", "max_body_bytes",
              "models", "log_level", "ray"}
-_SERVER_MODEL_KEYS = {"name", "model", "max_queue", "request_timeout"}
+_SERVER_MODEL_KEYS = {"name", "model", "max_queue", "request_timeout", "tool_call_parser"}
 
 
 @dataclass
@@ -60,6 +62,7 @@ class ModelSpec:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     max_queue: int | None | str = "default"  # "default" = the server-wide value
     request_timeout: float | None | str = "default"
+    tool_call_parser: str | None = None  # None: chosen from the model's chat template
 
 
 @dataclass
@@ -94,7 +97,7 @@ def check_engine_kwargs(kwargs: dict[str, Any], where: str) -> None:
         if key not in allowed:
             raise ConfigError(
                 f"{where}.{key}", kwargs[key], "is not an engine option",
-                f"Use one of: name, model, max_queue, request_timeout, {', '.join(sorted(allowed))}",
+                f"Use one of: name, model, max_queue, request_timeout, tool_call_parser, {', '.join(sorted(allowed))}",
             )
 
 
@@ -109,6 +112,12 @@ def _positive_or_none(value: Any, option: str, kind: type) -> Any:
         raise ConfigError(option, value, f"must be {'an integer' if kind is int else 'a number'} or null")
     if value < 0 or (kind is not int and value == 0):
         raise ConfigError(option, value, "must be positive" if kind is not int else "must be >= 0")
+    return value
+
+
+def _tool_call_parser(value: Any, option: str) -> str:
+    if value not in PARSERS:
+        raise ConfigError(option, value, "is not a known tool call parser", f"Use one of: {', '.join(PARSERS)}")
     return value
 
 
@@ -184,6 +193,8 @@ def load_config(path: str | Path) -> ServeConfig:
             spec.max_queue = _positive_or_none(entry["max_queue"], f"{where}.max_queue", int)
         if "request_timeout" in entry:
             spec.request_timeout = _positive_or_none(entry["request_timeout"], f"{where}.request_timeout", float)
+        if entry.get("tool_call_parser") is not None:
+            spec.tool_call_parser = _tool_call_parser(entry["tool_call_parser"], f"{where}.tool_call_parser")
         cfg.models.append(spec)
     return cfg
 
@@ -220,6 +231,8 @@ def build_serve_config(args: argparse.Namespace) -> ServeConfig:
             raise ConfigError("--served-model-name", name, "is used by another model",
                               "Give every model a unique --served-model-name")
         cfg.models.append(ModelSpec(name=name, model=m, engine_kwargs=dict(kwargs)))
+    for spec in cfg.models:  # the flag sets every model's parser unless its config entry names one
+        spec.tool_call_parser = spec.tool_call_parser or getattr(args, "tool_call_parser", None)
     if args.config and kwargs and not models:
         # engine flags with --config apply to the file's models unless they set the option themselves
         for spec in cfg.models:

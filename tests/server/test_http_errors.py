@@ -112,8 +112,8 @@ def test_wrong_types_name_the_parameter(http, route, body, param):
     ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 30}, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 9999}, "max_completion_tokens"),
-    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools"),
-    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools[0].function"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, "response_format.type"),
     ("/v1/embeddings", {"model": "tiny", "input": ""}, "input"),
     ("/v1/embeddings", {"model": "tiny", "input": "x", "dimensions": 3}, "dimensions"),
 ])
