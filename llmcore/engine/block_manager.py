@@ -53,6 +53,12 @@ class BlockStats:
         return self.prefix_hits / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
 
 
+def _changed(seq: BlockSeq) -> None:
+    """Tell runners caching ``seq``'s table row that an entry it holds changed (not an append)."""
+    if hasattr(seq, "blocks_version"):
+        seq.blocks_version += 1
+
+
 def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
     return hash((parent, tuple(tokens)))
 
@@ -185,6 +191,7 @@ class BlockManager:
                 self.blocks[old].ref_count -= 1
                 seq.block_table[idx] = new
                 copies.append((old, new))
+                _changed(seq)
         while len(seq.block_table) < self.blocks_needed(num_tokens):
             seq.block_table.append(self._take_free())
         return copies
@@ -239,6 +246,7 @@ class BlockManager:
             self._release(block_id)
         seq.block_table.clear()
         seq.num_hashed_blocks = 0
+        _changed(seq)
 
     def check_invariants(self) -> None:
         """Raise if bookkeeping is inconsistent (used by property tests)."""

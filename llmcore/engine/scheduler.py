@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from llmcore.engine.batch import ScheduledBatch, ScheduledSeq
+from llmcore.contract import ScheduledBatch, ScheduledSeq
 from llmcore.engine.block_manager import BlockManager
 from llmcore.engine.sequence import Sequence, SeqStatus
 
@@ -51,6 +51,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
+        # the sequences of the last schedule() call, in the batch's order
+        self.last_scheduled: list[Sequence] = []
 
     # ----------------------------------------------------------------- queues
 
@@ -144,6 +146,7 @@ class Scheduler:
             budget -= num_new
 
         finished, self._finished_ids = self._finished_ids, []
+        self.last_scheduled = [seq for seq, _ in scheduled]
         return ScheduledBatch(
             seqs=[self._entry(seq, n) for seq, n in scheduled],
             block_copies=copies,
@@ -179,4 +182,5 @@ class Scheduler:
                 params.prompt_logprobs is not None and start < seq.num_prompt_tokens
                 and seq.index == 0 and not request.forked
             ),
+            blocks_version=seq.blocks_version,
         )

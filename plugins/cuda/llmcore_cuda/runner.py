@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llmcore.engine.batch import SampleResult, ScheduledBatch
+from llmcore.contract import SampleResult, ScheduledBatch
 from llmcore.runtime.runner import TorchModelRunner
 
 log = logging.getLogger("llmcore.cuda")
