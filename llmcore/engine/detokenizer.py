@@ -20,6 +20,18 @@ from tokenizers.decoders import DecodeStream
 CONTEXT_TOKENS = 5
 
 
+def _context(decode, prompt_ids: Sequence[int], skip: bool) -> list[int]:
+    """The last prompt tokens, without a trailing incomplete character.
+
+    Bytes of a character the prompt leaves unfinished would merge with the first output bytes;
+    a full decode of the output alone does not see them, so neither does the stream.
+    """
+    ctx = list(prompt_ids[-CONTEXT_TOKENS:])
+    while ctx and decode(ctx, skip).endswith("\ufffd"):
+        ctx.pop()
+    return ctx
+
+
 class IncrementalDetokenizer:
     """One sequence's text, a token at a time, through ``tokenizers.decoders.DecodeStream``."""
 
@@ -28,7 +40,8 @@ class IncrementalDetokenizer:
     def __init__(self, rust: Any, prompt_ids: Sequence[int], skip_special_tokens: bool) -> None:
         self._rust = rust
         self._skip = skip_special_tokens
-        self._context = list(prompt_ids[-CONTEXT_TOKENS:])
+        self._context = _context(lambda ids, sk: rust.decode(ids, skip_special_tokens=sk), prompt_ids,
+                                 skip_special_tokens)
         self._stream = DecodeStream(ids=self._context, skip_special_tokens=skip_special_tokens)
         self._pending: list[int] = []  # tokens whose text is held back (incomplete character)
 
@@ -64,7 +77,7 @@ class WindowDetokenizer:
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        self._ids = list(prompt_ids[-CONTEXT_TOKENS:])
+        self._ids = _context(tokenizer.decode, prompt_ids, skip_special_tokens)
         self._prefix = 0
         self._read = len(self._ids)
 
