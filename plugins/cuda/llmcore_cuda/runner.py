@@ -1,3 +1,5 @@
+# (over 450 lines: it was before the overlapped launch; the decode-graph, launch and eager paths share
+# the staging buffers and row caches of one class)
 """The CUDA model runner: Triton kernels, CUDA graphs for decode, overlapped steps.
 
 Subclasses the core :class:`~llmcore.runtime.runner.TorchModelRunner` (same
