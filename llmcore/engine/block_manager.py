@@ -202,6 +202,11 @@ class BlockManager:
         end = min(len(seq.block_table), self.blocks_needed(num_tokens))
         return range(start, end)
 
+    def writes_own_block(self, seq: BlockSeq, pos: int) -> bool:
+        """Whether the slot of position ``pos`` is in a block ``seq`` already holds alone (O(1))."""
+        idx = pos // self.block_size
+        return idx < len(seq.block_table) and self.blocks[seq.block_table[idx]].ref_count == 1
+
     def blocks_to_grow(self, seq: BlockSeq, num_tokens: int) -> int:
         """Fresh blocks ``ensure_slots(seq, num_tokens)`` would take (growth + COW)."""
         cow = sum(

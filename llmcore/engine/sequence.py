@@ -52,6 +52,8 @@ class Sequence:
     # detokenized output (llmcore.engine.detokenizer, set when the request is added)
     text: str = ""
     detok: Any = None
+    # (key, seeds, rng_keys) of its ScheduledSeq entries with one sample, built once
+    keys: tuple | None = None
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
 

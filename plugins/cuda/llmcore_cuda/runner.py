@@ -11,13 +11,18 @@ weights loading, KV layout, sampler) and replaces the hot paths:
   batch-size bucket that fits (padding rows write their K/V to a reserved sink
   block and attend to nothing). Larger batches, ``enforce_eager=True`` and
   batches that need prompt logprobs take the eager path.
-* **Greedy decode overlaps the host with the GPU**: after a graph step the
-  runner launches the *next* step at once (inputs = this step's argmax, still on
-  the GPU; positions + 1, same block tables) and only then waits for this
-  step's tokens. When the engine's next batch is exactly that continuation the
-  result is already computing; otherwise it is discarded (its only side effect,
-  K/V written at a position the sequence has not reached, is overwritten before
-  anything reads it).
+* **Overlapped engine core** (:meth:`CudaModelRunner.launch`, the optional runner capability
+  of :class:`llmcore.device.ModelRunner`): a greedy step is launched and returns at once; the
+  engine schedules the next step meanwhile, whose placeholder tokens are copied on the GPU from
+  this step's argmax, so the GPU never waits for the host. Host-sampled steps (temperature,
+  logprobs, penalties) run synchronously inside ``launch``.
+* **Greedy decode through ``execute``** (the synchronous engine, ``async_scheduling=False``)
+  still overlaps a little: after a graph step the runner launches the *next* step at once
+  (inputs = this step's argmax, positions + 1, same block tables) and only then waits for this
+  step's tokens; when the engine's next batch is exactly that continuation the result is
+  already computing, otherwise it is discarded.
+* **Warm-up** (:meth:`CudaModelRunner.warm_up`): at start-up, after the graph capture, every
+  eager-step kernel shape the engine can hit is compiled, and the log says how long it took.
 * **Quantization** (``quantization=``, :mod:`llmcore.quantization`): the core
   runner's loader runs the method's handler (a module swap of the linear
   layers); the fused forward calls the swapped modules. Decode graphs are
