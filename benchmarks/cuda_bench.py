@@ -466,6 +466,38 @@ def decode_variants(runner) -> dict:
     return out
 
 
+class GpuBusy:
+    """Mean GPU utilisation (NVML, sampled every 20 ms in a thread) between start and stop()."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples: list[int] = []
+        self.done = threading.Event()
+        try:
+            import pynvml  # optional: NVML bindings (nvidia-ml-py)
+
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.nvml = pynvml
+        except Exception:  # no NVML: report None
+            self.nvml = None
+            return
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.02):
+            self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+
+    def stop(self) -> float | None:
+        if self.nvml is None:
+            return None
+        self.done.set()
+        self.thread.join()
+        return sum(self.samples) / len(self.samples) / 100 if self.samples else None
+
+
 def phase_llmcore(args) -> None:
     import logging
 
@@ -485,7 +517,7 @@ def phase_llmcore(args) -> None:
         extra["cuda_small_batch_max"] = args.small_batch_max
     eng = Engine(model=args.model_dir, device="cuda", dtype="bfloat16", max_num_seqs=args.max_num_seqs,
                  max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                 enforce_eager=args.eager, extra=extra)
+                 enforce_eager=args.eager, async_scheduling=False if args.sync_engine else None, extra=extra)
     start_s = time.perf_counter() - t0
     runner = eng.runner
     emit(dict(phase="llmcore_start", seconds=start_s, memory=getattr(runner, "memory_report", None),
@@ -568,17 +600,29 @@ def phase_llmcore(args) -> None:
     if not args.no_workload:
         params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in reqs]
         before = dict(getattr(runner, "stats", {}))
+        for prompt_ids, p in zip((r[0] for r in reqs), params):  # queued before the clock starts
+            eng.add_request(prompt_ids, p)
+        phases = eng.measure_phases()
+        busy = GpuBusy()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        outs = eng.generate([r[0] for r in reqs], params)
+        outs = {}
+        while eng.has_unfinished_requests():  # the workload's engine steps only
+            for o in eng.step():
+                if o.finished:
+                    outs[o.request_id] = o
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        gpu_busy = busy.stop()
+        outs = list(outs.values())
         after = dict(getattr(runner, "stats", {}))
         useful = sum(len(o.outputs[0].token_ids) for o in outs)
         assert useful == sum(o for _, o in reqs)
         st = eng.stats()
         emit(dict(phase="llmcore_workload", requests=len(reqs), useful_tokens=useful, seconds=dt,
                   tok_s=useful / dt, steps=st["steps"], preemptions=st["num_preemptions"],
+                  gpu_busy=gpu_busy, host_phase_s={k: round(v, 3) for k, v in phases.items()},
+                  async_scheduling=eng._launch is not None,
                   kv_waste_at_peak=st["kv_waste_at_peak"],
                   runner_stats={k: after.get(k, 0) - before.get(k, 0) for k in after}))
 
@@ -659,6 +703,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--no-overlap", action="store_true")
+    ap.add_argument("--sync-engine", action="store_true",
+                    help="synchronous engine loop (async_scheduling=False), the A/B baseline of the overlapped core")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tune", choices=["all", "gemv", "none"], default="all",
                     help="tile sweeps in the roofline phase: skinny GEMMs (batch<=16) and batch-1 GEMVs")
@@ -734,7 +780,10 @@ def summarize(r: dict) -> None:
         if isinstance(g, dict) and "best" in g:
             print(f"    gemv {name}: best {g['best']} {g['best_us']} us ({g['best_GBps']} GB/s), cuBLAS {g['cublas_us']} us")
     if lw:
-        line = f"(b) 256 requests: llmcore {lw['tok_s']:.0f} tok/s ({lw['seconds']:.1f} s)"
+        busy = lw.get("gpu_busy")
+        line = (f"(b) {lw['requests']} requests: llmcore {lw['tok_s']:.0f} tok/s ({lw['seconds']:.1f} s, "
+                f"{'overlapped' if lw.get('async_scheduling') else 'synchronous'} engine, GPU busy "
+                + (f"{busy:.0%} (NVML)" if busy is not None else "n/a (no NVML)") + ")")
         if hw:
             line += (f"; HF {hw['tok_s']:.0f} tok/s on {hw['requests']} requests ({hw['seconds']:.1f} s) -> "
                      f"{lw['tok_s'] / hw['tok_s']:.1f}x")

@@ -63,6 +63,10 @@ class EngineConfig:
     num_threads: int | None = None
     # shard the model over this many devices, one process per rank (llmcore.parallel)
     tensor_parallel_size: int = 1
+    # overlapped engine core: launch step n+1 before reading step n's tokens (None: where the
+    # device's runner offers it; True on a runner without it runs the same loop on the host,
+    # which tests use; False: synchronous steps)
+    async_scheduling: bool | None = None
     progress: bool = True  # progress bars for weight loading / compile
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -2,7 +2,7 @@
 
 A plugin's ``llmcore_create_device`` returns a :class:`Device`. The engine asks
 it for a runner (the object that owns the model's tensors and executes a
-:class:`~llmcore.engine.batch.ScheduledBatch`) and for its KV-cache budget.
+ScheduledBatch (:mod:`llmcore.contract`)) and for its KV-cache budget.
 Devices built on torch eager (cpu, cuda) reuse
 :class:`~llmcore.runtime.runner.TorchModelRunner` with their own attention
 backend; static-graph devices (neuron, rbln) bring their own runner.
@@ -17,17 +17,21 @@ from llmcore.capabilities import Capabilities, DeviceProbe
 
 if TYPE_CHECKING:
     from llmcore.config import EngineConfig
-    from llmcore.engine.batch import SampleResult, ScheduledBatch
+    from llmcore.contract import SampleResult, ScheduledBatch, StepHandle
     from llmcore.models.config import ModelConfig
     from llmcore.compiled.plan import StaticPlan
     from llmcore.parallel.tensor_parallel import TPGroup
 
 
 class ModelRunner(Protocol):
-    """What the engine calls on every step. Implemented by each device family."""
+    """Everything the engine calls on a runner; implemented by each device family.
 
-    block_size: int
-    num_kv_blocks: int
+    Required: :meth:`kv_bytes_per_block`, :meth:`allocate_kv_cache`, :meth:`execute`,
+    :meth:`embed`. Optional (the engine looks them up with ``getattr`` and does without):
+    :meth:`set_num_threads`, :meth:`shutdown` and the overlapped-execution capability
+    :meth:`launch`. A runner written before ``launch`` existed keeps working unchanged: the
+    engine then runs every step synchronously.
+    """
 
     def kv_bytes_per_block(self) -> int:
         """Bytes one KV block takes across all layers (sizes the cache)."""
@@ -36,7 +40,45 @@ class ModelRunner(Protocol):
         """Allocate ``num_blocks`` KV blocks; called once before the first step."""
 
     def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
-        """Run one step; return a result per scheduled sequence (None if nothing sampled)."""
+        """Run one step and wait for it; a result per scheduled sequence (None if nothing sampled).
+
+        Also called with no sequences when only ``finished_keys`` or ``block_copies`` are set.
+        """
+
+    def embed(self, token_ids: list[int]) -> Any:
+        """Mean-pooled last hidden state of ``token_ids`` (a 1-D tensor; no KV cache kept)."""
+
+    # ------------------------------------------------------------- optional
+
+    def set_num_threads(self, n: int) -> None:
+        """Optional: use ``n`` host threads (``EngineConfig.num_threads``)."""
+
+    def shutdown(self) -> None:
+        """Optional: stop what the runner runs outside this process (idempotent)."""
+
+    def launch(self, batch: ScheduledBatch) -> StepHandle:
+        """Optional capability, overlapped execution: start a step and return without waiting.
+
+        The engine then schedules and launches the next step before it calls
+        ``handle.result()`` of this one, and processes this step's outputs while the device
+        runs the next one; handles are read in launch order, each once. Contract:
+
+        * A scheduled ``token_ids`` entry equal to :data:`llmcore.contract.PLACEHOLDER_TOKEN`
+          stands for the token the same sequence (``seq_id``) sampled in the step launched just
+          before; the runner feeds it from its own copy (on the device: no host round trip).
+          Only a sequence's single decode token is ever a placeholder, and the engine never
+          sends one for a sequence whose sampling needs its history (penalties) or that forks
+          (``num_samples > 1``): those steps it waits for before scheduling the next.
+        * Steps run in launch order on the device, so a KV block freed by the engine while a
+          step that writes it is in flight (an abort, a stop found one step late) can be handed
+          to a later step at once.
+        * A sequence may have finished while a step computing it was in flight; the engine
+          discards that result.
+
+        Without ``launch`` the engine calls :meth:`execute` and every step is synchronous.
+        ``llmcore.runtime.runner.TorchModelRunner`` implements it on the host (results are
+        ready at once); the CUDA plugin's runner overlaps for real.
+        """
 
 
 class Device:

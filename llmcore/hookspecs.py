@@ -98,7 +98,10 @@ def llmcore_create_device(name: str, config: EngineConfig) -> Device | None:
     :param name: the selected device name (``--device`` or the best probe).
     :param config: the validated engine configuration.
     :returns: a :class:`~llmcore.device.Device`. Stops at the first non-None
-        result (firstresult).
+        result (firstresult). Its runner implements :class:`~llmcore.device.ModelRunner`;
+        the optional ``launch`` method there (overlapped execution: the engine launches step
+        n+1 before reading step n's tokens) has a synchronous default, so a runner with only
+        ``execute`` keeps working.
     """
 
 

@@ -53,6 +53,12 @@ class BlockStats:
         return self.prefix_hits / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
 
 
+def _changed(seq: BlockSeq) -> None:
+    """Tell runners caching ``seq``'s table row that an entry it holds changed (not an append)."""
+    if hasattr(seq, "blocks_version"):
+        seq.blocks_version += 1
+
+
 def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
     return hash((parent, tuple(tokens)))
 
@@ -185,6 +191,7 @@ class BlockManager:
                 self.blocks[old].ref_count -= 1
                 seq.block_table[idx] = new
                 copies.append((old, new))
+                _changed(seq)
         while len(seq.block_table) < self.blocks_needed(num_tokens):
             seq.block_table.append(self._take_free())
         return copies
@@ -194,6 +201,11 @@ class BlockManager:
         start = getattr(seq, "num_computed_tokens", 0) // self.block_size
         end = min(len(seq.block_table), self.blocks_needed(num_tokens))
         return range(start, end)
+
+    def writes_own_block(self, seq: BlockSeq, pos: int) -> bool:
+        """Whether the slot of position ``pos`` is in a block ``seq`` already holds alone (O(1))."""
+        idx = pos // self.block_size
+        return idx < len(seq.block_table) and self.blocks[seq.block_table[idx]].ref_count == 1
 
     def blocks_to_grow(self, seq: BlockSeq, num_tokens: int) -> int:
         """Fresh blocks ``ensure_slots(seq, num_tokens)`` would take (growth + COW)."""
@@ -239,6 +251,7 @@ class BlockManager:
             self._release(block_id)
         seq.block_table.clear()
         seq.num_hashed_blocks = 0
+        _changed(seq)
 
     def check_invariants(self) -> None:
         """Raise if bookkeeping is inconsistent (used by property tests)."""

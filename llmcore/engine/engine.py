@@ -1,9 +1,17 @@
+# (about 480 lines: set-up, requests, the step loop and stats of one class; generate/stream/chat
+# live in llmcore/engine/api.py, token handling in llmcore/engine/output.py)
 """The engine: requests in, tokens out, continuous batching over a paged KV cache.
 
-``Engine`` is synchronous and single-threaded; the server wraps it in a
-background thread (``llmcore.engine.async_engine``). Each :meth:`step` asks the
-scheduler for a batch, has the device's runner execute it, then appends the
-sampled tokens, detokenizes and checks stop conditions.
+``Engine`` is single-threaded; the server wraps it in a background thread
+(``llmcore.engine.async_engine``). Each :meth:`step` asks the scheduler for a
+batch and launches it on the device's runner. With a runner that offers
+``launch`` (overlapped execution, :class:`llmcore.device.ModelRunner`) the step
+launches batch n+1 *before* it reads batch n's tokens, then processes batch n's
+outputs (detokenize, stop checks, outputs: :mod:`llmcore.engine.output`) while
+the device computes: the device never waits for Python. A token sampled at step
+n feeds step n+1 on the device (a placeholder in the scheduled batch); a
+sequence found finished one step late has that extra token discarded, so the
+outputs equal the synchronous loop's.
 """
 
 from __future__ import annotations
@@ -11,15 +19,27 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, Iterable, Iterator, Sequence as Seq
+from dataclasses import dataclass
+from typing import Any, Sequence as Seq
 
 from llmcore.config import EngineConfig
+from llmcore.contract import PLACEHOLDER_TOKEN, DoneStep, ScheduledBatch, StepHandle
+from llmcore.engine.api import GenerateAPI
 from llmcore.engine.block_manager import BlockManager
+from llmcore.engine.output import OutputProcessor
 from llmcore.engine.scheduler import Scheduler
 from llmcore.engine.sequence import Request, Sequence
+from llmcore.engine.static import explicit_settings, prepare_static
 from llmcore.errors import ConfigError, PluginError, RequestError
-from llmcore.outputs import CompletionOutput, RequestOutput, StreamDelta
+from llmcore.models.config import ModelConfig
+from llmcore.models.loader import resolve_model
+from llmcore.models.tokenizer import Tokenizer
+from llmcore.outputs import RequestOutput
+from llmcore.parallel.executor import TensorParallelRunner
+from llmcore.plugins import get_registry
+from llmcore.runtime.overlap import HostLaunch
 from llmcore.sampling_params import SamplingParams
+from llmcore.selection import probe_all, select_device, validate_against
 from llmcore.structured.support import StructuredOutputs
 
 log = logging.getLogger("llmcore.engine")
@@ -27,7 +47,7 @@ log = logging.getLogger("llmcore.engine")
 DEFAULT_CPU_KV_BYTES = 2 << 30
 
 
-class Engine:
+class Engine(GenerateAPI):
     """Load a model on a device and generate.
 
     >>> engine = Engine()                      # embedded SmolLM2, best device
@@ -44,20 +64,12 @@ class Engine:
         plugins: Any = None,
         **kwargs: Any,
     ) -> None:
-        from llmcore.models.config import ModelConfig
-        from llmcore.models.loader import resolve_model
-        from llmcore.models.tokenizer import Tokenizer
-        from llmcore.plugins import get_registry
-        from llmcore.selection import probe_all, select_device, validate_against
-
         self.config = cfg = EngineConfig(model=model, device=device, dtype=dtype, **kwargs)
         self.registry = plugins or get_registry()
         self.static = None
         if cfg.compiled is not None:
             # a compiled artifact's plan fixes device, dtype, model, slots and lengths;
             # explicit settings are checked against it (llmcore/engine/static.py)
-            from llmcore.engine.static import explicit_settings, prepare_static
-
             self.static = prepare_static(cfg, explicit_settings(model, device, dtype, kwargs))
             model, device = cfg.model, cfg.device
         reports = probe_all(self.registry, {"device": device})
@@ -82,8 +94,6 @@ class Engine:
             self.runner = self.static.create_runner(dev, chosen, mc, self.tokenizer.eos_token_ids)
         elif cfg.tensor_parallel_size > 1:
             # one process per rank; validates the size against model and device before loading
-            from llmcore.parallel.executor import TensorParallelRunner
-
             self.runner = TensorParallelRunner(
                 dev, mc, self.model_path, self.dtype, self.tokenizer.eos_token_ids, self.max_model_len
             )
@@ -110,9 +120,36 @@ class Engine:
         self._peak_used_slots = 0
         self._steps = 0
         self._finished_requests = 0
+        self.out = OutputProcessor(self.tokenizer, self.max_model_len,
+                                   streaming_detokenizer=bool(cfg.extra.get("streaming_detokenizer", True)))
+        self._launch = self._choose_launch(cfg)
+        self._inflight: _Launched | None = None
+        self.phase_seconds: dict[str, float] | None = None  # see measure_phases()
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len %d",
                  num_blocks, cfg.block_size, num_blocks * self.runner.kv_bytes_per_block() / 2**20,
                  self.max_model_len)
+
+    def _choose_launch(self, cfg: EngineConfig):
+        """The runner's ``launch`` for overlapped steps, or None for synchronous ones."""
+        launch = getattr(self.runner, "launch", None)
+        if cfg.async_scheduling is False:
+            return None
+        if launch is None and cfg.async_scheduling:
+            launch = HostLaunch(self.runner).launch  # the overlapped loop over execute()
+        if launch is not None:
+            log.info("overlapped engine core: step n+1 is launched before step n's tokens are read")
+        return launch
+
+    def measure_phases(self) -> dict[str, float]:
+        """Start adding up host seconds per step phase; returns the dict it updates.
+
+        ``schedule`` (scheduler + bookkeeping), ``launch`` (the runner preparing and launching
+        the batch; all of the execution for a synchronous runner), ``wait`` (for the device's
+        tokens), ``output`` (appending tokens, stop checks, outputs), of which ``detokenize``.
+        """
+        self.phase_seconds = dict.fromkeys(("schedule", "launch", "wait", "output", "detokenize"), 0.0)
+        self.out.timing = self.phase_seconds
+        return self.phase_seconds
 
     def shutdown(self) -> None:
         """Stop what the runner runs outside this process (tensor-parallel worker processes).
@@ -219,22 +256,24 @@ class Engine:
             raise RequestError("request_id", rid, "is already in use")
         req = Request(rid, text, ids, params)
         seq = req.seqs[0]
-        seq.prefix_offset = max(len(ids) - 5, 0)
-        seq.read_offset = len(ids)
+        self.out.start(seq)
         self._requests[rid] = req
         self.scheduler.add(seq)
         return rid
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its KV blocks. Returns False if unknown."""
+        """Stop a request now and free its KV blocks. Returns False if unknown.
+
+        A step computing it that is still in flight writes only into blocks that later steps
+        (which run after it on the device) may reuse; its result is discarded.
+        """
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
         req.aborted = True
         for seq in req.seqs:
             if not seq.finished:
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self._finish(seq, "abort")
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -243,54 +282,117 @@ class Engine:
     # -------------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return outputs of the requests it advanced."""
+        """Run one scheduling step; return outputs of the requests it advanced.
+
+        Synchronous runners: schedule, execute, process. Overlapped (``launch``): the step
+        whose outputs this call returns was launched by the previous call (or by this one, at
+        the start); before reading its tokens this call schedules and launches the next step,
+        unless the finished one must be seen first (``n > 1`` forks, penalties).
+        """
+        t0 = time.perf_counter()
+        cur = self._inflight
+        if cur is None:
+            cur = self._launch_next()
+            if cur is None:
+                return []
+        self._inflight = self._launch_next() if cur.overlap else None
+        outputs = self._process(cur)
+        self._steps += 1
+        self._emit_step(cur.batch, time.perf_counter() - t0)
+        return outputs
+
+    def _launch_next(self) -> "_Launched | None":
+        """Schedule a batch and launch it; None when there is nothing to run."""
+        timing = self.phase_seconds
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
+        seqs = self.scheduler.last_scheduled
         if not batch.seqs:
             if batch.finished_keys or batch.block_copies:
                 self.runner.execute(batch)
-            if self.scheduler.waiting and not self.scheduler.running:
-                seq = self.scheduler.waiting[0]
-                raise RuntimeError(f"cannot schedule seq {seq.seq_id}: KV cache too small")
-            return []
-        results = self.runner.execute(batch)
-        touched: dict[str, Request] = {}
-        seqs = {s.seq_id: s for s in self.scheduler.running}
-        now = time.monotonic()
-        for entry in batch.seqs:
-            seq = seqs[entry.seq_id]
+            sched = self.scheduler
+            if sched.waiting and not sched.running and self._inflight is None:
+                raise RuntimeError(f"cannot schedule seq {sched.waiting[0].seq_id}: KV cache too small")
+            return None
+        t1 = time.perf_counter()
+        handle = self._launch(batch) if self._launch is not None else DoneStep(self.runner.execute(batch))
+        t2 = time.perf_counter()
+        overlap = self._launch is not None
+        for entry, seq in zip(batch.seqs, seqs):
             seq.num_computed_tokens += entry.num_new
-            self.block_manager.commit_full_blocks(seq, seq.num_computed_tokens)
-        self._track_waste()
-        for entry, res in zip(batch.seqs, results):
-            seq = seqs[entry.seq_id]
+            if not entry.sample:
+                continue
+            p = seq.params
+            if entry.num_samples > 1 or p.needs_penalties or p.structured_output is not None:
+                # the next schedule needs the forks / the real history / the grammar's next mask
+                overlap = False
+            elif self._launch is not None:
+                # the token this step samples is the next step's input: a placeholder until read,
+                # unless it is the last one the sequence may get (then it is not scheduled again)
+                nxt = len(seq.token_ids) + 1
+                if nxt - seq.num_prompt_tokens < p.max_tokens and nxt < self.max_model_len:
+                    seq.token_ids.append(PLACEHOLDER_TOKEN)
+                    seq.num_placeholders += 1
+        if timing is not None:
+            timing["schedule"] += t1 - t0 + time.perf_counter() - t2
+            timing["launch"] += t2 - t1
+        return _Launched(batch, seqs, handle, overlap)
+
+    def _process(self, cur: "_Launched") -> list[RequestOutput]:
+        """Read a launched step's tokens; append them, detokenize, check stops, build outputs."""
+        timing = self.phase_seconds
+        t0 = time.perf_counter()
+        results = cur.handle.result()
+        t1 = time.perf_counter()
+        touched: dict[str, Request] = {}
+        now = time.monotonic()
+        bm = self.block_manager
+        for entry, seq, res in zip(cur.batch.seqs, cur.seqs, results):
+            if seq.finished:  # aborted, or stopped while this step was in flight: discard
+                continue
             req = seq.request
             touched[req.request_id] = req
-            if res is not None and res.prompt_logprobs is not None and req.prompt_logprobs is not None:
+            # full blocks whose tokens are all known go to the prefix cache
+            bm.commit_full_blocks(seq, min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_placeholders))
+            if res is None:
+                continue
+            if res.prompt_logprobs is not None and req.prompt_logprobs is not None:
                 req.prompt_logprobs.extend(res.prompt_logprobs)
-            if not entry.sample or res is None:
+            if not entry.sample:
                 continue
             if req.first_token_time is None:
                 req.first_token_time = now
             targets = [seq]
             if entry.num_samples > 1:
                 targets += self._fork(seq, entry.num_samples - 1)
+            pos = entry.context_len
             for i, s in enumerate(targets):
                 lp = res.logprobs[i] if res.logprobs else None
                 chosen = res.chosen_logprobs[i] if res.chosen_logprobs else None
-                self._append(s, res.token_ids[i], lp, chosen)
+                reason = self.out.append(s, res.token_ids[i], pos, lp, chosen)
+                if reason is not None:
+                    self._finish(s, reason)
+        self._track_waste()
         outputs = []
         for req in touched.values():
-            out = self._output(req)
+            out = self.out.build(req)
             if out.finished:
                 req.finish_time = now
                 self._requests.pop(req.request_id, None)
                 self._finished_requests += 1
                 self._emit_finished(req, out)
             outputs.append(out)
-        self._steps += 1
-        self._emit_step(batch, time.perf_counter() - t0)
+        if timing is not None:
+            timing["wait"] += t1 - t0
+            timing["output"] += time.perf_counter() - t1
         return outputs
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.num_placeholders:  # the token a step still in flight computes for it is dropped
+            del seq.token_ids[len(seq.token_ids) - seq.num_placeholders:]
+            seq.num_placeholders = 0
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
 
     def _fork(self, parent: Sequence, count: int) -> list[Sequence]:
         req = parent.request
@@ -302,80 +404,13 @@ class Engine:
             child.num_prompt_tokens = parent.num_prompt_tokens
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
-            child.prefix_offset, child.read_offset = parent.prefix_offset, parent.read_offset
+            self.out.start(child)
             self.block_manager.fork(parent, child)
             self.scheduler.add_running(child, after=after)
             req.seqs.append(child)
             children.append(child)
             after = child
         return children
-
-    def _append(self, seq: Sequence, token: int, lp, chosen: float | None) -> None:
-        p = seq.params
-        seq.token_ids.append(token)
-        if chosen is not None:
-            seq.cumulative_logprob += chosen
-        if lp is not None:
-            if seq.logprobs is None:
-                seq.logprobs = []
-            seq.logprobs.append(lp)
-        new_text, seq.prefix_offset, seq.read_offset = self.tokenizer.detokenize_incrementally(
-            seq.token_ids, seq.prefix_offset, seq.read_offset, p.skip_special_tokens
-        )
-        seq.text += new_text
-        n_out = seq.num_output_tokens
-        reason: str | None = None
-        if n_out >= p.min_tokens:
-            if token in p.stop_token_ids:
-                reason, seq.stop_reason = "stop", token
-            elif not p.ignore_eos and token in self.tokenizer.eos_token_ids:
-                reason = "stop"
-            elif p.stop_strings and new_text:
-                reason = self._check_stop_strings(seq, len(new_text))
-        if reason is None and (n_out >= p.max_tokens or len(seq.token_ids) >= self.max_model_len):
-            reason = "length"
-        if reason is not None:
-            seq.finish_reason = reason
-            self.scheduler.finish(seq)
-
-    @staticmethod
-    def _check_stop_strings(seq: Sequence, new_len: int) -> str | None:
-        p = seq.params
-        longest = max(len(s) for s in p.stop_strings)
-        window_start = max(len(seq.text) - new_len - longest + 1, 0)
-        best = None
-        for s in p.stop_strings:
-            i = seq.text.find(s, window_start)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is None:
-            return None
-        i, s = best
-        seq.text = seq.text[: i + len(s)] if p.include_stop_str_in_output else seq.text[:i]
-        seq.stop_reason = s
-        return "stop"
-
-    # ------------------------------------------------------------------ output
-
-    def _output(self, req: Request) -> RequestOutput:
-        outs = [
-            CompletionOutput(
-                index=s.index, text=s.text, token_ids=s.output_token_ids,
-                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-                logprobs=s.logprobs, cumulative_logprob=s.cumulative_logprob,
-            )
-            for s in sorted(req.seqs, key=lambda s: s.index)
-        ]
-        first = req.seqs[0]
-        return RequestOutput(
-            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-            outputs=outs, finished=req.finished, num_cached_tokens=first.num_cached_tokens,
-            prompt_logprobs=req.prompt_logprobs,
-            metrics={
-                "arrival_time": req.arrival_time,
-                "first_token_time": req.first_token_time or 0.0,
-            },
-        )
 
     def _emit_finished(self, req: Request, out: RequestOutput) -> None:
         try:
@@ -443,129 +478,13 @@ class Engine:
             "finished_requests": self._finished_requests,
         }
 
-    # ---------------------------------------------------------- convenience API
 
-    def generate(
-        self,
-        prompts: str | Seq[int] | Iterable[str | Seq[int]],
-        params: SamplingParams | Seq[SamplingParams] | None = None,
-        use_tqdm: bool = False,
-    ) -> list[RequestOutput]:
-        """Generate for one or many prompts (text or token ids); outputs keep input order."""
-        if isinstance(prompts, str) or (
-            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
-        ):
-            prompt_list = [prompts]
-        else:
-            prompt_list = list(prompts)
-        if not prompt_list:
-            raise ConfigError("prompts", [], "is empty", "Pass at least one prompt")
-        if isinstance(params, (list, tuple)):
-            if len(params) != len(prompt_list):
-                raise ConfigError(
-                    "params", f"<{len(params)} SamplingParams>",
-                    f"must match the number of prompts ({len(prompt_list)})",
-                    "Pass one SamplingParams for all prompts, or one per prompt",
-                )
-            plist = list(params)
-        else:
-            plist = [params or SamplingParams()] * len(prompt_list)
-        ids = []
-        try:
-            for p, sp in zip(prompt_list, plist):
-                ids.append(self.add_request(p, sp))
-        except Exception:
-            for rid in ids:
-                self.abort(rid)
-            raise
-        final: dict[str, RequestOutput] = {}
-        bar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
+@dataclass(slots=True)
+class _Launched:
+    """A step on its way: the batch, its sequences (batch order), the runner's handle."""
 
-            bar = tqdm(total=len(ids), desc="Generating", unit="req")
-        try:
-            while len(final) < len(ids):
-                for out in self.step():
-                    if out.finished and out.request_id in ids:
-                        final[out.request_id] = out
-                        if bar is not None:
-                            bar.update(1)
-        except BaseException:
-            for rid in ids:
-                if rid not in final:
-                    self.abort(rid)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        return [final[r] for r in ids]
-
-    def stream(self, prompt: str | Seq[int], params: SamplingParams | None = None) -> Iterator[StreamDelta]:
-        """Yield text and tokens as they are generated.
-
-        Stopping the iteration early (``break``, ``close()``) aborts the request
-        and frees its KV blocks at once.
-        """
-        rid = self.add_request(prompt, params)
-        req = self._requests[rid]
-        sent_tokens: dict[int, int] = {}
-        sent_text: dict[int, int] = {}
-        done: set[int] = set()
-        try:
-            while True:
-                outs = self.step()
-                for out in outs:
-                    if out.request_id != rid:
-                        continue
-                    for o in out.outputs:
-                        if o.index in done:
-                            continue
-                        hold = 0 if o.finished else self._holdback(req.params)
-                        text_end = max(len(o.text) - hold, sent_text.get(o.index, 0))
-                        text = o.text[sent_text.get(o.index, 0) : text_end]
-                        toks = o.token_ids[sent_tokens.get(o.index, 0) :]
-                        lps = o.logprobs[sent_tokens.get(o.index, 0) :] if o.logprobs else None
-                        sent_text[o.index] = text_end
-                        sent_tokens[o.index] = len(o.token_ids)
-                        if o.finished:
-                            done.add(o.index)
-                        if text or toks or o.finished:
-                            yield StreamDelta(rid, o.index, text, toks, o.finish_reason, lps)
-                    if out.finished:
-                        return
-                if not outs and not self.scheduler.has_work():
-                    return
-        finally:
-            if rid in self._requests:
-                self.abort(rid)
-
-    @staticmethod
-    def _holdback(params: SamplingParams) -> int:
-        """Characters held back while streaming so a stop string is never leaked."""
-        if not params.stop_strings or params.include_stop_str_in_output:
-            return 0
-        return max(len(s) for s in params.stop_strings) - 1
-
-    def chat(
-        self,
-        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-        params: SamplingParams | None = None,
-        use_tqdm: bool = False,
-    ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, via the chat template."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        if not convs:
-            raise ConfigError("messages", messages, "is empty", "Pass a list of {role, content} dicts")
-        prompts = [self.tokenizer.apply_chat_template(c) for c in convs]
-        return self.generate(prompts, params, use_tqdm=use_tqdm)
-
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
-        return self.tokenizer.apply_chat_template(messages)
-
-    def embed(self, text: str | Seq[int]) -> list[float]:
-        _, ids = self._tokenize(text)
-        if len(ids) > self.max_model_len:
-            raise RequestError("input", f"<{len(ids)} tokens>", f"exceeds max_model_len={self.max_model_len}")
-        return self.runner.embed(ids).tolist()
-
+    batch: ScheduledBatch
+    seqs: list[Sequence]
+    handle: StepHandle
+    # whether the next step may be launched before this one's tokens are read
+    overlap: bool

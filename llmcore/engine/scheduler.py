@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from llmcore.engine.batch import ScheduledBatch, ScheduledSeq
+from llmcore.contract import ScheduledBatch, ScheduledSeq
 from llmcore.engine.block_manager import BlockManager
 from llmcore.engine.sequence import Sequence, SeqStatus
 
@@ -51,6 +51,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
+        # the sequences of the last schedule() call, in the batch's order
+        self.last_scheduled: list[Sequence] = []
 
     # ----------------------------------------------------------------- queues
 
@@ -105,6 +107,11 @@ class Scheduler:
             if num_new <= 0:
                 continue
             total = seq.num_computed_tokens + num_new
+            if num_new == 1 and self.bm.writes_own_block(seq, total - 1):
+                # the common decode: its slot is in a block it holds alone; nothing to grow or copy
+                scheduled.append((seq, 1))
+                budget -= 1
+                continue
             while self.bm.blocks_to_grow(seq, total) > self.bm.num_free_blocks:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -147,6 +154,7 @@ class Scheduler:
             budget -= num_new
 
         finished, self._finished_ids = self._finished_ids, []
+        self.last_scheduled = [seq for seq, _ in scheduled]
         return ScheduledBatch(
             seqs=[self._entry(seq, n) for seq, n in scheduled],
             block_copies=copies,
@@ -161,13 +169,19 @@ class Scheduler:
         params = seq.params
         request = seq.request
         num_samples = params.n if (sample and not request.forked and params.n > 1) else 1
-        indices = range(num_samples) if num_samples > 1 else [seq.index]
-        # one RNG stream per (request, sample): reproducible whatever else is batched
-        seeds = [None if params.seed is None else params.seed + i for i in indices]
-        rng_keys = [f"{request.request_id}:{i}" for i in indices]
+        if num_samples == 1 and seq.keys is not None:
+            key, seeds, rng_keys = seq.keys
+        else:
+            indices = range(num_samples) if num_samples > 1 else [seq.index]
+            # one RNG stream per (request, sample): reproducible whatever else is batched
+            seeds = [None if params.seed is None else params.seed + i for i in indices]
+            rng_keys = [f"{request.request_id}:{i}" for i in indices]
+            key = f"{request.request_id}:{seq.index}"
+            if num_samples == 1:
+                seq.keys = (key, seeds, rng_keys)  # the same at every step: built once
         return ScheduledSeq(
             seq_id=seq.seq_id,
-            key=f"{request.request_id}:{seq.index}",
+            key=key,
             token_ids=seq.token_ids[start:end],
             start_pos=start,
             block_table=seq.block_table,
@@ -182,4 +196,5 @@ class Scheduler:
                 params.prompt_logprobs is not None and start < seq.num_prompt_tokens
                 and seq.index == 0 and not request.forked
             ),
+            blocks_version=seq.blocks_version,
         )

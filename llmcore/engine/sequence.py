@@ -6,6 +6,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from llmcore.outputs import Logprob
 from llmcore.sampling_params import SamplingParams
@@ -42,12 +43,17 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_preemptions: int = 0
-    # detokenized output
+    # bumped when an entry of block_table already held changes (copy-on-write, free): runners
+    # may cache a sequence's table row while (seq_id, blocks_version, len(block_table)) match
+    blocks_version: int = 0
+    # trailing entries of token_ids sampled by a launched step whose result is not read yet
+    # (PLACEHOLDER_TOKEN; overlapped execution only, at most one)
+    num_placeholders: int = 0
+    # detokenized output (llmcore.engine.detokenizer, set when the request is added)
     text: str = ""
-    emitted_text_len: int = 0
-    emitted_tokens: int = 0
-    prefix_offset: int = 0
-    read_offset: int = 0
+    detok: Any = None
+    # (key, seeds, rng_keys) of its ScheduledSeq entries with one sample, built once
+    keys: tuple | None = None
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
 
@@ -61,11 +67,11 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_placeholders]
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) - self.num_placeholders - self.num_prompt_tokens
 
     @property
     def num_uncomputed(self) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 
 from llmcore.errors import ModelLoadError
 from llmcore.models.config import ModelConfig
-from llmcore.models.attention import AttentionBackend, AttentionMetadata
+from llmcore.contract import AttentionBackend, AttentionMetadata
 
 
 class RMSNorm(nn.Module):

@@ -1,8 +1,13 @@
 """Attention over the paged KV cache: the torch reference backend.
 
-The interface (:class:`AttentionBackend`, :class:`AttentionMetadata`, and the cache layout) is
-specified beside the models, in :mod:`llmcore.models.attention`, and re-exported here for the
-plugins that implement it.
+The KV cache of one layer is two tensors ``[num_blocks, block_size,
+num_kv_heads, head_dim]``. A token at position ``p`` of a sequence lives in
+slot ``block_table[p // block_size] * block_size + p % block_size``.
+
+Backends (CPU torch here, Triton on CUDA in ``llmcore_cuda``) implement
+:class:`~llmcore.contract.AttentionBackend` (defined, with :class:`AttentionMetadata`, in the
+contract module so models need not import the runtime); the model calls ``backend.forward``
+once per layer.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmcore.models.attention import AttentionBackend, AttentionMetadata
+from llmcore.contract import AttentionBackend, AttentionMetadata
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "TorchPagedAttention"]
 

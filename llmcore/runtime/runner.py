@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from llmcore.engine.batch import SampleResult, ScheduledBatch
+from llmcore.contract import SampleResult, ScheduledBatch
 from llmcore.errors import ModelLoadError
 from llmcore.models import registry
 from llmcore.models.config import ModelConfig
 from llmcore.models.loader import count_tensors, iter_safetensors
 from llmcore.outputs import Logprob
+from llmcore.contract import AttentionBackend, AttentionMetadata
 from llmcore.parallel.tensor_parallel import TPGroup
-from llmcore.runtime.attention import AttentionBackend, AttentionMetadata
 from llmcore.runtime.sampler import Sampler
 
 log = logging.getLogger("llmcore.runner")

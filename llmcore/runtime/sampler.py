@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llmcore.engine.batch import SampleResult, ScheduledSeq
+from llmcore.contract import SampleResult, ScheduledSeq
 from llmcore.outputs import Logprob
 
 

@@ -1,3 +1,5 @@
+# (over 450 lines: it was before the overlapped launch; the decode-graph, launch and eager paths share
+# the staging buffers and row caches of one class)
 """The CUDA model runner: Triton kernels, CUDA graphs for decode, overlapped steps.
 
 Subclasses the core :class:`~llmcore.runtime.runner.TorchModelRunner` (same
@@ -9,13 +11,18 @@ weights loading, KV layout, sampler) and replaces the hot paths:
   batch-size bucket that fits (padding rows write their K/V to a reserved sink
   block and attend to nothing). Larger batches, ``enforce_eager=True`` and
   batches that need prompt logprobs take the eager path.
-* **Greedy decode overlaps the host with the GPU**: after a graph step the
-  runner launches the *next* step at once (inputs = this step's argmax, still on
-  the GPU; positions + 1, same block tables) and only then waits for this
-  step's tokens. When the engine's next batch is exactly that continuation the
-  result is already computing; otherwise it is discarded (its only side effect,
-  K/V written at a position the sequence has not reached, is overwritten before
-  anything reads it).
+* **Overlapped engine core** (:meth:`CudaModelRunner.launch`, the optional runner capability
+  of :class:`llmcore.device.ModelRunner`): a greedy step is launched and returns at once; the
+  engine schedules the next step meanwhile, whose placeholder tokens are copied on the GPU from
+  this step's argmax, so the GPU never waits for the host. Host-sampled steps (temperature,
+  logprobs, penalties) run synchronously inside ``launch``.
+* **Greedy decode through ``execute``** (the synchronous engine, ``async_scheduling=False``)
+  still overlaps a little: after a graph step the runner launches the *next* step at once
+  (inputs = this step's argmax, positions + 1, same block tables) and only then waits for this
+  step's tokens; when the engine's next batch is exactly that continuation the result is
+  already computing, otherwise it is discarded.
+* **Warm-up** (:meth:`CudaModelRunner.warm_up`): at start-up, after the graph capture, every
+  eager-step kernel shape the engine can hit is compiled, and the log says how long it took.
 * **Quantization** (``quantization=``, :mod:`llmcore.quantization`): the core
   runner's loader runs the method's handler (a module swap of the linear
   layers); the fused forward calls the swapped modules. Decode graphs are
@@ -32,8 +39,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llmcore.engine.batch import SampleResult, ScheduledBatch
+from llmcore.contract import PLACEHOLDER_TOKEN, SampleResult, ScheduledBatch, ScheduledSeq, StepHandle
 from llmcore.runtime.runner import TorchModelRunner
+from llmcore.sampling_params import SamplingParams
 
 log = logging.getLogger("llmcore.cuda")
 
@@ -64,9 +72,10 @@ def graph_buckets(max_num_seqs: int, buckets=DEFAULT_BUCKETS) -> list[int]:
 
 
 def _simple_greedy(entries) -> bool:
+    # a constrained row is masked by the host sampler (llmcore.structured), never argmax'd on the GPU
     return all(
         e.params.greedy and not e.params.needs_penalties and e.params.logprobs is None
-        and e.num_samples == 1 and e.params.min_tokens == 0
+        and e.num_samples == 1 and e.params.min_tokens == 0 and e.params.structured_output is None
         for e in entries
     )
 
@@ -155,6 +164,53 @@ class _Staging:
         return [self.dev[o : o + n] for o, n in spans]
 
 
+class _Step:
+    """A launched step (the contract's StepHandle): its sampled tokens, on the GPU and on their
+    way to a pinned host buffer; ``rows`` maps a sequence to its row of those tokens."""
+
+    def __init__(self, seqs, sampled, rows, results=None, dev_tokens=None, host=None, event=None):
+        self.seqs, self.sampled, self.rows = seqs, sampled, rows
+        self._results, self.dev_tokens, self.host, self.event = results, dev_tokens, host, event
+        self._toks = None
+
+    @classmethod
+    def done(cls, seqs, results) -> "_Step":
+        rows = {s.seq_id: i for i, (s, r) in enumerate(zip(seqs, results)) if r is not None and s.sample}
+        return cls(seqs, None, rows, results=results)
+
+    @classmethod
+    def launched(cls, runner, seqs, tokens, sampled) -> "_Step":
+        rows = {seqs[i].seq_id: j for j, i in enumerate(sampled) if seqs[i].sample}
+        if tokens is None or not sampled:
+            return cls(seqs, sampled, {}, results=[None] * len(seqs))
+        host = runner._out_host[runner._out_flip]
+        runner._out_flip ^= 1
+        host[: len(sampled)].copy_(tokens, non_blocking=True)
+        ev = _event(runner.device)
+        ev.record()
+        return cls(seqs, sampled, rows, dev_tokens=tokens, host=host, event=ev)
+
+    def tokens(self) -> list:
+        """The sampled tokens by row (waits for the step)."""
+        if self._toks is None:
+            if self.host is None:
+                self._toks = [r.token_ids[0] if r is not None and r.token_ids else None for r in self._results]
+            else:
+                self.event.synchronize()
+                self._toks = self.host[: len(self.sampled)].tolist()
+        return self._toks
+
+    def result(self) -> list[SampleResult | None]:
+        if self._results is None:
+            toks = self.tokens()
+            res: list[SampleResult | None] = [None] * len(self.seqs)
+            for j, i in enumerate(self.sampled):
+                if self.seqs[i].sample:
+                    res[i] = SampleResult(token_ids=[toks[j]])
+            self._results = res
+        return self._results
+
+
 class CudaModelRunner(TorchModelRunner):
     def __init__(self, model_config, folder, device, dtype, block_size, max_model_len, eos_token_ids,
                  engine_config, seed: int = 0, progress: bool = True, quantization: str | None = None,
@@ -196,6 +252,12 @@ class CudaModelRunner(TorchModelRunner):
         self.graphs: dict[int, _Graph] = {}
         self.sink_block = -1
         self._staging = _Staging(device)
+        self.warm_up_enabled = bool(extra.get("cuda_warm_up", device.type == "cuda"))
+        self._staging_idx = _Staging(device)  # placeholder index pairs (launch)
+        self._prev: _Step | None = None  # the step launched last (launch)
+        rows = max(ec.max_num_seqs, max(self.buckets, default=1))
+        self._out_host = [_pinned(torch.zeros(rows, dtype=torch.int64), device) for _ in range(2)]
+        self._out_flip = 0
         self._pending: _Pending | None = None
         self._spec_flip = 0
         self.stats = {"graph_steps": 0, "eager_steps": 0, "overlap_hits": 0, "overlap_misses": 0}
@@ -274,6 +336,50 @@ class CudaModelRunner(TorchModelRunner):
                 self.capture_graphs()
             else:
                 self._capture_or_eager()
+        if self.warm_up_enabled:
+            self.warm_up()
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile, at start-up, the eager-step kernels every workload can hit, so no request pays JIT.
+
+        Decode graphs are captured already; the eager paths specialize the Triton kernels on the
+        number of split-K slices (from the number of decodes and the longest context), so one
+        mixed step runs per distinct value, plus prefills and large eager decodes. Runs on
+        garbage KV (every block it writes is rewritten before any request reads it).
+        """
+        from llmcore_cuda import kernels
+
+        t0 = time.perf_counter()
+        bs, kvh = self.block_size, self.config.num_kv_heads
+        sp = SamplingParams(max_tokens=1, temperature=0.0)
+        budget = min(self.max_num_tokens, self.max_model_len)
+
+        def entry(i: int, start: int, n: int) -> ScheduledSeq:
+            table = [j % self.num_kv_blocks for j in range(-(-(start + n) // bs))]
+            return ScheduledSeq(seq_id=-1 - i, key=f"warm-up:{i}", token_ids=[1] * n, start_pos=start,
+                                block_table=table, params=sp, history=[], num_prompt_tokens=start + n)
+
+        counts = [d for d in (MIN_MIXED_DECODES, 8, 16, 32, 64, 128, 256, 512) if d <= self.max_num_seqs]
+        ctxs = sorted({c for c in (16, 128, 512, 1024, 2048, 4096, self.max_model_len) if c <= self.max_model_len})
+        seen: dict[tuple[str, int], tuple[int, int]] = {}
+        for d in counts:
+            for c in ctxs:
+                split = kernels.choose_num_splits(d, kvh, c, bs, self.num_sms)
+                seen.setdefault(("mixed", split), (d, c))
+                if self.buckets and d > self._mb or not self.buckets:
+                    seen.setdefault(("decode", kernels.choose_num_splits(d, kvh, c, bs, self.num_sms)), (d, c))
+        batches = [[entry(0, 0, n)] for n in sorted({1, 17, min(128, budget), budget})]
+        for (kind, _), (d, c) in seen.items():
+            decs = [entry(i, c - 1, 1) for i in range(d)]
+            prefill = [entry(d, 0, min(17, budget - d))] if kind == "mixed" and budget - d >= 2 else []
+            batches.append(decs + prefill)
+        for seqs in batches:
+            self._execute_eager(ScheduledBatch(seqs), all(len(s.token_ids) == 1 for s in seqs))
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        self.stats = dict.fromkeys(self.stats, 0)
+        log.info("warm-up: %d eager step shapes compiled in %.1f s", len(batches), time.perf_counter() - t0)
 
     def _capture_or_eager(self) -> None:
         """Capture the decode graphs of a quantized model; eager decode if its kernels cannot be.
@@ -322,7 +428,8 @@ class CudaModelRunner(TorchModelRunner):
                            for _ in range(2)]
         self._tok_host = [_pinned(torch.zeros(mb, dtype=torch.int64), self.device) for _ in range(2)]
         self._tok_flip = 0
-        self._row_tables: list[list[int] | None] = [None] * mb
+        self._row_keys: list[tuple[int, int, int] | None] = [None] * mb
+        self._dec_event = None  # after the last H2D copy out of _dec_host
         self._splits = {
             b: kernels.choose_num_splits(b, cfg.num_kv_heads, self.max_model_len, self.block_size, self.num_sms)
             for b in self.buckets
@@ -341,7 +448,7 @@ class CudaModelRunner(TorchModelRunner):
         m[lo:hi, 3] = 0
         self._bt_np[lo:hi, 0] = self.sink_block
         for i in range(lo, hi):
-            self._row_tables[i] = None
+            self._row_keys[i] = None
 
     def _decode_forward(self, b: int):
         from llmcore_cuda.model import DecodeArgs
@@ -447,32 +554,9 @@ class CudaModelRunner(TorchModelRunner):
         if pend is not None:
             self.stats["overlap_misses"] += 1
         # normal launch: fill rows, one H2D copy, replay
-        bs = self.block_size
-        meta = self._meta_np
-        ids, pos, slots, blocks = [], [], [], []
-        rows = self._row_tables
-        bt_np = self._bt_np
-        for i, s in enumerate(seqs):
-            p = s.start_pos
-            tbl = s.block_table
-            blk = tbl[p // bs]
-            ids.append(s.token_ids[0])
-            pos.append(p)
-            blocks.append(blk)
-            slots.append(blk * bs + p % bs)
-            if rows[i] != tbl:
-                bt_np[i, : len(tbl)] = tbl
-                rows[i] = list(tbl)
-        meta[:n, 0] = ids
-        meta[:n, 1] = pos
-        meta[:n, 2] = slots
-        meta[:n, 3] = pos
-        meta[:n, 3] += 1
-        mb = self._mb
-        if n < mb and rows[n] is not None:
-            self._set_padding(n, mb)
-        end = mb * META_COLS + b * self.max_blocks
-        self._dec_dev[:end].copy_(self._dec_host[:end], non_blocking=True)
+        pos, blocks = self._fill_rows(seqs, b)
+        self._dec_dev[: self._mb * META_COLS + b * self.max_blocks].copy_(
+            self._dec_host[: self._mb * META_COLS + b * self.max_blocks], non_blocking=True)
         g = self.graphs[b]
         g.graph.replay()
         if not greedy:
@@ -497,6 +581,49 @@ class CudaModelRunner(TorchModelRunner):
         if self._pending is not None:
             self._pending.tokens_in = toks
         return [SampleResult(token_ids=[t]) if s.sample else None for s, t in zip(seqs, toks)]
+
+    def _fill_rows(self, seqs, b: int, fill_rows=()) -> tuple[list[int], list[int]]:
+        """Write the decode rows of ``seqs`` into the pinned host buffer (bucket ``b``).
+
+        A row's block table is rewritten only where it changed: whole when the row now holds
+        another sequence or its ``blocks_version`` moved (copy-on-write, preemption), else just
+        the blocks appended since (O(changes), not O(blocks) per step). ``fill_rows`` get input
+        id 0: their token is copied on the device afterwards.
+        """
+        if self._dec_event is not None:
+            self._dec_event.synchronize()  # the last copy out of this buffer has been done
+        bs = self.block_size
+        n = len(seqs)
+        ids, pos, slots, blocks = [], [], [], []
+        keys = self._row_keys
+        bt_np = self._bt_np
+        for i, s in enumerate(seqs):
+            p = s.start_pos
+            tbl = s.block_table
+            blk = tbl[p // bs]
+            ids.append(s.token_ids[0])
+            pos.append(p)
+            blocks.append(blk)
+            slots.append(blk * bs + p % bs)
+            key = keys[i]
+            m = len(tbl)
+            if key is None or key[0] != s.seq_id or key[1] != s.blocks_version or key[2] > m:
+                bt_np[i, :m] = tbl
+            elif key[2] < m:
+                bt_np[i, key[2]:m] = tbl[key[2]:]
+            keys[i] = (s.seq_id, s.blocks_version, m)
+        meta = self._meta_np
+        meta[:n, 0] = ids
+        for i in fill_rows:
+            meta[i, 0] = 0
+        meta[:n, 1] = pos
+        meta[:n, 2] = slots
+        meta[:n, 3] = pos
+        meta[:n, 3] += 1
+        mb = self._mb
+        if n < mb and keys[n] is not None:
+            self._set_padding(n, mb)
+        return pos, blocks
 
     def _matches(self, pend: _Pending, seqs) -> bool:
         if pend.n != len(seqs) or pend.tokens_in is None:
@@ -545,9 +672,79 @@ class CudaModelRunner(TorchModelRunner):
         # and its last copy may still be in flight)
         return _Pending(n, b, cur.seq_ids, npos, blocks, ev, host_tok)
 
+    # ------------------------------------------------------ overlapped launch
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> StepHandle:
+        """Start a step without waiting for it (the engine's overlapped loop; ModelRunner.launch).
+
+        Greedy steps never wait: the tokens stay on the GPU, the next step's placeholders are
+        copied from them on the GPU, and one pinned copy brings them to the host, read by
+        ``result()``. Steps that sample on the host (temperature, logprobs, penalties) or need
+        prompt logprobs run as :meth:`execute` does; their placeholders are filled on the host
+        from the previous step's results.
+        """
+        seqs = batch.seqs
+        prev, self._prev = self._prev, None
+        fill = []  # (batch index, row of the previous step's tokens)
+        for i, s in enumerate(seqs):
+            if s.token_ids and s.token_ids[0] == PLACEHOLDER_TOKEN:
+                if prev is None or s.seq_id not in prev.rows:
+                    raise RuntimeError(f"seq {s.seq_id}: placeholder token but it was not in the previous step")
+                fill.append((i, prev.rows[s.seq_id]))
+        host_sampling = not _simple_greedy(seqs) or any(s.want_prompt_logprobs for s in seqs)
+        if fill and (host_sampling or prev.dev_tokens is None):
+            toks = prev.tokens()
+            for i, r in fill:
+                seqs[i].token_ids[0] = toks[r]
+            fill = []
+        if host_sampling or not seqs:
+            results = self.execute(batch)
+            self._prev = _Step.done(seqs, results)
+            return self._prev
+        if batch.finished_keys:
+            self.sampler.release(batch.finished_keys)
+        if batch.block_copies:
+            self._copy_blocks(batch.block_copies)
+        self._pending = None  # execute()'s own speculation is not used with launch()
+        n = len(seqs)
+        decode_only = all(len(s.token_ids) == 1 for s in seqs)
+        if decode_only and self.graphs and n <= self._mb:
+            self.stats["graph_steps"] += 1
+            b = self._bucket(n)
+            self._fill_rows(seqs, b, [i for i, _ in fill])
+            end = self._mb * META_COLS + b * self.max_blocks
+            self._dec_dev[:end].copy_(self._dec_host[:end], non_blocking=True)
+            self._dec_event = _event(self.device)
+            self._dec_event.record()
+            if fill:
+                self._fill_ids(self._meta_dev[:, 0], fill, prev.dev_tokens)
+            g = self.graphs[b]
+            g.graph.replay()
+            tokens, sampled = g.tokens[:n], list(range(n))
+        else:
+            self.stats["eager_steps"] += 1
+            tokens, sampled = self._execute_eager(batch, decode_only, fill, prev, defer=True)
+        self._prev = _Step.launched(self, seqs, tokens, sampled)
+        return self._prev
+
+    def _fill_ids(self, ids_dev, fill, src) -> None:
+        """``ids_dev[dst] = src[row]`` for each placeholder, on the device (no host round trip)."""
+        if all(i == r for i, r in fill) and [i for i, _ in fill] == list(range(len(fill))):
+            ids_dev[: len(fill)].copy_(src[: len(fill)])  # steady decode: same rows, same order
+            return
+        idx = self._staging_idx.put([np.asarray(fill, np.int32).T.copy()])[0].view(2, -1).long()
+        ids_dev.index_copy_(0, idx[0], src.index_select(0, idx[1]).to(ids_dev.dtype))
+
     # -- eager (prefill, mixed, large decode)
 
-    def _execute_eager(self, batch: ScheduledBatch, decode_only: bool) -> list[SampleResult | None]:
+    def _execute_eager(self, batch: ScheduledBatch, decode_only: bool, fill=None, prev=None, defer: bool = False):
+        """Prefill, mixed and large decode steps, eagerly.
+
+        ``fill``: ``(batch index, source row)`` pairs whose input token is row ``source`` of the
+        previous step's device tokens (placeholders); ``defer``: greedy tokens stay on the
+        device, returned as ``(tokens, sampled indices)`` for :meth:`launch`.
+        """
         from llmcore_cuda import kernels
         from llmcore_cuda.model import DecodeArgs, PrefillArgs
 
@@ -574,8 +771,12 @@ class CudaModelRunner(TorchModelRunner):
         rows = np.asarray([starts[i + 1] - 1 for i in sample_idx], np.int32)
         arrays = [np.asarray(ids, np.int32), np.concatenate(pos_parts), np.concatenate(slot_parts),
                   np.asarray(starts, np.int32), np.asarray(ctx, np.int32), bt, rows]
+        if fill:  # (flat position of the placeholder, source row): filled on the device below
+            fill = [(starts[i], r) for i, r in fill]
         if decode_only:
             v_ids, v_pos, v_slot, _, v_ctx, v_bt, v_rows = self._staging.put(arrays)
+            if fill:
+                self._fill_ids(v_ids, fill, prev.dev_tokens)
             splits = kernels.choose_num_splits(n, self.config.num_kv_heads, max(ctx), bs, self.num_sms)
             args = DecodeArgs(v_bt.view(n, width), v_ctx, splits, None)
         else:
@@ -588,20 +789,26 @@ class CudaModelRunner(TorchModelRunner):
                 arrays.append(np.asarray(dec, np.int32))
                 views = self._staging.put(arrays)
                 v_dec = views[-1]
+                if fill:
+                    self._fill_ids(views[0], fill, prev.dev_tokens)
                 splits = kernels.choose_num_splits(len(dec), self.config.num_kv_heads,
                                                    max(ctx[i] for i in dec), bs, self.num_sms)
             else:
                 views = self._staging.put(arrays)
                 v_dec, splits = None, 1
+                if fill:
+                    self._fill_ids(views[0], fill, prev.dev_tokens)
             v_ids, v_pos, v_slot, v_qs, v_ctx, v_bt, v_rows, v_ts, v_tm = views[:9]
             args = PrefillArgs(v_bt.view(n, width), v_qs, v_ctx, v_ts, v_tm, v_dec, splits)
         hidden = self.fused.forward(v_ids, v_pos, v_slot, self.kv_caches, args)
         results: list[SampleResult | None] = [None] * n
         if not sample_idx:
-            return results
+            return (None, sample_idx) if defer else results
         h = hidden if len(sample_idx) == hidden.shape[0] else hidden.index_select(0, v_rows.long())
         logits = self.fused.logits(h)
         entries = [seqs[i] for i in sample_idx]
+        if defer:
+            return self._argmax(logits), sample_idx
         if _simple_greedy(entries):
             toks = logits.argmax(dim=-1).tolist()
             for i, t in zip(sample_idx, toks):

@@ -1,0 +1,121 @@
+"""Host overhead of the engine per step, with a null device (no accelerator needed).
+
+The "null" device's runner returns a token for every sampled sequence at once, so each step's
+wall time is the engine's own host work: scheduling, preparing/launching, waiting (zero here),
+output processing and, within it, detokenization (the real SmolLM2 tokenizer). It keeps
+``--seqs`` sequences running (default 256) and times ``--steps`` decode steps after they are
+all admitted. Old and new paths run in one process for an A/B:
+
+* ``sync+window``: the synchronous loop with the window detokenizer over transformers' decode
+  (what the engine did before the overlapped core),
+* ``sync+stream``: the synchronous loop with the Rust streaming detokenizer,
+* ``overlap+stream``: the overlapped loop (``async_scheduling=True``) with the streaming one.
+
+    python benchmarks/host_overhead_bench.py                      # all three, 256 sequences
+    python benchmarks/host_overhead_bench.py --seqs 16 --steps 20 # a quick check
+
+Timings are meaningful only on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from llmcore import hookimpl
+from llmcore.capabilities import Capabilities, DeviceProbe
+from llmcore.contract import SampleResult, ScheduledBatch
+from llmcore.device import Device
+from llmcore.engine.engine import Engine
+from llmcore.plugins import load_plugins
+from llmcore.sampling_params import SamplingParams
+
+LLMCORE_CONTRACT_VERSION = 1
+VOCAB_LO, VOCAB_SPAN = 300, 20000  # ordinary tokens of the SmolLM2 vocabulary
+
+
+class NullRunner:
+    """A runner that computes nothing: each sampled sequence gets a token derived from its position."""
+
+    def kv_bytes_per_block(self) -> int:
+        return 1
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.num_kv_blocks = num_blocks
+
+    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
+        return [SampleResult(token_ids=[VOCAB_LO + (e.seq_id * 31 + e.context_len * 17) % VOCAB_SPAN])
+                if e.sample else None for e in batch.seqs]
+
+    def embed(self, token_ids):
+        raise NotImplementedError("the null device does not embed")
+
+
+class NullDevice(Device):
+    def create_runner(self, model_config, folder, dtype, eos_token_ids, max_model_len):
+        return NullRunner()
+
+
+@hookimpl
+def llmcore_probe(config):
+    return DeviceProbe(name="null", score=1, capabilities=Capabilities(), description="null device (benchmark)")
+
+
+@hookimpl
+def llmcore_create_device(name, config):
+    if name != "null":
+        return None
+    probe = llmcore_probe(config)
+    return NullDevice(probe, config)
+
+
+def run(variant: str, args) -> dict:
+    loop, detok = variant.split("+")
+    registry = load_plugins(extra=[("null", sys.modules[__name__])])
+    eng = Engine(model=args.model, device="null", dtype="float32", plugins=registry, progress=False,
+                 max_num_seqs=args.seqs, num_kv_blocks=args.seqs * (-(-(args.prompt_len + args.steps + 64) // 16)),
+                 block_size=16, max_num_batched_tokens=max(2048, args.seqs * args.prompt_len),
+                 async_scheduling=loop == "overlap", extra={"streaming_detokenizer": detok == "stream"})
+    p = SamplingParams(max_tokens=args.steps + 32, temperature=0, ignore_eos=True)
+    for i in range(args.seqs):
+        eng.add_request([VOCAB_LO + (i * 7 + j) % VOCAB_SPAN for j in range(args.prompt_len)], p)
+    while len(eng.scheduler.running) < args.seqs or eng.scheduler.waiting:
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    phases = eng.measure_phases()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        eng.step()
+    wall = time.perf_counter() - t0
+    for rid in list(eng._requests):
+        eng.abort(rid)
+    per = {k: round(v / args.steps * 1e3, 4) for k, v in phases.items()}
+    return dict(variant=variant, seqs=args.seqs, steps=args.steps, ms_per_step=round(wall / args.steps * 1e3, 4),
+                phase_ms_per_step=per)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model folder (its config and tokenizer); default: the embedded SmolLM2")
+    ap.add_argument("--seqs", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--variants", default="sync+window,sync+stream,overlap+stream")
+    ap.add_argument("--json", action="store_true", help="one JSON line per variant")
+    args = ap.parse_args()
+    rows = [run(v, args) for v in args.variants.split(",")]
+    base = rows[0]["ms_per_step"]
+    for r in rows:
+        if args.json:
+            print(json.dumps(r))
+            continue
+        ph = ", ".join(f"{k} {v:.3f}" for k, v in r["phase_ms_per_step"].items())
+        print(f"{r['variant']:>15}: {r['ms_per_step']:.3f} ms/step ({base / r['ms_per_step']:.2f}x of "
+              f"{rows[0]['variant']}) at {r['seqs']} running; per phase ms: {ph}")
+
+
+if __name__ == "__main__":
+    main()

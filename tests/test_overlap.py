@@ -1,0 +1,100 @@
+"""The overlapped engine core gives exactly the synchronous engine's outputs.
+
+``async_scheduling=True`` on the CPU runs the overlapped loop (placeholders fed forward, stops
+found one step late, extra tokens discarded) over the CPU runner's execute(); every output
+must equal the synchronous loop's, and aborts must free KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from llmcore import Engine, SamplingParams
+
+
+def make(model, mode, **kw):
+    kw.setdefault("num_kv_blocks", 64)
+    return Engine(model=str(model), device="cpu", dtype="float32", progress=False, async_scheduling=mode, **kw)
+
+
+def outputs(engine, prompts, params):
+    return [[(o.text, o.token_ids, o.finish_reason, o.stop_reason, o.logprobs, round(o.cumulative_logprob, 4))
+             for o in r.outputs] for r in engine.generate(prompts, params)]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_llama):
+    return make(tiny_llama, False), make(tiny_llama, True)
+
+
+def test_engine_uses_the_overlapped_loop_only_when_asked(pair):
+    sync, ovl = pair
+    assert sync._launch is None and ovl._launch is not None
+
+
+def test_mixed_requests_match_the_synchronous_engine(pair):
+    prompts = [list(range(3 + i, 3 + i + 5 + 7 * i)) for i in range(8)]
+    params = [
+        SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),  # one token: never re-scheduled
+        SamplingParams(max_tokens=12, temperature=0.9, seed=7, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0, n=3, ignore_eos=True),  # fork: a barrier step
+        SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(max_tokens=6, temperature=0, logprobs=2, ignore_eos=True),
+        SamplingParams(max_tokens=11, temperature=0, min_tokens=4),
+        SamplingParams(max_tokens=7, temperature=0, prompt_logprobs=1, ignore_eos=True),
+    ]
+    sync, ovl = pair
+    assert outputs(ovl, prompts, params) == outputs(sync, prompts, params)
+    assert ovl.stats()["kv_blocks_used"] == 0
+
+
+def test_stop_found_one_step_late_discards_the_extra_token(pair):
+    sync, ovl = pair
+    prompt = list(range(40, 52))
+    free = sync.generate([prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    toks = free.outputs[0].token_ids
+    # stop on the 4th generated token (id) and on text ending at the 3rd one
+    stop_id = SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[toks[3]], ignore_eos=True)
+    text3 = sync.tokenizer.decode(toks[:3])
+    stop_str = SamplingParams(max_tokens=10, temperature=0, stop=[text3[-2:]], ignore_eos=True) if len(text3.strip()) > 2 else stop_id
+    for p in (stop_id, stop_str):
+        a, b = outputs(sync, [prompt], p), outputs(ovl, [prompt], p)
+        assert a == b
+        assert len(b[0][0][1]) < 10
+    assert ovl.stats()["kv_blocks_used"] == 0
+
+
+def test_preemption_under_a_small_cache_matches(tiny_llama):
+    prompts = [list(range(10 + 20 * i, 30 + 20 * i)) for i in range(6)]
+    p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    sync = make(tiny_llama, False, num_kv_blocks=14)
+    ovl = make(tiny_llama, True, num_kv_blocks=14)
+    assert outputs(ovl, prompts, p) == outputs(sync, prompts, p)
+    assert ovl.stats()["num_preemptions"] > 0
+    assert ovl.stats()["kv_blocks_used"] == 0
+
+
+def test_streams_match_and_deltas_add_up(pair):
+    sync, ovl = pair
+    p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    a = [(d.text, d.token_ids, d.finish_reason) for d in sync.stream(list(range(5, 20)), p)]
+    b = [(d.text, d.token_ids, d.finish_reason) for d in ovl.stream(list(range(5, 20)), p)]
+    assert a == b
+
+
+def test_a_thousand_aborted_streams_leave_no_kv_blocks(tiny_llama):
+    engine = make(tiny_llama, True, num_kv_blocks=256, max_num_seqs=32)
+    p = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    for i in range(1000):
+        it = engine.stream(list(range(1 + i % 50, 9 + i % 50)), p)
+        next(it)
+        if i % 3 == 0:
+            next(it)  # some aborted with a step in flight
+        it.close()
+        assert engine.stats()["kv_blocks_used"] == 0
+    assert not engine.has_unfinished_requests()
+    # and the engine still generates correctly afterwards
+    sync = make(tiny_llama, False)
+    q = list(range(60, 70))
+    assert outputs(engine, [q], p) == outputs(sync, [q], p)
