@@ -517,7 +517,7 @@ def phase_llmcore(args) -> None:
         extra["cuda_small_batch_max"] = args.small_batch_max
     eng = Engine(model=args.model_dir, device="cuda", dtype="bfloat16", max_num_seqs=args.max_num_seqs,
                  max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                 enforce_eager=args.eager, async_scheduling=False if args.sync_engine else None, extra=extra)
+                 enforce_eager=args.eager, async_scheduling=False if args.sync_engine else (True if args.async_engine else None), extra=extra)
     start_s = time.perf_counter() - t0
     runner = eng.runner
     emit(dict(phase="llmcore_start", seconds=start_s, memory=getattr(runner, "memory_report", None),
@@ -703,6 +703,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--no-overlap", action="store_true")
+    ap.add_argument("--async-engine", action="store_true",
+                    help="overlapped engine loop (async_scheduling=True), opt-in on CUDA for now")
     ap.add_argument("--sync-engine", action="store_true",
                     help="synchronous engine loop (async_scheduling=False), the A/B baseline of the overlapped core")
     ap.add_argument("--profile", action="store_true")

@@ -134,6 +134,8 @@ class Engine(GenerateAPI):
         launch = getattr(self.runner, "launch", None)
         if cfg.async_scheduling is False:
             return None
+        if cfg.async_scheduling is None and not getattr(self.runner, "launch_by_default", True):
+            return None  # the runner offers launch() but asks for it to be opt-in
         if launch is None and cfg.async_scheduling:
             launch = HostLaunch(self.runner).launch  # the overlapped loop over execute()
         if launch is not None:
