@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llmcore.capabilities import Capabilities, DeviceProbe
+from llmcore.compiled.plan import plan_static
+from llmcore.errors import PluginError
 
 if TYPE_CHECKING:
     from llmcore.config import EngineConfig
@@ -138,7 +140,6 @@ class Device:
         tied to its attention kernel) overrides it, so ``llmcore compile`` can
         show and validate the plan that will really be compiled.
         """
-        from llmcore.compiled.plan import plan_static
 
         return plan_static(model_config, self.capabilities, self.name, **settings)
 
@@ -163,7 +164,6 @@ class Device:
         :returns: metadata (json-able) stored in the cache entry's manifest next
             to ``plan.to_dict()``, e.g. the vendor's own config file contents.
         """
-        from llmcore.errors import PluginError
 
         raise PluginError(f"device {self.name!r} has no ahead-of-time compile step")
 
@@ -172,7 +172,6 @@ class Device:
         eos_token_ids: list[int],
     ) -> ModelRunner:
         """A runner serving a compiled artifact with the plan's fixed slots and buckets."""
-        from llmcore.errors import PluginError
 
         raise PluginError(f"device {self.name!r} cannot serve compiled artifacts")
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from llmcore.compiled.plan import DTYPE_BYTES
-from llmcore.engine.batch import SampleResult, ScheduledBatch, ScheduledSeq
+from llmcore.contract import SampleResult, ScheduledBatch, ScheduledSeq
 from llmcore.errors import RequestError
 from llmcore.runtime.sampler import Sampler
 

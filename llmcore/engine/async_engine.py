@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
+from llmcore.engine.engine import Engine
 from llmcore.errors import LlmcoreError
 from llmcore.outputs import RequestOutput
 from llmcore.sampling_params import SamplingParams
@@ -183,7 +184,6 @@ class AsyncEngine:
     @classmethod
     def from_engine_args(cls, name: str | None = None, **engine_kwargs: Any) -> "AsyncEngine":
         """Build the :class:`Engine` (same keyword arguments) and wrap it."""
-        from llmcore.engine.engine import Engine
 
         return cls(Engine(**engine_kwargs), name=name)
 

@@ -30,6 +30,7 @@ from llmcore.engine.output import OutputProcessor
 from llmcore.engine.scheduler import Scheduler
 from llmcore.engine.sequence import Request, Sequence
 from llmcore.engine.static import explicit_settings, prepare_static
+from llmcore.engine.structured import StructuredOutputs
 from llmcore.errors import ConfigError, PluginError, RequestError
 from llmcore.models.config import ModelConfig
 from llmcore.models.loader import resolve_model
@@ -40,7 +41,6 @@ from llmcore.plugins import get_registry
 from llmcore.runtime.overlap import HostLaunch
 from llmcore.sampling_params import SamplingParams
 from llmcore.selection import probe_all, select_device, validate_against
-from llmcore.structured.support import StructuredOutputs
 
 log = logging.getLogger("llmcore.engine")
 

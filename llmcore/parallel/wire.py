@@ -1,14 +1,14 @@
 """The per-step wire format between rank 0 and the workers of a tensor-parallel group.
 
 Rank 0 pickles one message per step; every worker decodes it into the same
-:class:`~llmcore.engine.batch.ScheduledBatch` rank 0 executes.
+:class:`~llmcore.contract.ScheduledBatch` rank 0 executes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from llmcore.engine.batch import ScheduledBatch, ScheduledSeq
+from llmcore.contract import ScheduledBatch, ScheduledSeq
 
 
 class BatchEncoder:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 from tqdm import tqdm
 
-from llmcore.engine.batch import SampleResult
+from llmcore.contract import SampleResult
 from llmcore.parallel.tensor_parallel import TPGroup
 from llmcore.parallel.wire import BatchDecoder
 

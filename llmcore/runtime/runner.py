@@ -2,7 +2,7 @@
 
 One instance per engine. It builds the model on the meta device, streams the
 safetensors weights into place (with a progress bar), owns the paged KV cache,
-turns a :class:`~llmcore.engine.batch.ScheduledBatch` into flat tensors and
+turns a :class:`~llmcore.contract.ScheduledBatch` into flat tensors and
 attention metadata, runs the forward pass and samples.
 """
 
@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 
-from llmcore.contract import SampleResult, ScheduledBatch
+from llmcore.contract import AttentionBackend, AttentionMetadata, SampleResult, ScheduledBatch
 from llmcore.errors import ModelLoadError
 from llmcore.models import registry
 from llmcore.models.config import ModelConfig
 from llmcore.models.loader import count_tensors, iter_safetensors
 from llmcore.outputs import Logprob
-from llmcore.contract import AttentionBackend, AttentionMetadata
 from llmcore.parallel.tensor_parallel import TPGroup
+from llmcore.quantization import prepare
+from llmcore.quantization.handler import checkpoint_format, trim_malloc
 from llmcore.runtime.sampler import Sampler
 
 log = logging.getLogger("llmcore.runner")
@@ -158,7 +159,6 @@ class TorchModelRunner:
         if quant is not None:
             weights = quant.convert_weights(weights)
         streaming = quant is not None and quant.streaming
-        from llmcore.quantization.handler import trim_malloc
 
         def loaded(name: str, module: torch.nn.Module) -> None:
             pages.maybe_release()  # the part is copied: its checkpoint pages out of RSS before quantizing
@@ -184,7 +184,6 @@ class TorchModelRunner:
 
     def _quant_handler(self, folder: Path):
         """The quantization method's handler (llmcore.quantization), or None."""
-        from llmcore.quantization.handler import checkpoint_format
 
         if self.quantization is None:
             fmt = checkpoint_format(folder)
@@ -194,7 +193,6 @@ class TorchModelRunner:
                     f"(--quantization {fmt}) on a device that offers it (see 'llmcore devices')"
                 )
             return None
-        from llmcore.quantization import prepare
 
         dtype = next(k for k, v in TORCH_DTYPES.items() if v == self.dtype)
         handler = prepare(self.quantization, self.device.type, dtype)

@@ -15,7 +15,7 @@ class Sampler:
         self.default_generator = torch.Generator(device=device)
         self.default_generator.manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}
-        # llmcore.structured.matchers.GrammarStates, set by the engine (llmcore.structured.support)
+        # llmcore.structured.matchers.GrammarStates, set by the engine (llmcore.engine.structured)
         self.structured = None
 
     def release(self, rng_keys: list[str]) -> None:

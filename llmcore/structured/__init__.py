@@ -5,7 +5,7 @@
 - :mod:`llmcore.structured.compiler`: constraint -> compiled grammar (xgrammar), cached.
 - :mod:`llmcore.structured.matchers`: per-sequence grammar state; the token mask applied to the
   logits on their device.
-- :mod:`llmcore.structured.support`: the engine's side (device check, compile, sampler hook).
+- :mod:`llmcore.engine.structured`: the engine's side (device check, compile, sampler hook).
 - :mod:`llmcore.structured.openai`: OpenAI/vLLM request fields -> :class:`StructuredOutput`.
 
 Only the constraint is imported here, so ``import llmcore`` stays light.

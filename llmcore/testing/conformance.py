@@ -53,11 +53,17 @@ from typing import Any
 import pytest
 
 from llmcore.capabilities import KV_FIXED_SLOTS, KV_PAGED, Capabilities, DeviceProbe
+from llmcore.compiled.plan import DTYPE_BYTES, StaticPlan, plan_static
 from llmcore.config import EngineConfig
+from llmcore.contract import ScheduledBatch, ScheduledSeq
 from llmcore.device import Device
 from llmcore.errors import ConfigError, LlmcoreError, RequestError
 from llmcore.hookspecs import SUPPORTED_CONTRACT_VERSIONS
-from llmcore.compiled.plan import DTYPE_BYTES, StaticPlan, plan_static
+from llmcore.models.config import ModelConfig
+from llmcore.plugins import load_plugins
+from llmcore.sampling_params import SamplingParams
+from llmcore.testing.models import make_random_model
+from llmcore.testing.reference import HFReference
 
 #: Modules a probe must not import: each costs seconds or touches the device.
 HEAVY_MODULES = ("torch", "transformers", "accelerate", "safetensors", "numpy", "triton", "optimum",
@@ -68,7 +74,6 @@ _MODELS: dict[str, Path] = {}
 
 def shared_tiny_model(tmp_path_factory, arch: str = "llama", **overrides: Any) -> Path:
     """A small random Hugging Face model, built once per session for each (arch, overrides)."""
-    from llmcore.testing.models import make_random_model
 
     key = json.dumps([arch, overrides], sort_keys=True)
     if key not in _MODELS or not _MODELS[key].is_dir():
@@ -84,9 +89,6 @@ PROMPT_B = [1, 742, 18, 30210, 995]
 
 def _entry(key: str, history: list[int], start: int, end: int, table: list[int], num_prompt: int,
            logprobs: int | None = 0):
-    from llmcore.engine.batch import ScheduledSeq
-    from llmcore.sampling_params import SamplingParams
-
     return ScheduledSeq(
         seq_id=abs(hash(key)) % 100_000, key=key, token_ids=list(history[start:end]), start_pos=start,
         block_table=table, params=SamplingParams(temperature=0.0, logprobs=logprobs, max_tokens=64),
@@ -127,8 +129,6 @@ class DeviceConformance:
 
     @pytest.fixture
     def registry(self, plugin):
-        from llmcore.plugins import load_plugins
-
         return load_plugins(entry_points=[], extra=[(self.device_name, plugin)])
 
     @pytest.fixture
@@ -163,14 +163,10 @@ class DeviceConformance:
 
     @pytest.fixture(scope="class")
     def reference(self, tiny_model):
-        from llmcore.testing.reference import HFReference
-
         return HFReference.from_pretrained(tiny_model)
 
     @pytest.fixture
     def model_config(self, tiny_model):
-        from llmcore.models.config import ModelConfig
-
         return ModelConfig.from_path(tiny_model)
 
     @pytest.fixture
@@ -261,8 +257,6 @@ class DeviceConformance:
         return token
 
     def step(self, runner, entries, finished=()):
-        from llmcore.engine.batch import ScheduledBatch
-
         return runner.execute(ScheduledBatch(seqs=list(entries), finished_keys=list(finished)))
 
     # -------------------------------------------------- plugin and contract

@@ -14,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 from typing import Any
+from llmcore.models.loader import resolve_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 TOKENIZERS = ("smollm2", "words")
@@ -27,7 +28,6 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def default_tokenizer_dir() -> Path:
-    from llmcore.models.loader import resolve_model
 
     return resolve_model(None)
 

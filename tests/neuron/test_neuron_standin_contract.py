@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from llmcore.engine.batch import ScheduledBatch, ScheduledSeq
+from llmcore.contract import ScheduledBatch, ScheduledSeq
 from llmcore.errors import ConfigError, PluginError, RequestError
 from llmcore.sampling_params import SamplingParams
 from tests.neuron import standin

@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-from llmcore.engine.batch import ScheduledBatch, ScheduledSeq
+from llmcore.contract import ScheduledBatch, ScheduledSeq
 from llmcore.errors import ConfigError, PluginError
 from llmcore.sampling_params import SamplingParams
 from llmcore.testing.configs import llama2_7b

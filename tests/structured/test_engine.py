@@ -15,7 +15,7 @@ import xgrammar as xgr
 from llmcore import RequestError, SamplingParams
 from llmcore.capabilities import Capabilities
 from llmcore.structured import StructuredOutput
-from llmcore.structured.support import StructuredOutputs
+from llmcore.engine.structured import StructuredOutputs
 from tests.structured.schemas import schemas
 
 pytestmark = pytest.mark.timeout(1800)  # the 50-schema batches take minutes on a busy 2-core machine

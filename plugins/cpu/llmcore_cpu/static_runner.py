@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from llmcore.engine.batch import SampleResult, ScheduledBatch, ScheduledSeq
+from llmcore.contract import SampleResult, ScheduledBatch, ScheduledSeq
 from llmcore.errors import PluginError
 from llmcore_cpu.compiled import (GRAPH_FORMAT, INDEX_FILE, DecodeGraph, graph_constants, kv_shape, load_eager,
                                   load_package)

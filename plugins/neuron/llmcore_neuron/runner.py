@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from llmcore.compiled.slots import Decode, StaticSlotRunner
-from llmcore.engine.batch import SampleResult, ScheduledSeq
+from llmcore.contract import SampleResult, ScheduledSeq
 from llmcore.errors import RequestError
 
 #: optimum-neuron NxDNeuronConfig.max_topk default: the largest top_k the compiled sampler takes
