@@ -1,5 +1,8 @@
 """Asyncio front end for the synchronous :class:`~llmcore.engine.engine.Engine`.
 
+(Over 450 lines on purpose: the engine thread, its command queue and the per-request output
+queues are one concurrency design and are read together.)
+
 The engine is not thread-safe, so exactly one background thread owns it: that
 thread runs :meth:`Engine.step` while there is work and sleeps on a condition
 variable otherwise. Coroutines never touch the engine; they queue *commands*

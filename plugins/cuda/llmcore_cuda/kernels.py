@@ -1,5 +1,8 @@
 """Triton kernels for the CUDA runner.
 
+(Over 450 lines on purpose: every Triton kernel of the runner and its launch helper sit together,
+so the shapes, block sizes and masks they share are read in one place.)
+
 Imported lazily (only when a CUDA runner is built or a GPU test runs): importing
 ``llmcore_cuda`` never needs triton.
 
