@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence as Seq
 
+from llmcore.compiled.serve import explicit_settings, prepare_static
 from llmcore.config import EngineConfig
 from llmcore.contract import PLACEHOLDER_TOKEN, DoneStep, ScheduledBatch, StepHandle
 from llmcore.engine.api import GenerateAPI
@@ -29,7 +30,6 @@ from llmcore.engine.block_manager import BlockManager
 from llmcore.engine.output import OutputProcessor
 from llmcore.engine.scheduler import Scheduler
 from llmcore.engine.sequence import Request, Sequence
-from llmcore.engine.static import explicit_settings, prepare_static
 from llmcore.engine.structured import StructuredOutputs
 from llmcore.errors import ConfigError, PluginError, RequestError
 from llmcore.models.config import ModelConfig
@@ -69,7 +69,7 @@ class Engine(GenerateAPI):
         self.static = None
         if cfg.compiled is not None:
             # a compiled artifact's plan fixes device, dtype, model, slots and lengths;
-            # explicit settings are checked against it (llmcore/engine/static.py)
+            # explicit settings are checked against it (llmcore/compiled/serve.py)
             self.static = prepare_static(cfg, explicit_settings(model, device, dtype, kwargs))
             model, device = cfg.model, cfg.device
         reports = probe_all(self.registry, {"device": device})
