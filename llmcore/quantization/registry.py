@@ -17,13 +17,13 @@ from typing import Any, Mapping
 from llmcore.capabilities import QuantMethod
 from llmcore.errors import ConfigError
 from llmcore.plugins import get_registry
-from llmcore.quantization.builtin import BUILTIN_METHODS
+from llmcore.quantization import builtin
 
 log = logging.getLogger("llmcore.quantization")
 
 
 def builtin_methods() -> list[QuantMethod]:
-    return list(BUILTIN_METHODS)
+    return list(builtin.BUILTIN_METHODS)  # read through the module: tests and plugins may replace it
 
 
 def methods(plugins: Any = None) -> list[QuantMethod]:

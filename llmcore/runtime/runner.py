@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from llmcore import quantization
 from llmcore.contract import AttentionBackend, AttentionMetadata, SampleResult, ScheduledBatch
 from llmcore.errors import ModelLoadError
 from llmcore.models import registry
@@ -24,7 +25,6 @@ from llmcore.models.config import ModelConfig
 from llmcore.models.loader import count_tensors, iter_safetensors
 from llmcore.outputs import Logprob
 from llmcore.parallel.tensor_parallel import TPGroup
-from llmcore.quantization import prepare
 from llmcore.quantization.handler import checkpoint_format, trim_malloc
 from llmcore.runtime.sampler import Sampler
 
@@ -195,7 +195,7 @@ class TorchModelRunner:
             return None
 
         dtype = next(k for k, v in TORCH_DTYPES.items() if v == self.dtype)
-        handler = prepare(self.quantization, self.device.type, dtype)
+        handler = quantization.prepare(self.quantization, self.device.type, dtype)
         handler.check_checkpoint(folder)
         return handler
 

@@ -70,4 +70,5 @@ def test_perplexity_generation_and_memory(method, baseline):
         linears_bf16 = sum(2 * n * k for n, k in shapes)
         factor = 0.5 if method == "bnb-int8" else 0.25
         assert got < base_bytes - linears_bf16 * (1 - factor) * 0.95
-    assert got < base_bytes * (0.45 if method in ("eetq", "int4") else 0.7)
+    # the exact sizes are asserted above; this is the headline ratio to the bf16 model
+    assert got < base_bytes * {"eetq": 0.51, "int4": 0.40}.get(method, 0.7)
