@@ -603,6 +603,7 @@ def phase_llmcore(args) -> None:
         for prompt_ids, p in zip((r[0] for r in reqs), params):  # queued before the clock starts
             eng.add_request(prompt_ids, p)
         phases = eng.measure_phases()
+        mem0 = torch.cuda.memory_stats()
         busy = GpuBusy()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -614,6 +615,10 @@ def phase_llmcore(args) -> None:
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         gpu_busy = busy.stop()
+        mem1 = torch.cuda.memory_stats()
+        # allocator events that synchronize the device (a free of cached blocks to retry an allocation)
+        alloc_sync = {k: mem1.get(k, 0) - mem0.get(k, 0)
+                      for k in ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc", "num_device_free")}
         outs = list(outs.values())
         after = dict(getattr(runner, "stats", {}))
         useful = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -623,8 +628,39 @@ def phase_llmcore(args) -> None:
                   tok_s=useful / dt, steps=st["steps"], preemptions=st["num_preemptions"],
                   gpu_busy=gpu_busy, host_phase_s={k: round(v, 3) for k, v in phases.items()},
                   async_scheduling=eng._launch is not None,
-                  kv_waste_at_peak=st["kv_waste_at_peak"],
+                  kv_waste_at_peak=st["kv_waste_at_peak"], allocator=alloc_sync,
                   runner_stats={k: after.get(k, 0) - before.get(k, 0) for k in after}))
+
+    if args.profile_workload and not args.no_workload:
+        # the same workload again under cProfile (Python is slowed: not for timing) with CUDA's
+        # sync debug mode on: which host calls wait for the GPU, and where
+        import cProfile
+        import pstats
+        import warnings
+
+        for prompt_ids, o in reqs:
+            eng.add_request(prompt_ids, SamplingParams(max_tokens=o, temperature=0, ignore_eos=True))
+        torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pr.enable()
+            while eng.has_unfinished_requests():
+                eng.step()
+            pr.disable()
+        torch.cuda.set_sync_debug_mode(0)
+        print(f"--- profile: the {len(reqs)}-request workload ({'overlapped' if eng._launch else 'synchronous'} loop)")
+        ps = pstats.Stats(pr)
+        ps.sort_stats("tottime").print_stats(25)
+        ps.print_callers("synchronize|tolist|replay")
+        seen = {}
+        for w in caught:
+            key = (str(w.message)[:120], w.filename, w.lineno)
+            seen[key] = seen.get(key, 0) + 1
+        print(f"--- CUDA sync debug: {sum(seen.values())} synchronizing calls")
+        for (msg, f, line), k in sorted(seen.items(), key=lambda kv: -kv[1])[:15]:
+            print(f"  {k:6d}  {f}:{line}  {msg}")
 
     if graphs:  # GPU time of one decode step per bucket, small-batch path vs general path
         res2 = dict(phase="llmcore_decode_graphs", note="graph replay ms; row 0 live (last context), "
@@ -708,6 +744,8 @@ def main() -> None:
     ap.add_argument("--sync-engine", action="store_true",
                     help="synchronous engine loop (async_scheduling=False), the A/B baseline of the overlapped core")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-workload", action="store_true",
+                    help="after the timed workload, run it again under cProfile with CUDA's sync debug mode")
     ap.add_argument("--tune", choices=["all", "gemv", "none"], default="all",
                     help="tile sweeps in the roofline phase: skinny GEMMs (batch<=16) and batch-1 GEMVs")
     ap.add_argument("--variants", action="store_true",

@@ -17,7 +17,7 @@ from typing import Any
 from llmcore.models.loader import resolve_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-TOKENIZERS = ("smollm2", "words")
+TOKENIZERS = ("smollm2", "words", "bytes")
 
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False),
@@ -50,6 +50,34 @@ def write_wordlevel_tokenizer(path: str | Path, vocab_size: int, bos_id: int = 1
     }))
 
 
+def write_bytelevel_tokenizer(path: str | Path, vocab_size: int = 512, bos_id: int = 1, eos_id: int = 2) -> int:
+    """A byte-level BPE tokenizer trained here on a few lines of JSON-like text; returns its size.
+
+    Every byte is a token, so any text (JSON, code) encodes and constrained decoding has all the
+    characters it needs; ids 0-2 are ``<unk>``, ``<s>``, ``</s>``. Use the returned size as the
+    model's ``vocab_size``.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    corpus = [
+        '{"name": "Ada", "age": 36, "tags": ["math", "code"], "active": true, "score": 9.5}',
+        '{"id": 12, "items": [{"sku": "A-1", "qty": 3}, {"sku": "B-22", "qty": null}]}',
+        'The quick brown fox jumps over the lazy dog. 0123456789 {}[]:,"\'',
+    ] * 20
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "model_max_length": 1 << 20, "add_bos_token": False,
+    }))
+    assert tok.token_to_id("<s>") == bos_id and tok.token_to_id("</s>") == eos_id
+    return tok.get_vocab_size()
+
+
 def make_random_model(
     path: str | Path, arch: str = "llama", seed: int = 0, dtype: str = "float32", *,
     tokenizer: str = "smollm2", init_std: float | None = 0.08, build_device: str = "cpu", **overrides: Any,
@@ -59,7 +87,8 @@ def make_random_model(
     Uses transformers to build and save it, so the folder is exactly what a
     real checkpoint looks like and transformers can serve as the reference.
 
-    :param tokenizer: ``"smollm2"`` (the embedded tokenizer) or ``"words"`` (generated here).
+    :param tokenizer: ``"smollm2"`` (the embedded tokenizer), ``"words"`` or ``"bytes"`` (a
+        byte-level BPE, any text encodes; both generated here).
     :param init_std: redraw every matrix from N(0, init_std): random init leaves tiny logits,
         larger weights make greedy choices clear (not near-ties). None keeps transformers' init.
     :param build_device: where the weights are drawn (``"cuda"`` builds large models quickly).
@@ -98,6 +127,10 @@ def make_random_model(
     del model
     if tokenizer == "words":
         write_wordlevel_tokenizer(path, cfg["vocab_size"], cfg["bos_token_id"], cfg["eos_token_id"])
+    elif tokenizer == "bytes":
+        size = write_bytelevel_tokenizer(path, cfg["vocab_size"], cfg["bos_token_id"], cfg["eos_token_id"])
+        if size > cfg["vocab_size"]:
+            raise ValueError(f"vocab_size={cfg['vocab_size']}: the byte-level tokenizer has {size} tokens")
     else:
         tok_dir = default_tokenizer_dir()
         for name in TOKENIZER_FILES:

@@ -35,11 +35,15 @@ GPU_DEFAULTS = dict(
 
 
 def make_model_folder(path: str | Path, arch: str = "llama", seed: int = 0, dtype: str = "float32",
-                      init_std: float | None = 0.08, **overrides: Any) -> Path:
-    """A random Hugging Face folder (config, safetensors, word-level tokenizer) built by transformers."""
+                      init_std: float | None = 0.08, tokenizer: str = "words", **overrides: Any) -> Path:
+    """A random Hugging Face folder (config, safetensors, generated tokenizer) built by transformers.
+
+    ``tokenizer="words"`` (token i is the word ``t{i}``) or ``"bytes"`` (a byte-level BPE: any
+    text encodes, as constrained decoding needs; keep ``vocab_size`` >= 512).
+    """
     import torch
 
-    return make_random_model(path, arch, seed, dtype, tokenizer="words", init_std=init_std,
+    return make_random_model(path, arch, seed, dtype, tokenizer=tokenizer, init_std=init_std,
                              build_device="cuda" if torch.cuda.is_available() else "cpu",
                              **{**GPU_DEFAULTS, **overrides})
 
