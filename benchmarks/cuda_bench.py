@@ -517,7 +517,8 @@ def phase_llmcore(args) -> None:
         extra["cuda_small_batch_max"] = args.small_batch_max
     eng = Engine(model=args.model_dir, device="cuda", dtype="bfloat16", max_num_seqs=args.max_num_seqs,
                  max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                 enforce_eager=args.eager, async_scheduling=False if args.sync_engine else (True if args.async_engine else None), extra=extra)
+                 enforce_eager=args.eager, async_scheduling=False if args.sync_engine else (True if args.async_engine else None),
+                 output_thread={"on": True, "off": False}.get(args.output_thread), extra=extra)
     start_s = time.perf_counter() - t0
     runner = eng.runner
     emit(dict(phase="llmcore_start", seconds=start_s, memory=getattr(runner, "memory_report", None),
@@ -627,7 +628,7 @@ def phase_llmcore(args) -> None:
         emit(dict(phase="llmcore_workload", requests=len(reqs), useful_tokens=useful, seconds=dt,
                   tok_s=useful / dt, steps=st["steps"], preemptions=st["num_preemptions"],
                   gpu_busy=gpu_busy, host_phase_s={k: round(v, 3) for k, v in phases.items()},
-                  async_scheduling=eng._launch is not None,
+                  async_scheduling=eng._launch is not None, output_thread=eng.output_thread,
                   kv_waste_at_peak=st["kv_waste_at_peak"], allocator=alloc_sync,
                   runner_stats={k: after.get(k, 0) - before.get(k, 0) for k in after}))
 
@@ -743,6 +744,8 @@ def main() -> None:
                     help="overlapped engine loop (async_scheduling=True), opt-in on CUDA for now")
     ap.add_argument("--sync-engine", action="store_true",
                     help="synchronous engine loop (async_scheduling=False), the A/B baseline of the overlapped core")
+    ap.add_argument("--output-thread", choices=["on", "off", "auto"], default="auto",
+                    help="detokenization and outputs on their own thread (EngineConfig.output_thread)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-workload", action="store_true",
                     help="after the timed workload, run it again under cProfile with CUDA's sync debug mode")

@@ -67,6 +67,9 @@ class EngineConfig:
     # device's runner offers it; True on a runner without it runs the same loop on the host,
     # which tests use; False: synchronous steps)
     async_scheduling: bool | None = None
+    # detokenization, stop strings and outputs on their own thread beside the engine loop (None:
+    # where the runner asks for it, with the overlapped loop; see llmcore/engine/output.py)
+    output_thread: bool | None = None
     progress: bool = True  # progress bars for weight loading / compile
     extra: dict[str, Any] = field(default_factory=dict)
 

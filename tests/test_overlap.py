@@ -12,9 +12,10 @@ import pytest
 from llmcore import Engine, SamplingParams
 
 
-def make(model, mode, **kw):
+def make(model, mode, thread=False, **kw):
     kw.setdefault("num_kv_blocks", 64)
-    return Engine(model=str(model), device="cpu", dtype="float32", progress=False, async_scheduling=mode, **kw)
+    return Engine(model=str(model), device="cpu", dtype="float32", progress=False, async_scheduling=mode,
+                  output_thread=thread, **kw)
 
 
 def outputs(engine, prompts, params):
@@ -22,14 +23,28 @@ def outputs(engine, prompts, params):
              for o in r.outputs] for r in engine.generate(prompts, params)]
 
 
+# (overlapped loop, output thread): each against the synchronous loop with inline outputs
+VARIANTS = [(True, False), (True, True), (False, True)]
+
+
 @pytest.fixture(scope="module")
-def pair(tiny_llama):
-    return make(tiny_llama, False), make(tiny_llama, True)
+def engines(tiny_llama):
+    made = {(False, False): make(tiny_llama, False)}
+    for v in VARIANTS:
+        made[v] = make(tiny_llama, *v)
+    yield made
+    for e in made.values():
+        e.shutdown()
 
 
-def test_engine_uses_the_overlapped_loop_only_when_asked(pair):
-    sync, ovl = pair
-    assert sync._launch is None and ovl._launch is not None
+@pytest.fixture(params=VARIANTS, ids=lambda v: ("overlap" if v[0] else "sync") + ("+thread" if v[1] else ""))
+def pair(engines, request):
+    return engines[(False, False)], engines[request.param]
+
+
+def test_engine_uses_the_overlapped_loop_and_thread_only_when_asked(engines):
+    for (ovl, thread), e in engines.items():
+        assert (e._launch is not None) == ovl and e.output_thread == thread
 
 
 def test_mixed_requests_match_the_synchronous_engine(pair):
@@ -83,8 +98,9 @@ def test_streams_match_and_deltas_add_up(pair):
     assert a == b
 
 
-def test_a_thousand_aborted_streams_leave_no_kv_blocks(tiny_llama):
-    engine = make(tiny_llama, True, num_kv_blocks=256, max_num_seqs=32)
+@pytest.mark.parametrize("thread", [False, True], ids=["inline", "thread"])
+def test_a_thousand_aborted_streams_leave_no_kv_blocks(tiny_llama, thread):
+    engine = make(tiny_llama, True, thread, num_kv_blocks=256, max_num_seqs=32)
     p = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
     for i in range(1000):
         it = engine.stream(list(range(1 + i % 50, 9 + i % 50)), p)
@@ -98,3 +114,28 @@ def test_a_thousand_aborted_streams_leave_no_kv_blocks(tiny_llama):
     sync = make(tiny_llama, False)
     q = list(range(60, 70))
     assert outputs(engine, [q], p) == outputs(sync, [q], p)
+
+
+def test_output_thread_failure_is_raised_on_the_engine_thread(tiny_llama, monkeypatch):
+    engine = make(tiny_llama, True, True)
+
+    def broken(*a, **k):
+        raise ValueError("detokenizer broke")
+
+    monkeypatch.setattr(engine.out, "process", broken)
+    with pytest.raises(RuntimeError, match="output thread failed") as info:
+        engine.generate([list(range(3, 9))], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert isinstance(info.value.__cause__, ValueError)
+    engine.shutdown()
+
+
+def test_final_only_requests_report_once(tiny_llama):
+    engine = make(tiny_llama, False)
+    p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    rid = engine.add_request(list(range(3, 9)), p, final_only=True)
+    other = engine.add_request(list(range(3, 9)), p)
+    seen = []
+    while engine.has_unfinished_requests():
+        seen += [(o.request_id, o.finished) for o in engine.step()]
+    assert [x for x in seen if x[0] == rid] == [(rid, True)]
+    assert len([x for x in seen if x[0] == other]) == 5

@@ -44,7 +44,7 @@ class GenerateAPI:
         ids = []
         try:
             for p, sp in zip(prompt_list, plist):
-                ids.append(self.add_request(p, sp))
+                ids.append(self.add_request(p, sp, final_only=True))
         except Exception:
             for rid in ids:
                 self.abort(rid)
@@ -103,7 +103,7 @@ class GenerateAPI:
                             yield StreamDelta(rid, o.index, text, toks, o.finish_reason, lps)
                     if out.finished:
                         return
-                if not outs and not self.scheduler.has_work():
+                if not outs and not self.scheduler.has_work() and not self.output_pending():
                     return
         finally:
             if rid in self._requests:

@@ -27,7 +27,7 @@ from llmcore.config import EngineConfig
 from llmcore.contract import PLACEHOLDER_TOKEN, DoneStep, ScheduledBatch, StepHandle
 from llmcore.engine.api import GenerateAPI
 from llmcore.engine.block_manager import BlockManager
-from llmcore.engine.output import OutputProcessor
+from llmcore.engine.output import Emitted, OutputProcessor, OutputWorker, StepOutputs
 from llmcore.engine.scheduler import Scheduler
 from llmcore.engine.sequence import Request, Sequence
 from llmcore.engine.structured import StructuredOutputs
@@ -123,6 +123,11 @@ class Engine(GenerateAPI):
         self.out = OutputProcessor(self.tokenizer, self.max_model_len,
                                    streaming_detokenizer=bool(cfg.extra.get("streaming_detokenizer", True)))
         self._launch = self._choose_launch(cfg)
+        self._worker = None
+        if cfg.output_thread or (cfg.output_thread is None and self._launch is not None
+                                 and getattr(self.runner, "output_thread_by_default", False)):
+            self._worker = OutputWorker(self.out)
+            log.info("output thread: detokenization, stop strings and outputs run beside the engine loop")
         self._inflight: _Launched | None = None
         self.phase_seconds: dict[str, float] | None = None  # see measure_phases()
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len %d",
@@ -147,9 +152,12 @@ class Engine(GenerateAPI):
 
         ``schedule`` (scheduler + bookkeeping), ``launch`` (the runner preparing and launching
         the batch; all of the execution for a synchronous runner), ``wait`` (for the device's
-        tokens), ``output`` (appending tokens, stop checks, outputs), of which ``detokenize``.
+        tokens), ``output`` (the engine thread's share of output handling: tokens recorded,
+        token-level stops, the output side's work when it runs inline), and the output side's
+        ``detokenize`` (with stop strings and logprobs) and ``build`` (the RequestOutputs), on
+        the output thread when there is one.
         """
-        self.phase_seconds = dict.fromkeys(("schedule", "launch", "wait", "output", "detokenize"), 0.0)
+        self.phase_seconds = dict.fromkeys(("schedule", "launch", "wait", "output", "detokenize", "build"), 0.0)
         self.out.timing = self.phase_seconds
         return self.phase_seconds
 
@@ -159,6 +167,10 @@ class Engine(GenerateAPI):
         Idempotent. Single-device runners have nothing to stop; a tensor-parallel engine cannot
         step afterwards.
         """
+        worker = self.__dict__.get("_worker")
+        if worker is not None:
+            worker.close()
+            self._worker = None
         stop = getattr(self.__dict__.get("runner"), "shutdown", None)
         if stop is not None:
             stop()
@@ -233,8 +245,13 @@ class Engine(GenerateAPI):
 
     def add_request(
         self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None,
+        *, final_only: bool = False,
     ) -> str:
-        """Queue a request; it joins the running batch at the next step."""
+        """Queue a request; it joins the running batch at the next step.
+
+        ``final_only``: :meth:`step` returns this request's output only once it has finished
+        (what :meth:`generate` needs), not a cumulative one at every step.
+        """
         params = params or SamplingParams()
         text, ids = self._tokenize(prompt)
         if self.static is not None:
@@ -256,7 +273,7 @@ class Engine(GenerateAPI):
         rid = request_id if request_id is not None else f"req-{next(self._counter)}"
         if rid in self._requests:
             raise RequestError("request_id", rid, "is already in use")
-        req = Request(rid, text, ids, params)
+        req = Request(rid, text, ids, params, final_only=final_only)
         seq = req.seqs[0]
         self.out.start(seq)
         self._requests[rid] = req
@@ -281,6 +298,15 @@ class Engine(GenerateAPI):
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
+    def output_pending(self) -> bool:
+        """Steps whose outputs the output thread has not handed back yet."""
+        return self._worker is not None and self._worker.pending > 0
+
+    @property
+    def output_thread(self) -> bool:
+        """Whether detokenization, stop strings and outputs run on their own thread."""
+        return self._worker is not None
+
     # -------------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
@@ -292,16 +318,25 @@ class Engine(GenerateAPI):
         unless the finished one must be seen first (``n > 1`` forks, penalties).
         """
         t0 = time.perf_counter()
+        self._finish_stopped()
         cur = self._inflight
         if cur is None:
             cur = self._launch_next()
-            if cur is None:
-                return []
+            if cur is None:  # nothing to run: what the output thread still has
+                return self._finalize(self._worker.wait()) if self._worker is not None else []
         self._inflight = self._launch_next() if cur.overlap else None
         outputs = self._process(cur)
         self._steps += 1
         self._emit_step(cur.batch, time.perf_counter() - t0)
         return outputs
+
+    def _finish_stopped(self) -> None:
+        """Finish the sequences whose stop string the output side found (it fixed their output)."""
+        stopped = self.out.stopped
+        while stopped:
+            seq = stopped.popleft()
+            if not seq.finished:
+                self._finish(seq, "stop")
 
     def _launch_next(self) -> "_Launched | None":
         """Schedule a batch and launch it; None when there is nothing to run."""
@@ -341,14 +376,18 @@ class Engine(GenerateAPI):
         return _Launched(batch, seqs, handle, overlap)
 
     def _process(self, cur: "_Launched") -> list[RequestOutput]:
-        """Read a launched step's tokens; append them, detokenize, check stops, build outputs."""
+        """Read a launched step's tokens and record them (the engine core's half: token-level
+        stops free KV blocks now); the output side detokenizes and builds outputs, inline or on
+        the output thread (:mod:`llmcore.engine.output`)."""
         timing = self.phase_seconds
         t0 = time.perf_counter()
         results = cur.handle.result()
         t1 = time.perf_counter()
         touched: dict[str, Request] = {}
+        emitted: list[Emitted] = []
         now = time.monotonic()
         bm = self.block_manager
+        record = self.out.record
         for entry, seq, res in zip(cur.batch.seqs, cur.seqs, results):
             if seq.finished:  # aborted, or stopped while this step was in flight: discard
                 continue
@@ -364,32 +403,55 @@ class Engine(GenerateAPI):
                 continue
             if req.first_token_time is None:
                 req.first_token_time = now
-            targets = [seq]
             if entry.num_samples > 1:
-                targets += self._fork(seq, entry.num_samples - 1)
+                targets = [seq] + self._fork(seq, entry.num_samples - 1)
+            else:
+                targets = (seq,)
             pos = entry.context_len
             for i, s in enumerate(targets):
-                lp = res.logprobs[i] if res.logprobs else None
-                chosen = res.chosen_logprobs[i] if res.chosen_logprobs else None
-                reason = self.out.append(s, res.token_ids[i], pos, lp, chosen)
-                if reason is not None:
-                    self._finish(s, reason)
+                e = record(s, res.token_ids[i], pos, res.logprobs[i] if res.logprobs else None,
+                           res.chosen_logprobs[i] if res.chosen_logprobs else None)
+                emitted.append(e)
+                if e.reason is not None:
+                    self._finish(s, e.reason)
         self._track_waste()
-        outputs = []
-        for req in touched.values():
-            out = self.out.build(req)
-            if out.finished:
-                req.finish_time = now
-                self._requests.pop(req.request_id, None)
-                self._finished_requests += 1
-                self._emit_finished(req, out)
-            outputs.append(out)
+        if self._worker is not None:
+            self._worker.submit(emitted, list(touched.values()))
+            outputs = self._finalize(self._worker.drain())
+        else:
+            done = self.out.process(emitted, list(touched.values()))
+            self._finish_stopped()
+            outputs = self._finalize([done])
         if timing is not None:
             timing["wait"] += t1 - t0
             timing["output"] += time.perf_counter() - t1
         return outputs
 
+    def _finalize(self, done: list[StepOutputs]) -> list[RequestOutput]:
+        """The outputs of finished output-side steps; finished requests leave the engine."""
+        now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        self._finish_stopped()
+        for step in done:
+            for req, out in step.finished:
+                if req.aborted or self._requests.get(req.request_id) is not req:
+                    continue
+                for seq in req.seqs:  # a stop string ended it: the core may still hold its blocks
+                    if not seq.finished:
+                        self._finish(seq, "stop")
+                req.finish_time = now
+                del self._requests[req.request_id]
+                self._finished_requests += 1
+                self._emit_finished(req, out)
+            outputs.extend(out for out in step.outputs if not self._is_aborted(out))
+        return outputs
+
+    def _is_aborted(self, out: RequestOutput) -> bool:
+        req = self._requests.get(out.request_id)
+        return req is None and not out.finished
+
     def _finish(self, seq: Sequence, reason: str) -> None:
+        """The engine core is done with ``seq``: its KV blocks are freed now."""
         if seq.num_placeholders:  # the token a step still in flight computes for it is dropped
             del seq.token_ids[len(seq.token_ids) - seq.num_placeholders:]
             seq.num_placeholders = 0

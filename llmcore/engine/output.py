@@ -1,21 +1,59 @@
-"""What happens to a sampled token: detokenize, check stop conditions, build outputs.
+"""What happens to a sampled token, in two halves: the engine core's and the output side's.
 
-The engine calls :meth:`OutputProcessor.append` for each token once it is known (with an
-overlapping runner: while the device already runs the next step) and :meth:`build` for each
-request a step advanced. Everything here costs O(new token) per token: the text grows through
-the sequence's incremental detokenizer and stop strings are searched only in the new text plus
-the ``longest stop - 1`` characters before it.
+**Engine core** (:meth:`OutputProcessor.record`, on the engine thread, O(1) per token): the
+token replaces its placeholder in ``seq.token_ids`` and the token-level stops are checked (a
+stop token id, EOS, ``max_tokens``, ``max_model_len``) so a finished sequence frees its KV
+blocks before the next schedule. Each token becomes a :class:`Emitted` record.
+
+**Output side** (:meth:`OutputProcessor.process`, O(new token) per token): detokenize through
+the sequence's incremental detokenizer, search stop strings in the new text only (plus the
+``longest stop - 1`` characters before it), collect logprobs and build the
+:class:`RequestOutput` s. It runs inline after the core half, or on an :class:`OutputWorker`
+thread (``EngineConfig.output_thread``) while the engine thread schedules and launches the next
+steps. A stop string is found by the output side, possibly a step or two after the core sampled
+further tokens: the output side fixes the sequence's final text, tokens and logprobs at the stop
+and hands the sequence back (:attr:`OutputProcessor.stopped`) for the core to finish; tokens the
+core sampled past the stop are never shown. Outputs are therefore the same, token for token, in
+both modes.
+
+Output-side state lives on the :class:`Sequence` (``text``, ``detok``, ``logprobs``,
+``cumulative_logprob``, ``out_len``, ``out_reason``, ``out_stop_reason``); only the output side
+writes it once the request is added.
 """
 
 from __future__ import annotations
 
+import collections
+import queue
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from llmcore.engine.detokenizer import make_detokenizer
 from llmcore.engine.sequence import Request, Sequence
 from llmcore.outputs import CompletionOutput, RequestOutput
 from llmcore.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class Emitted:
+    """One sampled token on its way from the engine core to the output side."""
+
+    seq: Sequence
+    token: int
+    pos: int  # its position in the sequence
+    logprobs: Any
+    chosen: float | None  # its own logprob (cumulative_logprob)
+    reason: str | None  # the core's finish reason: "stop" (stop id / EOS) or "length"
+
+
+@dataclass(slots=True)
+class StepOutputs:
+    """What the output side made of one step: outputs to return, requests that finished."""
+
+    outputs: list[RequestOutput]
+    finished: list[tuple[Request, RequestOutput]]
 
 
 class OutputProcessor:
@@ -25,14 +63,18 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.streaming_detokenizer = streaming_detokenizer
         self.timing: dict[str, float] | None = None  # Engine.measure_phases
+        # sequences a stop string ended, for the engine core to finish (thread-safe appends)
+        self.stopped: collections.deque[Sequence] = collections.deque()
 
     def start(self, seq: Sequence) -> None:
         """Give ``seq`` a fresh detokenizer primed with its prompt (new request or forked sample)."""
         seq.detok = make_detokenizer(self.tokenizer, seq.token_ids[: seq.num_prompt_tokens],
                                      seq.params.skip_special_tokens, self.streaming_detokenizer)
 
-    def append(self, seq: Sequence, token: int, pos: int, lp, chosen: float | None) -> str | None:
-        """Record ``token`` at ``pos`` (replacing its placeholder); return a finish reason or None."""
+    # ------------------------------------------------------------ engine core
+
+    def record(self, seq: Sequence, token: int, pos: int, lp, chosen: float | None) -> Emitted:
+        """Put ``token`` at ``pos`` (replacing its placeholder) and check the token-level stops."""
         p = seq.params
         ids = seq.token_ids
         if pos < len(ids):
@@ -40,37 +82,70 @@ class OutputProcessor:
             seq.num_placeholders -= 1
         else:
             ids.append(token)
-        if chosen is not None:
-            seq.cumulative_logprob += chosen
-        if lp is not None:
+        n_out = pos + 1 - seq.num_prompt_tokens
+        reason = None
+        if n_out >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
+            reason = "stop"
+        elif n_out >= p.max_tokens or pos + 1 >= self.max_model_len:
+            reason = "length"
+        return Emitted(seq, token, pos, lp, chosen, reason)
+
+    # ------------------------------------------------------------ output side
+
+    def process(self, emitted: list[Emitted], touched: list[Request]) -> StepOutputs:
+        """Detokenize, check stop strings and build the outputs of one step's ``touched`` requests."""
+        timing = self.timing
+        t0 = time.perf_counter() if timing is not None else 0.0
+        for e in emitted:
+            seq = e.seq
+            if seq.out_reason is not None or seq.request.aborted:
+                continue  # past a stop string the output side already found, or aborted
+            self._take(seq, e)
+        if timing is not None:
+            t1 = time.perf_counter()
+            timing["detokenize"] += t1 - t0
+        outputs, finished = [], []
+        for req in touched:
+            if req.aborted:
+                continue
+            fin = req.output_done
+            if req.final_only and not fin:
+                continue
+            out = self.build(req)
+            outputs.append(out)
+            if fin:
+                finished.append((req, out))
+        if timing is not None:
+            timing["build"] += time.perf_counter() - t1
+        return StepOutputs(outputs, finished)
+
+    def _take(self, seq: Sequence, e: Emitted) -> None:
+        p = seq.params
+        seq.out_len += 1
+        if e.chosen is not None:
+            seq.cumulative_logprob += e.chosen
+        if e.logprobs is not None:
             if seq.logprobs is None:
                 seq.logprobs = []
-            seq.logprobs.append(lp)
-        if self.timing is None:
-            new_text = seq.detok.step(token)
-        else:
-            t0 = time.perf_counter()
-            new_text = seq.detok.step(token)
-            self.timing["detokenize"] += time.perf_counter() - t0
+            seq.logprobs.append(e.logprobs)
+        new_text = seq.detok.step(e.token)
         if new_text:
             seq.text += new_text
-        n_out = pos + 1 - seq.num_prompt_tokens
-        reason: str | None = None
-        if n_out >= p.min_tokens:
-            if token in p.stop_token_ids:
-                reason, seq.stop_reason = "stop", token
-            elif not p.ignore_eos and token in self.eos_token_ids:
+        reason = e.reason
+        if reason == "stop":
+            if e.token in p.stop_token_ids:
+                seq.out_stop_reason = e.token
+        elif p.stop_strings and new_text and e.pos + 1 - seq.num_prompt_tokens >= p.min_tokens:
+            if self._check_stop_strings(seq, len(new_text)):
                 reason = "stop"
-            elif p.stop_strings and new_text:
-                reason = self._check_stop_strings(seq, len(new_text))
-        if reason is None and (n_out >= p.max_tokens or pos + 1 >= self.max_model_len):
-            reason = "length"
-        if reason is not None and not isinstance(seq.stop_reason, str):
-            seq.text += seq.detok.flush()  # a cut multi-byte character at the end, as a full decode
-        return reason
+                self.stopped.append(seq)  # the core finishes it (it may have sampled on)
+        if reason is not None:
+            if not isinstance(seq.out_stop_reason, str):
+                seq.text += seq.detok.flush()  # a cut multi-byte character at the end, as a full decode
+            seq.out_reason = reason
 
     @staticmethod
-    def _check_stop_strings(seq: Sequence, new_len: int) -> str | None:
+    def _check_stop_strings(seq: Sequence, new_len: int) -> bool:
         p = seq.params
         longest = max(len(s) for s in p.stop_strings)
         window_start = max(len(seq.text) - new_len - longest + 1, 0)
@@ -80,19 +155,20 @@ class OutputProcessor:
             if i != -1 and (best is None or i < best[0]):
                 best = (i, s)
         if best is None:
-            return None
+            return False
         i, s = best
         seq.text = seq.text[: i + len(s)] if p.include_stop_str_in_output else seq.text[:i]
-        seq.stop_reason = s
-        return "stop"
+        seq.out_stop_reason = s
+        return True
 
     @staticmethod
     def build(req: Request) -> RequestOutput:
         seqs = req.seqs if len(req.seqs) == 1 else sorted(req.seqs, key=lambda s: s.index)
         outs = [
             CompletionOutput(
-                index=s.index, text=s.text, token_ids=s.output_token_ids,
-                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                index=s.index, text=s.text,
+                token_ids=s.token_ids[s.num_prompt_tokens : s.num_prompt_tokens + s.out_len],
+                finish_reason=s.out_reason, stop_reason=s.out_stop_reason,
                 logprobs=s.logprobs, cumulative_logprob=s.cumulative_logprob,
             )
             for s in seqs
@@ -100,7 +176,7 @@ class OutputProcessor:
         first = req.seqs[0]
         return RequestOutput(
             request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-            outputs=outs, finished=req.finished, num_cached_tokens=first.num_cached_tokens,
+            outputs=outs, finished=req.output_done, num_cached_tokens=first.num_cached_tokens,
             prompt_logprobs=req.prompt_logprobs,
             metrics={
                 "arrival_time": req.arrival_time,
@@ -114,3 +190,66 @@ class OutputProcessor:
         if not params.stop_strings or params.include_stop_str_in_output:
             return 0
         return max(len(s) for s in params.stop_strings) - 1
+
+
+class OutputWorker:
+    """The output side on its own thread: steps in, :class:`StepOutputs` out, in order.
+
+    The engine thread :meth:`submit` s each step's records and :meth:`drain` s what is done; a
+    failure on the worker is raised on the engine thread by the next :meth:`drain`/:meth:`wait`.
+    """
+
+    def __init__(self, processor: OutputProcessor) -> None:
+        self.processor = processor
+        self._in: queue.SimpleQueue = queue.SimpleQueue()
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending = 0  # steps submitted and not drained (engine thread only)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="llmcore-output", daemon=True)
+        self._thread.start()
+
+    def submit(self, emitted: list[Emitted], touched: list[Request]) -> None:
+        self.pending += 1
+        self._in.put((emitted, touched))
+
+    def drain(self) -> list[StepOutputs]:
+        """What the worker has finished, without waiting."""
+        done = []
+        while True:
+            try:
+                item = self._out.get_nowait()
+            except queue.Empty:
+                break
+            done.append(self._check(item))
+        return done
+
+    def wait(self, timeout: float = 1.0) -> list[StepOutputs]:
+        """At least one finished step (if any is pending and it finishes within ``timeout``)."""
+        if not self.pending:
+            return []
+        try:
+            first = self._check(self._out.get(timeout=timeout))
+        except queue.Empty:
+            return []
+        return [first] + self.drain()
+
+    def _check(self, item: Any) -> StepOutputs:
+        self.pending -= 1
+        if isinstance(item, BaseException):
+            raise RuntimeError("the output thread failed") from item
+        return item
+
+    def _run(self) -> None:
+        proc = self.processor
+        while True:
+            job = self._in.get()
+            if job is None:
+                return
+            try:
+                self._out.put(proc.process(*job))
+            except BaseException as exc:  # handed to the engine thread, which raises it
+                self._out.put(exc)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._in.put(None)
+        self._thread.join(timeout)

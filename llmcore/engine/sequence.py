@@ -40,8 +40,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0
     status: SeqStatus = SeqStatus.WAITING
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
+    finish_reason: str | None = None  # the engine core's (why it stopped scheduling the sequence)
     num_preemptions: int = 0
     # bumped when an entry of block_table already held changes (copy-on-write, free): runners
     # may cache a sequence's table row while (seq_id, blocks_version, len(block_table)) match
@@ -49,9 +48,12 @@ class Sequence:
     # trailing entries of token_ids sampled by a launched step whose result is not read yet
     # (PLACEHOLDER_TOKEN; overlapped execution only, at most one)
     num_placeholders: int = 0
-    # detokenized output (llmcore.engine.detokenizer, set when the request is added)
+    # the output side's (llmcore.engine.output): detokenized text, tokens shown, final reason
     text: str = ""
     detok: Any = None
+    out_len: int = 0
+    out_reason: str | None = None
+    out_stop_reason: str | int | None = None
     # (key, seeds, rng_keys) of its ScheduledSeq entries with one sample, built once
     keys: tuple | None = None
     logprobs: list[dict[int, Logprob]] | None = None
@@ -95,6 +97,8 @@ class Request:
     finish_time: float | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     aborted: bool = False
+    # build a RequestOutput only when the request finishes (generate()), not at every step
+    final_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.seqs:
@@ -107,3 +111,8 @@ class Request:
     @property
     def finished(self) -> bool:
         return (self.forked or self.params.n == 1) and all(s.finished for s in self.seqs)
+
+    @property
+    def output_done(self) -> bool:
+        """Every sample's output is final (the output side's view; the core may lag behind it)."""
+        return (self.forked or self.params.n == 1) and all(s.out_reason is not None for s in self.seqs)
