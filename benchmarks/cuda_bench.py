@@ -602,7 +602,7 @@ def phase_llmcore(args) -> None:
         params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in reqs]
         before = dict(getattr(runner, "stats", {}))
         for prompt_ids, p in zip((r[0] for r in reqs), params):  # queued before the clock starts
-            eng.add_request(prompt_ids, p)
+            eng.add_request(prompt_ids, p, final_only=True)  # an offline batch, as generate() adds it
         phases = eng.measure_phases()
         mem0 = torch.cuda.memory_stats()
         busy = GpuBusy()
@@ -640,7 +640,7 @@ def phase_llmcore(args) -> None:
         import warnings
 
         for prompt_ids, o in reqs:
-            eng.add_request(prompt_ids, SamplingParams(max_tokens=o, temperature=0, ignore_eos=True))
+            eng.add_request(prompt_ids, SamplingParams(max_tokens=o, temperature=0, ignore_eos=True), final_only=True)
         torch.cuda.synchronize()
         pr = cProfile.Profile()
         torch.cuda.set_sync_debug_mode("warn")

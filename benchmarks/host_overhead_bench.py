@@ -10,13 +10,18 @@ all admitted. Old and new paths run in one process for an A/B:
   (what the engine did before the overlapped core),
 * ``sync+stream``: the synchronous loop with the Rust streaming detokenizer,
 * ``overlap+stream``: the overlapped loop (``async_scheduling=True``) with the streaming one,
-* ``overlap+stream+thread``: the same with the output side on its own thread (``output_thread=True``).
+* ``overlap+stream+thread``: the same with the output side on its own thread (``output_thread=True``),
+* ``...+final``: requests added with ``final_only=True`` (as ``generate()`` does): a RequestOutput
+  is built when a request finishes, not at every step (the other variants build one per request
+  per step, as streaming does).
 
 Besides the wall time per step it reports the engine thread's own CPU time per step
 (``time.thread_time``): with an output thread, the work left on the engine loop.
 
     python benchmarks/host_overhead_bench.py                      # all three, 256 sequences
     python benchmarks/host_overhead_bench.py --seqs 16 --steps 20 # a quick check
+    python benchmarks/host_overhead_bench.py --device-ms 4        # a device busy 4 ms a step: does
+                                                                  # the host keep it fed?
 
 Timings are meaningful only on an otherwise idle machine.
 """
@@ -25,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import time
 
@@ -40,8 +47,34 @@ LLMCORE_CONTRACT_VERSION = 1
 VOCAB_LO, VOCAB_SPAN = 300, 20000  # ordinary tokens of the SmolLM2 vocabulary
 
 
+class _Pending:
+    """A launched null step: its tokens are known at once, "ready" when the device would be done."""
+
+    def __init__(self, results, ready: float) -> None:
+        self.results, self.ready = results, ready
+
+    def result(self):
+        wait = self.ready - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)  # like waiting on a CUDA event: the GIL is free meanwhile
+        return self.results
+
+
 class NullRunner:
-    """A runner that computes nothing: each sampled sequence gets a token derived from its position."""
+    """A runner that computes nothing: each sampled sequence gets a token derived from its position.
+
+    ``device_s`` > 0 simulates a device: each step keeps it busy that long after it is launched
+    (or after the step before it ends); ``execute`` waits for it (the synchronous loop), ``launch``
+    returns at once (the overlapped loop; tokens do not depend on the inputs, so placeholders
+    need no filling).
+    """
+
+    def __init__(self, device_s: float = 0.0) -> None:
+        self.device_s = device_s
+        self.busy_until = 0.0
+        self.busy_s = 0.0
+        if device_s > 0:
+            self.launch = self.launch_  # the overlapped-execution capability (ModelRunner.launch)
 
     def kv_bytes_per_block(self) -> int:
         return 1
@@ -49,17 +82,34 @@ class NullRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_kv_blocks = num_blocks
 
-    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
+    def _tokens(self, batch: ScheduledBatch) -> list[SampleResult | None]:
         return [SampleResult(token_ids=[VOCAB_LO + (e.seq_id * 31 + e.context_len * 17) % VOCAB_SPAN])
                 if e.sample else None for e in batch.seqs]
+
+    def _start(self, batch: ScheduledBatch) -> _Pending:
+        start = max(time.perf_counter(), self.busy_until)
+        self.busy_until = start + self.device_s
+        self.busy_s += self.device_s
+        return _Pending(self._tokens(batch), self.busy_until)
+
+    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
+        if self.device_s <= 0:
+            return self._tokens(batch)
+        return self._start(batch).result()
+
+    def launch_(self, batch: ScheduledBatch) -> _Pending:
+        return self._start(batch)
 
     def embed(self, token_ids):
         raise NotImplementedError("the null device does not embed")
 
 
+DEVICE_S = 0.0  # set by --device-ms
+
+
 class NullDevice(Device):
     def create_runner(self, model_config, folder, dtype, eos_token_ids, max_model_len):
-        return NullRunner()
+        return NullRunner(DEVICE_S)
 
 
 @hookimpl
@@ -85,7 +135,8 @@ def run(variant: str, args) -> dict:
                  extra={"streaming_detokenizer": detok == "stream"})
     p = SamplingParams(max_tokens=args.steps + 32, temperature=0, ignore_eos=True)
     for i in range(args.seqs):
-        eng.add_request([VOCAB_LO + (i * 7 + j) % VOCAB_SPAN for j in range(args.prompt_len)], p)
+        eng.add_request([VOCAB_LO + (i * 7 + j) % VOCAB_SPAN for j in range(args.prompt_len)], p,
+                        final_only="final" in more)
     while len(eng.scheduler.running) < args.seqs or eng.scheduler.waiting:
         eng.step()
     for _ in range(3):
@@ -99,8 +150,10 @@ def run(variant: str, args) -> dict:
         eng.abort(rid)
     eng.shutdown()
     per = {k: round(v / args.steps * 1e3, 4) for k, v in phases.items()}
+    busy = min(args.device_ms / 1e3 * args.steps / wall, 1.0) if args.device_ms > 0 else None
     return dict(variant=variant, seqs=args.seqs, steps=args.steps, ms_per_step=round(wall / args.steps * 1e3, 4),
-                engine_thread_cpu_ms_per_step=round(cpu / args.steps * 1e3, 4), phase_ms_per_step=per)
+                engine_thread_cpu_ms_per_step=round(cpu / args.steps * 1e3, 4), device_ms=args.device_ms,
+                device_busy=busy, phase_ms_per_step=per)
 
 
 def main() -> None:
@@ -109,10 +162,30 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=256)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--variants", default="sync+window,sync+stream,overlap+stream,overlap+stream+thread")
+    ap.add_argument("--variants", default="sync+window,sync+stream,overlap+stream,overlap+stream+thread,"
+                                          "overlap+stream+final,overlap+stream+thread+final")
     ap.add_argument("--json", action="store_true", help="one JSON line per variant")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round is reported")
+    ap.add_argument("--device-ms", type=float, default=0.0,
+                    help="simulate a device that takes this long per step (0: none; then nothing overlaps)")
     args = ap.parse_args()
-    rows = [run(v, args) for v in args.variants.split(",")]
+    global DEVICE_S
+    DEVICE_S = args.device_ms / 1e3
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"{args.seqs} running sequences, {args.steps} decode steps, simulated device "
+          + (f"{args.device_ms} ms per step" if args.device_ms > 0 else "none (tokens at once)"))
+    variants = args.variants.split(",")
+    rounds: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(args.rounds):  # interleaved, so a slow spell of the machine hits every variant
+        for v in variants:
+            rounds[v].append(run(v, args))
+    rows = []
+    for v in variants:  # the round with the median engine-thread time, and the spread
+        rs = sorted(rounds[v], key=lambda r: r["engine_thread_cpu_ms_per_step"])
+        med = dict(rs[len(rs) // 2])
+        med["rounds_ms_per_step"] = [r["ms_per_step"] for r in rounds[v]]
+        med["rounds_engine_thread_cpu_ms"] = [r["engine_thread_cpu_ms_per_step"] for r in rounds[v]]
+        rows.append(med)
     base = rows[0]["ms_per_step"]
     base_cpu = rows[0]["engine_thread_cpu_ms_per_step"]
     for r in rows:
@@ -122,7 +195,10 @@ def main() -> None:
         ph = ", ".join(f"{k} {v:.3f}" for k, v in r["phase_ms_per_step"].items())
         print(f"{r['variant']:>22}: {r['ms_per_step']:.3f} ms/step wall ({base / r['ms_per_step']:.2f}x of "
               f"{rows[0]['variant']}), engine thread CPU {r['engine_thread_cpu_ms_per_step']:.3f} ms/step "
-              f"({base_cpu / r['engine_thread_cpu_ms_per_step']:.2f}x) at {r['seqs']} running; per phase ms: {ph}")
+              f"({base_cpu / r['engine_thread_cpu_ms_per_step']:.2f}x)"
+              + (f", device busy {r['device_busy']:.0%}" if r["device_busy"] is not None else "")
+              + f"; per phase ms: {ph}; rounds (wall / engine thread ms): "
+              + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(r["rounds_ms_per_step"], r["rounds_engine_thread_cpu_ms"])))
 
 
 if __name__ == "__main__":

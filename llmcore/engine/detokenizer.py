@@ -12,6 +12,7 @@ benchmarks/host_overhead_bench.py).
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Sequence
 
 from tokenizers.decoders import DecodeStream
@@ -43,6 +44,7 @@ class IncrementalDetokenizer:
         self._context = _context(lambda ids, sk: rust.decode(ids, skip_special_tokens=sk), prompt_ids,
                                  skip_special_tokens)
         self._stream = DecodeStream(ids=self._context, skip_special_tokens=skip_special_tokens)
+        self._context = collections.deque(self._context, maxlen=CONTEXT_TOKENS)  # O(1) per token
         self._pending: list[int] = []  # tokens whose text is held back (incomplete character)
 
     def step(self, token: int) -> str:
@@ -50,16 +52,19 @@ class IncrementalDetokenizer:
         if piece is None:
             self._pending.append(token)
             return ""
-        self._context = (self._context + self._pending + [token])[-CONTEXT_TOKENS:]
-        self._pending.clear()
+        if self._pending:
+            self._context.extend(self._pending)
+            self._pending.clear()
+        self._context.append(token)
         return piece
 
     def flush(self) -> str:
         """Text of the held-back tail as a full decode shows it (U+FFFD for a cut character)."""
         if not self._pending:
             return ""
-        ctx = self._rust.decode(self._context, skip_special_tokens=self._skip)
-        full = self._rust.decode(self._context + self._pending, skip_special_tokens=self._skip)
+        context = list(self._context)
+        ctx = self._rust.decode(context, skip_special_tokens=self._skip)
+        full = self._rust.decode(context + self._pending, skip_special_tokens=self._skip)
         self._pending.clear()
         return full[len(ctx):] if full.startswith(ctx) else full
 

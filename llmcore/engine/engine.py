@@ -354,21 +354,23 @@ class Engine(GenerateAPI):
         t1 = time.perf_counter()
         handle = self._launch(batch) if self._launch is not None else DoneStep(self.runner.execute(batch))
         t2 = time.perf_counter()
-        overlap = self._launch is not None
+        overlap = launched = self._launch is not None
+        max_len = self.max_model_len
         for entry, seq in zip(batch.seqs, seqs):
-            seq.num_computed_tokens += entry.num_new
+            seq.num_computed_tokens += len(entry.token_ids)
             if not entry.sample:
                 continue
-            p = seq.params
+            p = entry.params
             if entry.num_samples > 1 or p.needs_penalties or p.structured_output is not None:
                 # the next schedule needs the forks / the real history / the grammar's next mask
                 overlap = False
-            elif self._launch is not None:
+            elif launched:
                 # the token this step samples is the next step's input: a placeholder until read,
                 # unless it is the last one the sequence may get (then it is not scheduled again)
-                nxt = len(seq.token_ids) + 1
-                if nxt - seq.num_prompt_tokens < p.max_tokens and nxt < self.max_model_len:
-                    seq.token_ids.append(PLACEHOLDER_TOKEN)
+                ids = seq.token_ids
+                nxt = len(ids) + 1
+                if nxt - seq.num_prompt_tokens < p.max_tokens and nxt < max_len:
+                    ids.append(PLACEHOLDER_TOKEN)
                     seq.num_placeholders += 1
         if timing is not None:
             timing["schedule"] += t1 - t0 + time.perf_counter() - t2
@@ -490,6 +492,8 @@ class Engine(GenerateAPI):
             log.exception("llmcore_request_finished observer failed")
 
     def _emit_step(self, batch, seconds: float) -> None:
+        if not self.registry.hook.llmcore_step_stats.get_hookimpls():
+            return  # nobody observes: the per-step sums cost O(batch)
         try:
             self.registry.hook.llmcore_step_stats(stats={
                 "num_running": len(self.scheduler.running),

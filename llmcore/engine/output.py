@@ -67,7 +67,15 @@ class OutputProcessor:
         self.stopped: collections.deque[Sequence] = collections.deque()
 
     def start(self, seq: Sequence) -> None:
-        """Give ``seq`` a fresh detokenizer primed with its prompt (new request or forked sample)."""
+        """Give ``seq`` a fresh detokenizer primed with its prompt (new request or forked sample).
+
+        A request that wants its final output only and has no stop strings needs no text before
+        it ends: it gets none, and one full decode of its tokens when it finishes (the same text:
+        the incremental detokenizer equals a full decode, tests/test_detokenizer.py).
+        """
+        if seq.request.final_only and not seq.params.stop_strings:
+            seq.detok = None
+            return
         seq.detok = make_detokenizer(self.tokenizer, seq.token_ids[: seq.num_prompt_tokens],
                                      seq.params.skip_special_tokens, self.streaming_detokenizer)
 
@@ -96,20 +104,21 @@ class OutputProcessor:
         """Detokenize, check stop strings and build the outputs of one step's ``touched`` requests."""
         timing = self.timing
         t0 = time.perf_counter() if timing is not None else 0.0
+        ended = set()  # requests with a sample whose output ended in this step
+        take = self._take
         for e in emitted:
             seq = e.seq
             if seq.out_reason is not None or seq.request.aborted:
                 continue  # past a stop string the output side already found, or aborted
-            self._take(seq, e)
+            if take(seq, e):
+                ended.add(seq.request)
         if timing is not None:
             t1 = time.perf_counter()
             timing["detokenize"] += t1 - t0
         outputs, finished = [], []
         for req in touched:
-            if req.aborted:
-                continue
-            fin = req.output_done
-            if req.final_only and not fin:
+            fin = req in ended and req.output_done
+            if req.final_only and not fin or req.aborted:
                 continue
             out = self.build(req)
             outputs.append(out)
@@ -119,7 +128,8 @@ class OutputProcessor:
             timing["build"] += time.perf_counter() - t1
         return StepOutputs(outputs, finished)
 
-    def _take(self, seq: Sequence, e: Emitted) -> None:
+    def _take(self, seq: Sequence, e: Emitted) -> bool:
+        """Detokenize one token, check stop strings; True when the sample's output ends here."""
         p = seq.params
         seq.out_len += 1
         if e.chosen is not None:
@@ -128,9 +138,12 @@ class OutputProcessor:
             if seq.logprobs is None:
                 seq.logprobs = []
             seq.logprobs.append(e.logprobs)
-        new_text = seq.detok.step(e.token)
-        if new_text:
-            seq.text += new_text
+        detok = seq.detok
+        new_text = ""
+        if detok is not None:
+            new_text = detok.step(e.token)
+            if new_text:
+                seq.text += new_text
         reason = e.reason
         if reason == "stop":
             if e.token in p.stop_token_ids:
@@ -140,9 +153,14 @@ class OutputProcessor:
                 reason = "stop"
                 self.stopped.append(seq)  # the core finishes it (it may have sampled on)
         if reason is not None:
-            if not isinstance(seq.out_stop_reason, str):
-                seq.text += seq.detok.flush()  # a cut multi-byte character at the end, as a full decode
+            if detok is None:  # text deferred to the end (start())
+                n = seq.num_prompt_tokens
+                seq.text = self.tokenizer.decode(seq.token_ids[n : n + seq.out_len], p.skip_special_tokens)
+            elif not isinstance(seq.out_stop_reason, str):
+                seq.text += detok.flush()  # a cut multi-byte character at the end, as a full decode
             seq.out_reason = reason
+            return True
+        return False
 
     @staticmethod
     def _check_stop_strings(seq: Sequence, new_len: int) -> bool:
