@@ -156,6 +156,9 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--offline", action="store_true",
+                    help="after the server stops, run each level's requests through the offline engine "
+                         "(Engine.generate, same settings, same prompts) in this process and print served/offline")
     args = ap.parse_args()
 
     proc = None
@@ -184,6 +187,7 @@ def main() -> int:
 
     import torch
 
+    offline = run_offline(args) if args.offline else {}
     print(f"\nMachine: {machine()}; torch {torch.__version__}; load average at end "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"Model: {args.model or 'embedded SmolLM2-135M-Instruct'} on {info['device']}"
@@ -198,7 +202,40 @@ def main() -> int:
         print(f"| {r['concurrency']} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.0f} | "
               f"{r['ttft_p50'] * 1e3:.0f} | {r['ttft_p99'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.1f} | "
               f"{r['itl_p99'] * 1e3:.1f} | {r['e2e_p50']:.2f} |")
+    if offline:
+        print("\n| concurrent streams | served tokens/s | offline engine tokens/s (same prompts, max_num_seqs = "
+              "concurrency) | served / offline |\n|---:|---:|---:|---:|")
+        for r in rows:
+            off = offline[r["concurrency"]]
+            print(f"| {r['concurrency']} | {r['tok_s']:.0f} | {off:.0f} | {r['tok_s'] / off:.2f}x |")
     return 0
+
+
+def run_offline(args) -> dict[int, float]:
+    """tokens/s of the offline engine on each level's prompts, as many at once as the level's streams."""
+    from llmcore import Engine, SamplingParams
+
+    kw = {k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k) is not None}
+    if args.threads is not None:
+        kw["num_threads"] = args.threads
+    eng = Engine(model=args.model, progress=False, max_num_seqs=max(args.concurrency), **kw)
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+
+    def prompt(i: int) -> str:
+        return eng.apply_chat_template([{"role": "user", "content":
+                                         f"Please write a detailed, friendly explanation of {TOPICS[i % len(TOPICS)]} "
+                                         f"for a curious student, number {i}."}])
+
+    eng.generate([prompt(10_000)], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
+    out = {}
+    for c in args.concurrency:
+        total = args.requests or max(2 * c, 8)
+        eng.scheduler.max_num_seqs = c  # the server level keeps c streams in flight
+        t0 = time.perf_counter()
+        eng.generate([prompt(i) for i in range(total)], sp)
+        out[c] = total * args.max_tokens / (time.perf_counter() - t0)
+        print(f"  offline, {c} at once: {out[c]:.0f} tok/s", file=sys.stderr, flush=True)
+    return out
 
 
 if __name__ == "__main__":
