@@ -98,11 +98,11 @@ def test_streams_match_and_deltas_add_up(pair):
     assert a == b
 
 
-@pytest.mark.parametrize("thread", [False, True], ids=["inline", "thread"])
-def test_a_thousand_aborted_streams_leave_no_kv_blocks(tiny_llama, thread):
+@pytest.mark.parametrize("thread,count", [(False, 1000), (True, 300)], ids=["inline", "thread"])
+def test_a_thousand_aborted_streams_leave_no_kv_blocks(tiny_llama, thread, count):
     engine = make(tiny_llama, True, thread, num_kv_blocks=256, max_num_seqs=32)
     p = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
-    for i in range(1000):
+    for i in range(count):
         it = engine.stream(list(range(1 + i % 50, 9 + i % 50)), p)
         next(it)
         if i % 3 == 0:

@@ -1,0 +1,77 @@
+#!/bin/bash
+# Everything the open GPU checks need, in two calls of about 8 minutes each on one lent GPU, from
+# the repository root. Python packages the GPU image lacks (xgrammar and its needs, jsonschema)
+# travel as wheels in .whl/ (see /work/.library/device/README.md); the SmolLM2 tokenizer files
+# (tokenizer.json, tokenizer_config.json, chat_template.jinja) in $TOKENIZER_DIR, default .gpu_tok/.
+#
+#   bash benchmarks/gpu_session.sh a   # the 256-request workload, overlapped (profiled) and
+#                                      # synchronous, then the whole GPU test suite
+#   bash benchmarks/gpu_session.sh c   # a short call: the GPU tests, then the overlapped workload profiled
+#   bash benchmarks/gpu_session.sh b   # HF generate on all 256 requests (the ratio of issue #15),
+#                                      # structured-output overhead on CUDA (issue #19)
+# Logs go to $OUT (or /tmp/gpu-session).
+set -o pipefail
+OUT=${OUT:-/tmp/gpu-session}; mkdir -p "$OUT"
+TOKENIZER_DIR=${TOKENIZER_DIR:-.gpu_tok}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch,triton,transformers;print(torch.__version__,triton.__version__,transformers.__version__)"
+case $1 in
+a)
+  S=$SECONDS
+  bash benchmarks/cuda_gpu_run.sh bench --phases build,llmcore --tune none --async-engine --profile-workload \
+    --warmup-s 1 --single-tokens 128 > $OUT/async.log 2>&1
+  echo "overlapped rc=$? $((SECONDS-S))s"
+  grep -E "llmcore_workload|llmcore_single\"|warm-up|captured" $OUT/async.log | cut -c1-1500
+  sed -n '/--- profile: the/,/--- CUDA sync debug/p' $OUT/async.log | head -75
+  sed -n '/--- CUDA sync debug/,+12p' $OUT/async.log
+  S=$SECONDS
+  bash benchmarks/cuda_gpu_run.sh bench --phases llmcore --tune none --sync-engine --warmup-s 1 --single-tokens 128 \
+    > $OUT/sync.log 2>&1
+  echo "synchronous rc=$? $((SECONDS-S))s"
+  grep -E "llmcore_workload" $OUT/sync.log | cut -c1-1500
+  S=$SECONDS
+  timeout $((460-SECONDS)) bash benchmarks/cuda_gpu_run.sh tests -n 8 -p no:cacheprovider --timeout 300 > $OUT/tests.log 2>&1
+  echo "tests rc=$? $((SECONDS-S))s"
+  grep -E "passed|failed|FAILED|Error|assert" $OUT/tests.log | tail -25 ;;
+b)
+  S=$SECONDS
+  bash benchmarks/cuda_gpu_run.sh bench --phases build,hf --hf-requests 256 > $OUT/hf.log 2>&1
+  echo "hf rc=$? $((SECONDS-S))s"
+  grep -E "RESULT|hf_" $OUT/hf.log | cut -c1-1200
+  S=$SECONDS
+  export PYTHONPATH=$(pwd):$(pwd)/plugins/cuda:$(pwd)/plugins/cpu${PYTHONPATH:+:$PYTHONPATH}
+  python3 - "$TOKENIZER_DIR" /tmp/smolvocab-1b > $OUT/struct.log 2>&1 <<'PY'
+# a random Llama-1B-shaped model with SmolLM2's 49,152-token vocabulary (the mask cost scales with it)
+import shutil, sys
+from llmcore_cuda.testing import LLAMA_1B, make_model_folder
+tok, out = sys.argv[1:]
+make_model_folder(out, "llama", dtype="bfloat16", init_std=0.02, **{**LLAMA_1B, "vocab_size": 49152})
+for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    shutil.copy(f"{tok}/{f}", f"{out}/{f}")
+PY
+  timeout $((540-SECONDS)) python3 benchmarks/structured_bench.py --model /tmp/smolvocab-1b --device cuda \
+    --dtype bfloat16 --requests 64 >> $OUT/struct.log 2>&1
+  echo "structured rc=$? $((SECONDS-S))s"
+  tail -20 $OUT/struct.log ;;
+c)  # a short call: the GPU test suite, then the overlapped workload profiled
+  S=$SECONDS
+  timeout 220 bash benchmarks/cuda_gpu_run.sh tests -n 8 -p no:cacheprovider --timeout 200 > $OUT/tests.log 2>&1
+  echo "tests rc=$? $((SECONDS-S))s"
+  grep -E "passed|failed|FAILED|Error|assert" $OUT/tests.log | tail -25
+  S=$SECONDS
+  timeout $((340-SECONDS)) bash benchmarks/cuda_gpu_run.sh bench --phases build,llmcore --tune none --async-engine \
+    --profile-workload --warmup-s 1 --single-tokens 64 > $OUT/async.log 2>&1
+  echo "overlapped rc=$? $((SECONDS-S))s"
+  grep -E "llmcore_workload|llmcore_single\"|warm-up|captured" $OUT/async.log | cut -c1-1500
+  sed -n '/--- profile: the/,/--- CUDA sync debug/p' $OUT/async.log | head -75
+  sed -n '/--- CUDA sync debug/,+12p' $OUT/async.log ;;
+t)  # the GPU test suite alone
+  timeout 220 bash benchmarks/cuda_gpu_run.sh tests -n 8 -p no:cacheprovider --timeout 200 > $OUT/tests.log 2>&1
+  echo "tests rc=$?"
+  grep -E "passed|failed|FAILED|Error|assert" $OUT/tests.log | tail -25 ;;
+*) echo "usage: $0 a|b|c|t"; exit 2 ;;
+esac
