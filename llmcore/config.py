@@ -67,9 +67,10 @@ class EngineConfig:
     # device's runner offers it; True on a runner without it runs the same loop on the host,
     # which tests use; False: synchronous steps)
     async_scheduling: bool | None = None
-    # detokenization, stop strings and outputs on their own thread beside the engine loop (None:
-    # where the runner asks for it, with the overlapped loop; see llmcore/engine/output.py)
-    output_thread: bool | None = None
+    # detokenization, stop strings and outputs on their own thread beside the engine loop; off by
+    # default: on CPython both threads need the GIL and the inline path measured faster
+    # (llmcore/engine/output.py, docs/benchmarks.md)
+    output_thread: bool = False
     progress: bool = True  # progress bars for weight loading / compile
     extra: dict[str, Any] = field(default_factory=dict)
 

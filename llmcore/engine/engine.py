@@ -7,8 +7,11 @@
 batch and launches it on the device's runner. With a runner that offers
 ``launch`` (overlapped execution, :class:`llmcore.device.ModelRunner`) the step
 launches batch n+1 *before* it reads batch n's tokens, then processes batch n's
-outputs (detokenize, stop checks, outputs: :mod:`llmcore.engine.output`) while
-the device computes: the device never waits for Python. A token sampled at step
+outputs while the device computes: the device never waits for Python. Output
+handling has two halves (:mod:`llmcore.engine.output`): the engine core records
+tokens and token-level stops (KV blocks freed at once); the output side
+detokenizes, checks stop strings and builds outputs, inline or on an output
+thread (``output_thread``). A token sampled at step
 n feeds step n+1 on the device (a placeholder in the scheduled batch); a
 sequence found finished one step late has that extra token discarded, so the
 outputs equal the synchronous loop's.
@@ -123,10 +126,8 @@ class Engine(GenerateAPI):
         self.out = OutputProcessor(self.tokenizer, self.max_model_len,
                                    streaming_detokenizer=bool(cfg.extra.get("streaming_detokenizer", True)))
         self._launch = self._choose_launch(cfg)
-        self._worker = None
-        if cfg.output_thread or (cfg.output_thread is None and self._launch is not None
-                                 and getattr(self.runner, "output_thread_by_default", False)):
-            self._worker = OutputWorker(self.out)
+        self._worker = OutputWorker(self.out) if cfg.output_thread else None
+        if self._worker is not None:
             log.info("output thread: detokenization, stop strings and outputs run beside the engine loop")
         self._inflight: _Launched | None = None
         self.phase_seconds: dict[str, float] | None = None  # see measure_phases()

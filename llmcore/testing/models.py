@@ -14,6 +14,9 @@ import json
 import shutil
 from pathlib import Path
 from typing import Any
+
+from tokenizers import ByteLevelBPETokenizer, Tokenizer, decoders, models, pre_tokenizers
+
 from llmcore.models.loader import resolve_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -34,8 +37,6 @@ def default_tokenizer_dir() -> Path:
 
 def write_wordlevel_tokenizer(path: str | Path, vocab_size: int, bos_id: int = 1, eos_id: int = 2) -> None:
     """tokenizer.json + tokenizer_config.json: token ``i`` is the word ``t{i}`` (0 is ``<unk>``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     path = Path(path)
     vocab = {f"t{i}": i for i in range(1, vocab_size)}
     vocab["<unk>"] = 0
@@ -57,8 +58,6 @@ def write_bytelevel_tokenizer(path: str | Path, vocab_size: int = 512, bos_id: i
     characters it needs; ids 0-2 are ``<unk>``, ``<s>``, ``</s>``. Use the returned size as the
     model's ``vocab_size``.
     """
-    from tokenizers import ByteLevelBPETokenizer
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     corpus = [
