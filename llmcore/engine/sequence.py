@@ -109,10 +109,6 @@ class Request:
             self.prompt_logprobs = [None]
 
     @property
-    def finished(self) -> bool:
-        return (self.forked or self.params.n == 1) and all(s.finished for s in self.seqs)
-
-    @property
     def output_done(self) -> bool:
         """Every sample's output is final (the output side's view; the core may lag behind it)."""
         return (self.forked or self.params.n == 1) and all(s.out_reason is not None for s in self.seqs)
