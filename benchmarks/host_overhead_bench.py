@@ -72,9 +72,8 @@ class NullRunner:
     def __init__(self, device_s: float = 0.0) -> None:
         self.device_s = device_s
         self.busy_until = 0.0
-        self.busy_s = 0.0
         if device_s > 0:
-            self.launch = self.launch_  # the overlapped-execution capability (ModelRunner.launch)
+            self.launch = self._start  # the overlapped-execution capability (ModelRunner.launch)
 
     def kv_bytes_per_block(self) -> int:
         return 1
@@ -89,16 +88,12 @@ class NullRunner:
     def _start(self, batch: ScheduledBatch) -> _Pending:
         start = max(time.perf_counter(), self.busy_until)
         self.busy_until = start + self.device_s
-        self.busy_s += self.device_s
         return _Pending(self._tokens(batch), self.busy_until)
 
     def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
         if self.device_s <= 0:
             return self._tokens(batch)
         return self._start(batch).result()
-
-    def launch_(self, batch: ScheduledBatch) -> _Pending:
-        return self._start(batch)
 
     def embed(self, token_ids):
         raise NotImplementedError("the null device does not embed")

@@ -422,9 +422,7 @@ class Engine(GenerateAPI):
             self._worker.submit(emitted, list(touched.values()))
             outputs = self._finalize(self._worker.drain())
         else:
-            done = self.out.process(emitted, list(touched.values()))
-            self._finish_stopped()
-            outputs = self._finalize([done])
+            outputs = self._finalize([self.out.process(emitted, list(touched.values()))])
         if timing is not None:
             timing["wait"] += t1 - t0
             timing["output"] += time.perf_counter() - t1
@@ -434,14 +432,12 @@ class Engine(GenerateAPI):
         """The outputs of finished output-side steps; finished requests leave the engine."""
         now = time.monotonic()
         outputs: list[RequestOutput] = []
+        # the output side queued every sequence a stop string ended before handing its step back
         self._finish_stopped()
         for step in done:
             for req, out in step.finished:
                 if req.aborted or self._requests.get(req.request_id) is not req:
                     continue
-                for seq in req.seqs:  # a stop string ended it: the core may still hold its blocks
-                    if not seq.finished:
-                        self._finish(seq, "stop")
                 req.finish_time = now
                 del self._requests[req.request_id]
                 self._finished_requests += 1
