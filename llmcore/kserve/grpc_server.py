@@ -32,6 +32,7 @@ log = logging.getLogger("llmcore.kserve")
 
 FINAL = "triton_final_response"
 GRACE_S = 5.0
+REFUSE_DRAIN_S = 1.0  # how long a refused stream's requests are read before its status is sent
 
 
 def _param_value(p: Any) -> Any:
@@ -124,6 +125,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.service.check_key(_authorization(context))
         except KServeError as exc:
             self.service.metrics.requests.labels("grpc:ModelStreamInfer", exc.grpc_code.name, "").inc()
+            # Read what the client is sending first (up to REFUSE_DRAIN_S): aborting while its
+            # writes are in flight makes grpc's client report INTERNAL "Internal error from Core"
+            # in place of this status, depending on timing.
+            await _drain(request_iterator, REFUSE_DRAIN_S)
             await context.abort(exc.grpc_code, exc.message)
         out: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
@@ -181,6 +186,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await self.service.unload(request.model_name, mode)
             return pb.RepositoryModelUnloadResponse()
         return await self._call("RepositoryModelUnload", context, run, request.model_name)
+
+
+async def _drain(request_iterator: AsyncIterator[Any], timeout_s: float) -> None:
+    """Read and drop a stream's requests until the client half-closes it or ``timeout_s`` passes."""
+    async def read_all() -> None:
+        async for _ in request_iterator:
+            pass
+    with contextlib.suppress(asyncio.TimeoutError, grpc.RpcError):
+        await asyncio.wait_for(read_all(), timeout_s)
 
 
 def _value(msg: Any) -> Callable[[], Awaitable[Any]]:
