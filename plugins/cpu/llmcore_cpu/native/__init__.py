@@ -114,7 +114,13 @@ def library() -> ctypes.CDLL:
 
 def features() -> dict[str, bool]:
     f = library().llmcore_native_features()
-    return {"avx512": bool(f & 1), "avx512_bf16": bool(f & 2), "avx512_vnni int8": bool(f & 4)}
+    return {"avx512": bool(f & 1), "avx512_bf16": bool(f & 2), "avx512_vnni int8": bool(f & 4), "avx2": bool(f & 8)}
+
+
+def vector_kernels() -> bool:
+    """Whether the build has vector kernels (AVX-512, or AVX2 + FMA), not only the portable loops."""
+    feats = features()
+    return feats["avx512"] or feats["avx2"]
 
 
 # ------------------------------------------------------------------ structs (mirror decode.cpp)
@@ -451,12 +457,12 @@ class NativeDecode:
 def install(runner, threads: int | None = None, pack: bool | None = None) -> NativeDecode:
     """Give ``runner`` the native decode step; raises :class:`NativeUnavailable` with the reason.
 
-    Without AVX-512 the build has only the portable loops, which are correct but slower than
-    torch's kernels: the step is then used only if ``LLMCORE_CPU_NATIVE=1`` asks for it.
+    Without AVX-512 or AVX2 + FMA the build has only the portable loops, which are correct but
+    slower than torch's kernels: the step is then used only if ``LLMCORE_CPU_NATIVE=1`` asks for it.
     """
-    if not features()["avx512"] and native_setting() != "force":
-        raise NativeUnavailable("no AVX-512 on this CPU: the portable kernels are slower than torch's "
-                                "(LLMCORE_CPU_NATIVE=1 uses them anyway)")
+    if not vector_kernels() and native_setting() != "force":
+        raise NativeUnavailable("neither AVX-512 nor AVX2+FMA on this CPU: the portable kernels are slower than "
+                                "torch's (LLMCORE_CPU_NATIVE=1 uses them anyway)")
     if pack is None:
         pack = os.environ.get("LLMCORE_CPU_PANELS", "1") != "0"
     runner.decode_graph = NativeDecode(runner.model, runner.block_size, threads, pack)

@@ -11,7 +11,8 @@
 //
 // Built at first use by llmcore_cpu/native/__init__.py (g++ -O3 -march=native -fopenmp),
 // loaded with ctypes; the structs below mirror the ctypes Structures there field for field.
-// Kernels: AVX-512 (BF16 dot products where the CPU has them) with a portable scalar path.
+// Kernels: AVX-512 (BF16 dot products where the CPU has them), AVX2 + FMA on CPUs without
+// AVX-512, and a portable scalar path.
 
 #include <math.h>
 #include <stddef.h>
@@ -25,8 +26,11 @@
 #define PF_BF16 4096
 #define PF_I8 2048
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define HAVE_AVX2_ONLY 1  // AVX2 + FMA kernels for CPUs without AVX-512 (most desktop and many server x86)
 #endif
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_I8 = 2 };
@@ -276,6 +280,73 @@ static inline void tile_i8b(const int8_t* w, int64_t k, const uint8_t* xlo, cons
     }
 }
 #endif
+
+#elif defined(HAVE_AVX2_ONLY)
+// AVX2 + FMA: the same register tiles, 8 lanes wide. 16 vector registers hold at most 8
+// accumulators beside the loads, so a 4 x 4 tile runs as two 4 x 2 tiles (the second reads
+// the four weight rows again, from L1). Weights and activations are widened to float32 in
+// registers (bf16: a 16-bit shift; int8: sign extension), products accumulate in float32.
+
+static inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 ld8(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+static inline __m256 ld8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+static inline float as_f32(float v) { return v; }
+static inline float as_f32(uint16_t v) { return bf16_to_f32(v); }
+static inline float as_f32(int8_t v) { return (float)v; }
+
+static inline float hsum8(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <int R, int BT, typename WT, typename XT>
+static inline void tile_avx2(const WT* w, int64_t k, const XT* x, int64_t xs, float* out) {
+    if constexpr (R * BT > 8) {
+        constexpr int H = BT / 2;
+        float lo[R * H], hi[R * (BT - H)];
+        tile_avx2<R, H>(w, k, x, xs, lo);
+        tile_avx2<R, BT - H>(w, k, x + H * xs, xs, hi);
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < BT; j++) out[i * BT + j] = j < H ? lo[i * H + j] : hi[i * (BT - H) + j - H];
+        return;
+    } else {
+        __m256 acc[R][BT];
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < BT; j++) acc[i][j] = _mm256_setzero_ps();
+        int64_t kk = 0;
+        for (; kk + 8 <= k; kk += 8) {
+            __m256 xv[BT];
+            for (int j = 0; j < BT; j++) xv[j] = ld8(x + j * xs + kk);
+            for (int i = 0; i < R; i++) {
+                const __m256 wv = ld8(w + i * k + kk);
+                for (int j = 0; j < BT; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+            }
+        }
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < BT; j++) {
+                float s = hsum8(acc[i][j]);
+                for (int64_t t = kk; t < k; t++) s += as_f32(w[i * k + t]) * as_f32(x[j * xs + t]);
+                out[i * BT + j] = s;
+            }
+    }
+}
+template <int R, int BT>
+static inline void tile_bf16(const uint16_t* w, int64_t k, const uint16_t* x, int64_t xs, float* out) {
+    tile_avx2<R, BT>(w, k, x, xs, out);
+}
+template <int R, int BT>
+static inline void tile_f32(const float* w, int64_t k, const float* x, int64_t xs, float* out) {
+    tile_avx2<R, BT>(w, k, x, xs, out);
+}
+template <int R, int BT>
+static inline void tile_i8(const int8_t* w, int64_t k, const float* x, int64_t xs, float* out) {
+    tile_avx2<R, BT>(w, k, x, xs, out);
+}
 
 #else  // portable: the compiler vectorises what it can
 
@@ -845,7 +916,16 @@ static inline float dot_cache(const float* q, const void* c, int kind, int64_t o
     return _mm512_reduce_add_ps(acc);
 #else
     float s = 0.f;
-    for (int64_t i = 0; i < d; i++) s += q[i] * cache_at(c, kind, off + i);
+    int64_t i = 0;
+#if defined(HAVE_AVX2_ONLY)
+    __m256 acc = _mm256_setzero_ps();
+    if (kind == KIND_BF16)
+        for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), ld8((const uint16_t*)c + off + i), acc);
+    else
+        for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), ld8((const float*)c + off + i), acc);
+    s = hsum8(acc);
+#endif
+    for (; i < d; i++) s += q[i] * cache_at(c, kind, off + i);
     return s;
 #endif
 }
@@ -860,7 +940,17 @@ static inline void axpy_cache(float* acc, float a, const void* c, int kind, int6
         _mm512_mask_storeu_ps(acc + i, m, _mm512_fmadd_ps(av, vv, _mm512_maskz_loadu_ps(m, acc + i)));
     }
 #else
-    for (int64_t i = 0; i < d; i++) acc[i] += a * cache_at(c, kind, off + i);
+    int64_t i = 0;
+#if defined(HAVE_AVX2_ONLY)
+    const __m256 av = _mm256_set1_ps(a);
+    if (kind == KIND_BF16)
+        for (; i + 8 <= d; i += 8)
+            _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(av, ld8((const uint16_t*)c + off + i), _mm256_loadu_ps(acc + i)));
+    else
+        for (; i + 8 <= d; i += 8)
+            _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(av, ld8((const float*)c + off + i), _mm256_loadu_ps(acc + i)));
+#endif
+    for (; i < d; i++) acc[i] += a * cache_at(c, kind, off + i);
 #endif
 }
 
@@ -1153,6 +1243,9 @@ extern "C" int llmcore_native_features(void) {
 #endif
 #ifdef HAVE_I16_DOT
     f |= 4;
+#endif
+#if defined(HAVE_AVX2_ONLY)
+    f |= 8;
 #endif
     return f;
 }
