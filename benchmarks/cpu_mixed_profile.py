@@ -70,7 +70,7 @@ def main() -> None:
         prof.__exit__(None, None, None)
     useful = sum(len(o.outputs[0].token_ids) for o in outs)
     print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; device {eng.probe.name}, "
-          f"dtype {eng.dtype}; native decode: {getattr(eng.runner, 'native_ok', 'n/a')}")
+          f"dtype {eng.dtype}; decode step: {type(eng.runner.decode_graph).__name__ if eng.runner.decode_graph else 'torch path'}")
     print(f"W3: {len(reqs)} requests, {sum(len(p) for p, _ in reqs)} prompt tokens, {useful} generated; "
           f"{wall:.1f} s, {useful / wall:.1f} useful tok/s{' (under the torch profiler)' if prof else ''}")
     print("\n| phase | seconds | share |\n|---|---|---|")

@@ -335,9 +335,52 @@ static inline void tile_avx2(const WT* w, int64_t k, const XT* x, int64_t xs, fl
             }
     }
 }
+// bf16 x bf16, 16 at a time: interleaving zeros below each 16-bit value makes it a float32 (no
+// shift), and since weights and activations are interleaved alike the lane order does not matter
 template <int R, int BT>
 static inline void tile_bf16(const uint16_t* w, int64_t k, const uint16_t* x, int64_t xs, float* out) {
-    tile_avx2<R, BT>(w, k, x, xs, out);
+    if constexpr (R * BT > 8) {
+        constexpr int H = BT / 2;
+        float lo[R * H], hi[R * (BT - H)];
+        tile_bf16<R, H>(w, k, x, xs, lo);
+        tile_bf16<R, BT - H>(w, k, x + H * xs, xs, hi);
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < BT; j++) out[i * BT + j] = j < H ? lo[i * H + j] : hi[i * (BT - H) + j - H];
+        return;
+    } else {
+        const __m256i z = _mm256_setzero_si256();
+        // one batch row: two accumulators per weight row (two chains of FMAs, not one twice as long);
+        // more: one each, the registers go to the wider tile
+        constexpr int A = BT == 1 ? 2 : 1;
+        __m256 acc[R][BT][A];
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < BT; j++)
+                for (int a = 0; a < A; a++) acc[i][j][a] = _mm256_setzero_ps();
+        int64_t kk = 0;
+        for (; kk + 16 <= k; kk += 16) {
+            __m256 xl[BT], xh[BT];
+            for (int j = 0; j < BT; j++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i*)(x + j * xs + kk));
+                xl[j] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));
+                xh[j] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));
+            }
+            for (int i = 0; i < R; i++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i*)(w + i * k + kk));
+                const __m256 wl = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));
+                const __m256 wh = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));
+                for (int j = 0; j < BT; j++) {
+                    acc[i][j][0] = _mm256_fmadd_ps(wl, xl[j], acc[i][j][0]);
+                    acc[i][j][A - 1] = _mm256_fmadd_ps(wh, xh[j], acc[i][j][A - 1]);
+                }
+            }
+        }
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < BT; j++) {
+                float s = hsum8(A == 2 ? _mm256_add_ps(acc[i][j][0], acc[i][j][A - 1]) : acc[i][j][0]);
+                for (int64_t t = kk; t < k; t++) s += bf16_to_f32(w[i * k + t]) * bf16_to_f32(x[j * xs + t]);
+                out[i * BT + j] = s;
+            }
+    }
 }
 template <int R, int BT>
 static inline void tile_f32(const float* w, int64_t k, const float* x, int64_t xs, float* out) {
