@@ -9,6 +9,8 @@ decode-only steps) with the tokens each computed; and a torch-profiler table of 
 
     python benchmarks/cpu_mixed_profile.py                 # embedded SmolLM2, the device's default dtype
     python benchmarks/cpu_mixed_profile.py --no-torch-profile --dtype float32
+    python benchmarks/cpu_mixed_profile.py --no-torch-profile --torch-decode-baseline   # + the same W3 without
+                                                                                       # the native step, same process
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--no-torch-profile", action="store_true")
+    ap.add_argument("--torch-decode-baseline", action="store_true",
+                    help="afterwards run the same requests on an engine without the native decode step")
     args = ap.parse_args()
     eng = Engine(model=args.model, device="cpu", dtype=args.dtype, progress=False, max_num_seqs=64,
                  num_threads=args.threads)
@@ -83,6 +87,20 @@ def main() -> None:
     if prof is not None:
         print()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=48))
+    if args.torch_decode_baseline:
+        del eng
+        base = Engine(model=args.model, device="cpu", dtype=args.dtype, progress=False, max_num_seqs=64,
+                      num_threads=args.threads, native_decode=False)
+        base.generate([reqs[0][0][:32]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        t0 = time.perf_counter()
+        outs = base.generate([p for p, _ in reqs],
+                             [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in reqs])
+        base_wall = time.perf_counter() - t0
+        base_useful = sum(len(o.outputs[0].token_ids) for o in outs)
+        print("\n| W3, same process | seconds | useful tok/s | ratio |\n|---|---|---|---|")
+        print(f"| torch path decode (baseline) | {base_wall:.1f} | {base_useful / base_wall:.1f} | 1.00x |")
+        print(f"| this run's decode step | {wall:.1f} | {useful / wall:.1f} | "
+              f"{(useful / wall) / (base_useful / base_wall):.2f}x |")
 
 
 if __name__ == "__main__":

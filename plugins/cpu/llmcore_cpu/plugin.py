@@ -36,7 +36,16 @@ def _native_note() -> str:
     cxx = find_compiler()
     if not cxx:
         return "decode: torch path (no C++ compiler for the native step; install g++)"
-    return f"decode: native C++ step (built with {os.path.basename(cxx)} at first use; docs/cpu.md)"
+    flags = cpu_flags()
+    if "avx512f" in flags:
+        kernels = "AVX-512"
+    elif {"avx2", "fma"} <= flags:
+        kernels = "AVX2"
+    elif native_setting() == "force":
+        kernels = "portable loops, forced by LLMCORE_CPU_NATIVE=1"
+    else:
+        return "decode: torch path (no AVX-512 or AVX2+FMA for the native step; LLMCORE_CPU_NATIVE=1 forces it)"
+    return f"decode: native C++ step, {kernels} kernels (built with {os.path.basename(cxx)} at first use; docs/cpu.md)"
 
 
 def capabilities() -> Capabilities:

@@ -11,6 +11,10 @@ docs/benchmarks.md ("native decode") has the measurements; in short, torch's bf1
 matrix-vector products reach a third to a half of the memory bandwidth a decode step is
 bound by, and the step pays ~20 dispatches per layer.
 
+Kernels: AVX-512 (BF16 dot products and VNNI where present, weights in 16-row panels) or AVX2
++ FMA (8-lane tiles over row-major weights); other CPUs get portable loops, which the engine
+uses only when ``LLMCORE_CPU_NATIVE=1`` asks.
+
 Build: ``g++ -O3 -march=native -fopenmp`` (about 2 s), cached under
 ``$XDG_CACHE_HOME/llmcore/native/<hash of source, compiler, CPU flags>/``. The library links
 the OpenMP runtime torch already loaded (same soname), so the two share one thread pool.
