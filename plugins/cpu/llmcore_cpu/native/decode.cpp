@@ -1144,6 +1144,135 @@ static void attend_heads(const Model& M, const Layer& L, const float* q, int64_t
 }
 #endif
 
+#if defined(HAVE_AVX2_ONLY)
+// exp(x) for 8 lanes, as exp16 (same range reduction and polynomial); 2^t built in the exponent bits
+static inline __m256 exp8(__m256 x) {
+    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+    const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 t = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(t, ln2_hi, x);
+    r = _mm256_fnmadd_ps(t, ln2_lo, r);
+    __m256 p = _mm256_set1_ps(1.3888889e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3333333e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1666667e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666667e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    // t in [-126, 127] after the clamp: a normal power of two (at x = -87, 2^-126 times p >= 0.5)
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(t), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline __m256 cache_vec8(const void* c, int kind, int64_t off) {
+    return kind == KIND_BF16 ? ld8((const uint16_t*)c + off) : _mm256_loadu_ps((const float*)c + off);
+}
+
+// attend() for the HG (<= 4) query heads of one KV group at once, head_dim = 8 * DV: the AVX2
+// form of attend_group. Each K and V row is loaded (and widened) once for the HG heads; a
+// score is two FMA chains per head (one chain of DV dependent FMAs was the step's bottleneck:
+// ~40 cycles a key per head); the softmax is updated once per chunk of up to 64 keys with a
+// vector exp; the output accumulates over the chunk in registers, 16 dimensions at a time.
+template <int DV, int HG>
+static void attend_group8(const Model& M, const Layer& L, const float* q, int64_t kvh, const int64_t* table,
+                          int64_t ctx, float* out) {
+    static_assert(HG >= 1 && HG <= 4 && DV % 2 == 0, "up to four heads, head_dim a multiple of 16");
+    constexpr int64_t d = DV * 8;
+    constexpr int KC = 64;
+    const int64_t bs = M.block_size, nkv = M.n_kv_heads;
+    const int kind = M.cache_kind;
+    alignas(32) float accm[HG][d];
+    alignas(32) float s[HG][KC];
+    int64_t offs[KC];
+    float m[HG], l[HG];
+    for (int h = 0; h < HG; h++) {
+        m[h] = -INFINITY;
+        l[h] = 0.f;
+        for (int64_t i = 0; i < d; i++) accm[h][i] = 0.f;
+    }
+    for (int64_t c0 = 0; c0 < ctx; c0 += KC) {
+        const int64_t n = ctx - c0 < KC ? ctx - c0 : KC;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t t = c0 + j;
+            offs[j] = ((table[t / bs] * bs + t % bs) * nkv + kvh) * d;
+        }
+        for (int64_t j = 0; j < n; j++) {
+            __m256 a0[HG], a1[HG];
+            for (int h = 0; h < HG; h++) a0[h] = a1[h] = _mm256_setzero_ps();
+            for (int i = 0; i < DV; i += 2) {
+                const __m256 k0 = cache_vec8(L.k_cache, kind, offs[j] + 8 * i);
+                const __m256 k1 = cache_vec8(L.k_cache, kind, offs[j] + 8 * i + 8);
+                for (int h = 0; h < HG; h++) {
+                    a0[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + 8 * i), k0, a0[h]);
+                    a1[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + 8 * i + 8), k1, a1[h]);
+                }
+            }
+            for (int h = 0; h < HG; h++) s[h][j] = hsum8(_mm256_add_ps(a0[h], a1[h])) * M.attn_scale;
+        }
+        float corr[HG];
+        for (int h = 0; h < HG; h++) {
+            float mb = m[h];
+            for (int64_t j = 0; j < n; j++) mb = s[h][j] > mb ? s[h][j] : mb;
+            corr[h] = expf(m[h] - mb);  // m = -inf on the first chunk: corr = 0
+            const __m256 mv = _mm256_set1_ps(mb);
+            __m256 sum = _mm256_setzero_ps();
+            int64_t j = 0;
+            for (; j + 8 <= n; j += 8) {
+                const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(&s[h][j]), mv));
+                _mm256_storeu_ps(&s[h][j], e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            float tail = 0.f;
+            for (; j < n; j++) tail += (s[h][j] = expf(s[h][j] - mb));
+            l[h] = l[h] * corr[h] + hsum8(sum) + tail;
+            m[h] = mb;
+        }
+        for (int i = 0; i < DV; i += 2) {
+            __m256 acc0[HG], acc1[HG];
+            for (int h = 0; h < HG; h++) {
+                const __m256 cv = _mm256_set1_ps(corr[h]);
+                acc0[h] = _mm256_mul_ps(_mm256_load_ps(&accm[h][8 * i]), cv);
+                acc1[h] = _mm256_mul_ps(_mm256_load_ps(&accm[h][8 * i + 8]), cv);
+            }
+            for (int64_t j = 0; j < n; j++) {
+                const __m256 v0 = cache_vec8(L.v_cache, kind, offs[j] + 8 * i);
+                const __m256 v1 = cache_vec8(L.v_cache, kind, offs[j] + 8 * i + 8);
+                for (int h = 0; h < HG; h++) {
+                    const __m256 pv = _mm256_broadcast_ss(&s[h][j]);
+                    acc0[h] = _mm256_fmadd_ps(pv, v0, acc0[h]);
+                    acc1[h] = _mm256_fmadd_ps(pv, v1, acc1[h]);
+                }
+            }
+            for (int h = 0; h < HG; h++) {
+                _mm256_store_ps(&accm[h][8 * i], acc0[h]);
+                _mm256_store_ps(&accm[h][8 * i + 8], acc1[h]);
+            }
+        }
+    }
+    for (int h = 0; h < HG; h++) {
+        const __m256 inv = _mm256_set1_ps(1.f / l[h]);
+        for (int i = 0; i < DV; i++) _mm256_storeu_ps(out + h * d + 8 * i, _mm256_mul_ps(_mm256_load_ps(&accm[h][8 * i]), inv));
+    }
+}
+
+template <int DV>
+static void attend_heads8(const Model& M, const Layer& L, const float* q, int64_t kvh, const int64_t* table,
+                          int64_t ctx, float* out, int64_t nh) {
+    constexpr int64_t d = DV * 8;
+    for (int64_t h = 0; h < nh;) {
+        const int64_t g = nh - h < 4 ? nh - h : 4;
+        const float* qh = q + h * d;
+        float* oh = out + h * d;
+        if (g == 4) attend_group8<DV, 4>(M, L, qh, kvh, table, ctx, oh);
+        else if (g == 3) attend_group8<DV, 3>(M, L, qh, kvh, table, ctx, oh);
+        else if (g == 2) attend_group8<DV, 2>(M, L, qh, kvh, table, ctx, oh);
+        else attend_group8<DV, 1>(M, L, qh, kvh, table, ctx, oh);
+        h += g;
+    }
+}
+#endif
+
 // softmax(q K^T * scale) V for nh consecutive query heads (q and out head_dim apart) of KV head kvh
 static void attend_any(const Model& M, const Layer& L, const float* q, int64_t kvh, const int64_t* table,
                        int64_t ctx, float* out, int64_t nh) {
@@ -1152,6 +1281,13 @@ static void attend_any(const Model& M, const Layer& L, const float* q, int64_t k
         case 64: return attend_heads<4>(M, L, q, kvh, table, ctx, out, nh);
         case 128: return attend_heads<8>(M, L, q, kvh, table, ctx, out, nh);
         case 256: return attend_heads<16>(M, L, q, kvh, table, ctx, out, nh);
+        default: break;
+    }
+#elif defined(HAVE_AVX2_ONLY)
+    switch (M.head_dim) {
+        case 64: return attend_heads8<8>(M, L, q, kvh, table, ctx, out, nh);
+        case 128: return attend_heads8<16>(M, L, q, kvh, table, ctx, out, nh);
+        case 256: return attend_heads8<32>(M, L, q, kvh, table, ctx, out, nh);
         default: break;
     }
 #endif
