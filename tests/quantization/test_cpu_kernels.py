@@ -108,3 +108,25 @@ def test_int8_embedding_reads_the_shared_table():
     ids = torch.tensor([0, 7, 49])
     assert emb.weight.data_ptr() == head.weight.data_ptr()
     assert torch.allclose(emb(ids), q[ids].float() * s[ids, None])
+
+
+def test_int8_linear_in_float32_uses_the_dense_gemm_in_row_chunks(monkeypatch):
+    """float32 activations skip torch's int8pack op (a scalar loop for float32: ~1 ms per row
+    at 1536 x 576); the weight is widened in chunks of DEQUANT_ROWS rows, same result."""
+    import llmcore.quantization.int8 as int8
+
+    torch.manual_seed(5)
+    q = torch.randint(-127, 128, (50, 64), dtype=torch.int8)
+    s = torch.rand(50) / 100
+    bias = torch.randn(50)
+    x = torch.randn(300, 64)
+    ref = x.double() @ (q.double() * s.double()[:, None]).t() + bias.double()
+    layer = Int8Linear(q, s, bias, torch.float32)
+    calls = []
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a))
+    whole = layer(x)
+    monkeypatch.setattr(int8, "DEQUANT_ROWS", 16)  # 50 rows: chunks of 16, 16, 16, 2
+    chunked = layer(x)
+    assert not calls
+    assert float((whole.double() - ref).abs().max()) < 1e-4
+    assert torch.allclose(chunked, whole, atol=1e-6)
