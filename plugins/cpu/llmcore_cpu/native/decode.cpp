@@ -304,6 +304,14 @@ static inline float hsum8(__m256 a) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// A tile too wide for the registers runs as two of half the batch rows: their R x H and
+// R x (BT - H) results joined into the R x BT tile
+template <int R, int H, int BT>
+static inline void join_halves(const float* lo, const float* hi, float* out) {
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < BT; j++) out[i * BT + j] = j < H ? lo[i * H + j] : hi[i * (BT - H) + j - H];
+}
+
 template <int R, int BT, typename WT, typename XT>
 static inline void tile_avx2(const WT* w, int64_t k, const XT* x, int64_t xs, float* out) {
     if constexpr (R * BT > 8) {
@@ -311,9 +319,7 @@ static inline void tile_avx2(const WT* w, int64_t k, const XT* x, int64_t xs, fl
         float lo[R * H], hi[R * (BT - H)];
         tile_avx2<R, H>(w, k, x, xs, lo);
         tile_avx2<R, BT - H>(w, k, x + H * xs, xs, hi);
-        for (int i = 0; i < R; i++)
-            for (int j = 0; j < BT; j++) out[i * BT + j] = j < H ? lo[i * H + j] : hi[i * (BT - H) + j - H];
-        return;
+        return join_halves<R, H, BT>(lo, hi, out);
     } else {
         __m256 acc[R][BT];
         for (int i = 0; i < R; i++)
@@ -344,9 +350,7 @@ static inline void tile_bf16(const uint16_t* w, int64_t k, const uint16_t* x, in
         float lo[R * H], hi[R * (BT - H)];
         tile_bf16<R, H>(w, k, x, xs, lo);
         tile_bf16<R, BT - H>(w, k, x + H * xs, xs, hi);
-        for (int i = 0; i < R; i++)
-            for (int j = 0; j < BT; j++) out[i * BT + j] = j < H ? lo[i * H + j] : hi[i * (BT - H) + j - H];
-        return;
+        return join_halves<R, H, BT>(lo, hi, out);
     } else {
         const __m256i z = _mm256_setzero_si256();
         // one batch row: two accumulators per weight row (two chains of FMAs, not one twice as long);
