@@ -145,3 +145,19 @@ def test_model_architectures_adds_a_model_and_never_overrides_a_builtin(architec
             == tiny_engine.generate([prompt], params)[0].outputs[0].token_ids)
     with pytest.raises(ModelLoadError, match="RenamedLlamaForCausalLM"):  # listed among the supported
         get_architecture("NoSuchForCausalLM")
+
+
+def test_request_finished_reports_an_abort(watched):
+    engine, observer = watched
+    engine.add_request(PROMPTS[0], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), request_id="gone")
+    while not engine.step():
+        pass  # until the prefill has produced a token
+    assert engine.abort("gone")
+    ((seen, stats),) = observer.finished
+    assert seen.request_id == "gone" and seen.finished
+    assert seen.outputs[0].finish_reason == "abort"
+    assert stats["num_prompt_tokens"] == len(PROMPTS[0])
+    assert 1 <= stats["num_generated_tokens"] < 50
+    assert stats["arrival_time"] <= stats["finish_time"]
+    assert not engine.abort("gone")  # once
+    assert len(observer.finished) == 1

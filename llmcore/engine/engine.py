@@ -294,6 +294,13 @@ class Engine(GenerateAPI):
         for seq in req.seqs:
             if not seq.finished:
                 self._finish(seq, "abort")
+        # observers hear of aborts too (the hook's contract): what the output side has so far
+        req.finish_time = time.monotonic()
+        out = self.out.build(req)
+        for o in out.outputs:
+            o.finish_reason = o.finish_reason or "abort"
+        out.finished = True
+        self._emit_finished(req, out)
         return True
 
     def has_unfinished_requests(self) -> bool:
