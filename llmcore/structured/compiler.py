@@ -90,7 +90,7 @@ class GrammarCompiler:
                 # endless newlines, and the text is what json.dumps writes
                 grammar = self._xgr.Grammar.from_json_schema(spec.text, any_whitespace=False,
                                                              strict_mode=spec.strict and form == "json")
-                compiled = compiler.compile_grammar(_no_control_chars(str(grammar)))
+                compiled = compiler.compile_grammar(_valid_json_string_chars(str(grammar)))
             elif form == "regex":
                 compiled = compiler.compile_regex(spec.text)
             elif form == "choice":
@@ -136,13 +136,18 @@ class GrammarCompiler:
 
 # xgrammar 0.2's rule for the characters of a length-bounded JSON string lets raw control
 # characters (U+0000-U+001F) through, which JSON forbids (json.loads refuses them); its unbounded
-# string rule excludes them. The same exclusion, applied to the bounded rule's character class.
+# string rule excludes them. Both rules accept the UTF-8 encoding of a surrogate (U+D800-U+DFFF,
+# e.g. bytes ED BF BA), which is not UTF-8: the text decodes it as three U+FFFD, so a string
+# xgrammar counted as maxLength 5 came out 7 characters long (a byte-level model, sampling). The
+# one character class for both: no control characters, no surrogates.
 _BOUNDED_STRING_CHARS = r'[^\"\\\r\n]'
-_JSON_STRING_CHARS = r'[^\0-\x1f\"\\]'
+_UNBOUNDED_STRING_CHARS = r'[^\0-\x1f\"\\\r\n]'
+_JSON_STRING_CHARS = r'[^\0-\x1f\"\\\uD800-\uDFFF]'
 
 
-def _no_control_chars(ebnf: str) -> str:
-    return ebnf.replace(_BOUNDED_STRING_CHARS, _JSON_STRING_CHARS)
+def _valid_json_string_chars(ebnf: str) -> str:
+    return ebnf.replace(_BOUNDED_STRING_CHARS, _JSON_STRING_CHARS).replace(_UNBOUNDED_STRING_CHARS,
+                                                                           _JSON_STRING_CHARS)
 
 
 def _regex_min_chars(regex: str) -> int:

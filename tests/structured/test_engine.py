@@ -146,3 +146,17 @@ def test_every_document_the_grammar_allows_validates(smol_engine):
         assert_valid(smol_engine.tokenizer.decode(ids), schema)
     bounded = xgr.GrammarMatcher(smol_engine.structured.compile(StructuredOutput(json={"type": "string", "maxLength": 5})))
     assert not bounded.accept_string('"a\x03')  # JSON forbids raw control characters in strings
+
+
+@pytest.mark.parametrize("schema", [{"type": "string"}, {"type": "string", "maxLength": 5}])
+def test_json_strings_refuse_encoded_surrogates(smol_engine, schema):
+    """xgrammar 0.2 takes the UTF-8 encoding of a surrogate (ED BF BA) as a string character; it is
+    not UTF-8, decodes to three U+FFFD and broke a maxLength (llmcore/structured/compiler.py)."""
+    xgr = pytest.importorskip("xgrammar")
+    compiler = smol_engine.structured.compiler
+    info = xgr.TokenizerInfo.from_huggingface(compiler.hf_tokenizer, vocab_size=compiler.vocab_size)
+    byte_token = {v: i for i, v in enumerate(info.decoded_vocab) if len(v) == 1}
+    compiled = smol_engine.structured.compile(StructuredOutput(json=schema))
+    for text, ok in ((b'"\xed\xbf\xba', False), (b'"\xed\x9f\xbf', True)):  # U+DFFA; U+D7FF is a character
+        m = xgr.GrammarMatcher(compiled)
+        assert all(m.accept_token(byte_token[bytes([c])]) for c in text) == ok, text
