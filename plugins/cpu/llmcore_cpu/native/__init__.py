@@ -3,17 +3,19 @@
 A decode batch (every sequence one token) runs as one foreign call that does every layer:
 the weights are read where the torch model holds them (no copy of a weight matrix), the KV
 cache is the runner's, and the result is the float32 logits the sampler takes. Prefill,
-mixed batches and prompt logprobs stay on the torch path. bf16 and int8 projection weights
-are repacked in place into 16-row panels (:func:`pack_panels`, decode.cpp "packed weights")
-and their modules become :class:`PanelLinear`, which runs the same native product for the
-torch path: one copy of each weight, read as sequential streams. Why a kernel of our own:
+mixed batches and prompt logprobs stay on the torch path. Projection weights the panel
+kernels cover (:func:`panel_kinds`: bf16 and int8 with AVX-512, float32 with AVX2) are
+repacked in place into 16-row panels (:func:`pack_panels`, decode.cpp "packed weights") and
+their modules become :class:`PanelLinear`, which runs the same native product for the torch
+path (prefill): one copy of each weight, read as sequential streams. Why a kernel of our own:
 docs/benchmarks.md ("native decode") has the measurements; in short, torch's bf16/int8
 matrix-vector products reach a third to a half of the memory bandwidth a decode step is
 bound by, and the step pays ~20 dispatches per layer.
 
 Kernels: AVX-512 (BF16 dot products and VNNI where present, weights in 16-row panels) or AVX2
-+ FMA (8-lane tiles over row-major weights); other CPUs get portable loops, which the engine
-uses only when ``LLMCORE_CPU_NATIVE=1`` asks.
++ FMA (float32 weights in 16-row panels with a 6 x 16 outer-product tile; bf16 and int8
+8-lane tiles over row-major weights); other CPUs get portable loops, which the engine uses
+only when ``LLMCORE_CPU_NATIVE=1`` asks.
 
 Build: ``g++ -O3 -march=native -fopenmp`` (about 2 s), cached under
 ``$XDG_CACHE_HOME/llmcore/native/<hash of source, compiler, CPU flags>/``. The library links
@@ -22,9 +24,11 @@ No compiler, a failed build or a model the step does not cover: the engine logs 
 uses the torch path, which gives the same tokens up to float rounding.
 
 Covered: the Llama-family models of :mod:`llmcore.models.llama` (biases, Qwen3 q/k norms,
-GQA, tied or separate output projection), float32 or bfloat16, unquantized or ``eetq``
-(int8 per channel, int8 output projection and embedding). Not covered (torch path):
-``int4``/``awq``/bitsandbytes layers, tensor parallelism, float16.
+GQA, tied or separate output projection), float32 or bfloat16, unquantized, ``eetq`` (int8
+per channel, int8 output projection and embedding), ``int4`` and ``awq`` (4-bit groups, read
+out of torch's int4pack tensors into the step's layout by :func:`q4_from_int4`; the modules
+become :class:`Q4Linear`). Not covered (torch path): bitsandbytes layers, tensor parallelism,
+float16.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import subprocess
 import tempfile
@@ -43,6 +48,7 @@ import torch
 from torch import nn
 
 from llmcore.models.llama import LlamaForCausalLM
+from llmcore.quantization.awq import Int4Linear
 from llmcore.quantization.int8 import Int8Embedding, Int8Linear
 from llmcore_cpu.cpuinfo import cpu_id
 from llmcore_cpu.toolchain import find_compiler, native_setting
@@ -50,7 +56,7 @@ from llmcore_cpu.toolchain import find_compiler, native_setting
 log = logging.getLogger("llmcore.cpu")
 
 SOURCE = Path(__file__).with_name("decode.cpp")
-KIND_F32, KIND_BF16, KIND_I8 = 0, 1, 2
+KIND_F32, KIND_BF16, KIND_I8, KIND_Q4 = 0, 1, 2, 3
 ERRORS = {-1: "head_dim > 512, odd head_dim or block_size > 256", -2: "token id outside the vocabulary",
           -3: "position beyond the RoPE table (max_model_len)", -4: "context length outside the block table"}
 
@@ -134,7 +140,7 @@ P = ctypes.c_void_p
 
 class _Linear(ctypes.Structure):
     _fields_ = [("w", P), ("scale", P), ("bias", P), ("rowsum", P), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
-                ("kind", ctypes.c_int32), ("packed", ctypes.c_int32)]
+                ("kind", ctypes.c_int32), ("packed", ctypes.c_int32), ("groups", P), ("group", ctypes.c_int64)]
 
 
 class _Layer(ctypes.Structure):
@@ -161,10 +167,12 @@ _KINDS = {torch.float32: KIND_F32, torch.bfloat16: KIND_BF16, torch.int8: KIND_I
 
 
 class _Keep:
-    """Holds the float32 copies (norms, biases, scales, RoPE tables) the structs point into."""
+    """Holds the float32 copies (norms, biases, scales, RoPE tables) the structs point into, and
+    the 4-bit weights converted to the step's layout (``q4``: by id of the module they replace)."""
 
     def __init__(self) -> None:
         self.tensors: list[torch.Tensor] = []
+        self.q4: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def f32(self, t: torch.Tensor | None) -> int | None:
         if t is None:
@@ -182,8 +190,67 @@ class _Keep:
         return t.data_ptr()
 
 
+Q4_BLOCK = 32
+
+
+@functools.lru_cache(maxsize=8)
+def _int4pack_sources(n: int, k: int) -> torch.Tensor:
+    """For each nibble of torch's CPU int4pack layout of an [n, k] weight (each byte's low nibble,
+    then its high one), the flat index ``r * k + c`` of the element it holds.
+
+    The layout is private to torch's kernel (it tiles rows by the CPU's vector width), so it is
+    read off the kernel's own packing: the index of every element, written in base 16, packed
+    one digit at a time."""
+    index = torch.arange(n * k, dtype=torch.int64)
+    sources = torch.zeros(n * k, dtype=torch.int64)
+    for digit in range(max(1, math.ceil(math.log(n * k, 16)))):
+        q = ((index >> (4 * digit)) & 15).to(torch.int32).view(n, k)
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 1).view(torch.uint8).flatten()
+        if packed.numel() * 2 != n * k:
+            raise NativeUnavailable(f"torch's int4pack of a {n} x {k} weight is {packed.numel()} bytes, "
+                                    f"not {n * k // 2}: a layout this plugin does not read")
+        sources |= torch.stack([packed & 15, packed >> 4], 1).flatten().to(torch.int64) << (4 * digit)
+    if not torch.equal(torch.sort(sources).values, index):
+        raise NativeUnavailable(f"torch's int4pack layout of a {n} x {k} weight is not a permutation")
+    return sources
+
+
+def q4_from_int4(module: Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """An :class:`Int4Linear`'s weights in the step's 4-bit layout (decode.cpp "4-bit groups"):
+    nibbles [n, k/2] uint8 (in each block of 32 elements, byte i holds element i low and 16 + i
+    high) and float32 (scale, offset) per group [n, k/group, 2], so W = q * scale + offset.
+
+    q is read out of torch's int4pack tensor by :func:`_int4pack_sources`, and checked: the
+    product of a few random rows through torch's kernel and through these weights must agree."""
+    n, k, g = module.out_features, module.in_features, module.group_size
+    packed = module.packed.view(torch.uint8).flatten()
+    q = torch.empty(n * k, dtype=torch.uint8)
+    q[_int4pack_sources(n, k)] = torch.stack([packed & 15, packed >> 4], 1).flatten()
+    q = q.view(n, k)
+    sz = module.scales_and_zeros.float().contiguous()  # [k/g, n, 2]: scale, offset + 8 * scale
+    scale, offset = sz[..., 0].t(), sz[..., 1].t() - 8 * sz[..., 0].t()
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(0))
+    want = torch._weight_int4pack_mm_for_cpu(x, module.packed, g, sz)
+    w = (q.view(n, k // g, g).float() * scale.unsqueeze(-1) + offset.unsqueeze(-1)).view(n, k)
+    err = float((x @ w.t() - want).abs().max())
+    if not err <= 1e-4 * float(want.abs().max()) + 1e-6:
+        raise NativeUnavailable(f"4-bit weights of a {n} x {k} layer did not read back (max error {err:.3g}): "
+                                "this torch's int4pack layout is not the one expected")
+    blocks = q.reshape(n, k // Q4_BLOCK, 2, Q4_BLOCK // 2)
+    nibbles = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    return nibbles, torch.stack([scale, offset], -1).contiguous()
+
+
 def _linear(module: nn.Module, keep: _Keep, what: str) -> _Linear:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, Int4Linear):
+        if module.kernel != "int4pack" or module.group_size % Q4_BLOCK or module.in_features % module.group_size:
+            raise NativeUnavailable(f"{what} is a 4-bit layer the step does not read (kernel {module.kernel}, "
+                                    f"group size {module.group_size}: groups of a multiple of 32 on the CPU)")
+        nibbles, groups = keep.q4[id(module)] = q4_from_int4(module)
+        keep.tensors += [nibbles, groups]
+        return _Linear(nibbles.data_ptr(), None, keep.f32(module.bias), None, module.out_features,
+                       module.in_features, KIND_Q4, 0, groups.data_ptr(), module.group_size)
+    if type(module) is nn.Linear:  # not a subclass: bitsandbytes' layers are nn.Linear with packed weights
         w, scale = module.weight.detach(), None
         if w.dtype not in (torch.float32, torch.bfloat16):
             raise NativeUnavailable(f"{what} has {w.dtype} weights (float32 or bfloat16 only)")
@@ -216,12 +283,21 @@ def check_model(model: nn.Module) -> None:
 # ------------------------------------------------------------------ panel-packed weights
 
 PANEL = 16
-_GROUP = {KIND_BF16: 2, KIND_I8: 4}  # k elements per 32-bit lane of a panel vector
+_GROUP = {KIND_F32: 1, KIND_BF16: 2, KIND_I8: 4}  # k elements per 32-bit lane of a panel vector
+
+
+def panel_kinds() -> set[torch.dtype]:
+    """The weight dtypes this build's panel kernels cover: AVX-512 bfloat16 (and int8 with VNNI),
+    AVX2 + FMA float32 (decode.cpp "packed weights"); none with the portable loops."""
+    feats = features()
+    if feats["avx512"]:
+        return {torch.bfloat16} | ({torch.int8} if feats["avx512_vnni int8"] else set())
+    return {torch.float32} if feats["avx2"] else set()
 
 
 def pack_panels(w: torch.Tensor) -> torch.Tensor:
-    """Repack ``w`` [n, k] in place into panels [n/16][k/g][16][g] (g = 2 for bf16, 4 for int8):
-    one 64-byte vector holds a k-group of 16 rows. Returns the panel view of the same storage."""
+    """Repack ``w`` [n, k] in place into panels [n/16][k/g][16][g] (g = 1 for float32, 2 for bf16,
+    4 for int8): one vector holds a k-group of 16 rows. Returns the panel view of the same storage."""
     n, k = w.shape
     g = _GROUP[_KINDS[w.dtype]]
     panels = w.view(n // PANEL, PANEL, k // g, g).permute(0, 2, 1, 3).contiguous()  # one tensor's temporary
@@ -238,11 +314,8 @@ def unpack_panels(panels: torch.Tensor) -> torch.Tensor:
 def _packable(L: _Linear, rows_per_half: bool = False) -> bool:
     """Whether the panel kernels cover ``L`` (rows_per_half: gate/up, packed as two halves)."""
     kind = L.kind
-    if kind not in _GROUP or L.packed:
+    if L.packed or kind not in {_KINDS[d] for d in panel_kinds()}:
         return False
-    feats = features()
-    if not feats["avx512"] or (kind == KIND_I8 and not feats["avx512_vnni int8"]):
-        return False  # the panel kernels are AVX-512 (int8: VNNI) only
     half = L.n // 2 if rows_per_half else L.n
     return L.n % PANEL == 0 and half % PANEL == 0 and L.k % _GROUP[kind] == 0
 
@@ -253,24 +326,17 @@ def _mark_packed(L: _Linear) -> _Linear:
     return _Linear.from_buffer_copy(L)
 
 
-class PanelLinear(nn.Module):
-    """A projection whose weight :class:`NativeDecode` has repacked into panels: the torch path
-    (prefill, mixed batches) runs the same native product on it, so no row-major copy is kept.
-    ``unpacked_weight()`` gives the row-major weight back (a copy)."""
+class _NativeProduct(nn.Module):
+    """A projection the torch path (prefill, mixed batches) runs through the native step's own
+    product (``llmcore_linear``) on the weights the step reads, so no second copy is kept."""
 
-    def __init__(self, lib: ctypes.CDLL, struct: _Linear, panels: torch.Tensor, scale: torch.Tensor | None,
-                 bias: torch.Tensor | None, keep: list[torch.Tensor], threads: int | None) -> None:
+    kernel = "native"
+
+    def __init__(self, lib: ctypes.CDLL, struct: _Linear, keep: list[torch.Tensor], threads: int | None) -> None:
         super().__init__()
         self.lib, self.struct, self.threads = lib, struct, threads
-        self.kernel = "native-panels"
         self.out_features, self.in_features = int(struct.n), int(struct.k)
-        self.register_buffer("weight", panels, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("bias", bias, persistent=False)
         self._keep = keep  # float32 copies the struct points into
-
-    def unpacked_weight(self) -> torch.Tensor:
-        return unpack_panels(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -287,9 +353,52 @@ class PanelLinear(nn.Module):
             raise RuntimeError(f"native product refused its input ({rc})")
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
+
+class PanelLinear(_NativeProduct):
+    """A projection whose weight :class:`NativeDecode` has repacked into panels, in place.
+    ``unpacked_weight()`` gives the row-major weight back (a copy)."""
+
+    kernel = "native-panels"
+
+    def __init__(self, lib: ctypes.CDLL, struct: _Linear, panels: torch.Tensor, scale: torch.Tensor | None,
+                 bias: torch.Tensor | None, keep: list[torch.Tensor], threads: int | None) -> None:
+        super().__init__(lib, struct, keep, threads)
+        self.register_buffer("weight", panels, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def unpacked_weight(self) -> torch.Tensor:
+        return unpack_panels(self.weight)
+
     def extra_repr(self) -> str:
-        kind = {KIND_BF16: "bfloat16", KIND_I8: "int8"}[self.struct.kind]
+        kind = {KIND_F32: "float32", KIND_BF16: "bfloat16", KIND_I8: "int8"}[self.struct.kind]
         return f"in={self.in_features}, out={self.out_features}, {kind} in 16-row panels (native)"
+
+
+class Q4Linear(_NativeProduct):
+    """A 4-bit :class:`~llmcore.quantization.awq.Int4Linear` (``int4``, ``awq``) in the native
+    step's layout (:func:`q4_from_int4`); it replaces the torch int4pack module, whose buffers go."""
+
+    kernel = "native-4bit"
+
+    def __init__(self, lib: ctypes.CDLL, struct: _Linear, nibbles: torch.Tensor, groups: torch.Tensor,
+                 bias: torch.Tensor | None, keep: list[torch.Tensor], threads: int | None) -> None:
+        super().__init__(lib, struct, keep, threads)
+        self.group_size = int(struct.group)
+        self.register_buffer("nibbles", nibbles, persistent=False)
+        self.register_buffer("groups", groups, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W = q * scale + offset, [out_features, in_features] float32 (a copy)."""
+        n, k = self.out_features, self.in_features
+        b = self.nibbles.view(n, k // Q4_BLOCK, Q4_BLOCK // 2)
+        q = torch.stack([b & 15, b >> 4], 2).reshape(n, k // self.group_size, self.group_size).float()
+        return (q * self.groups[..., :1] + self.groups[..., 1:]).reshape(n, k)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, 4-bit groups of {self.group_size} "
+                f"(native)")
 
 
 class PanelEmbedding(nn.Module):
@@ -365,11 +474,34 @@ class NativeDecode:
             layers=ctypes.cast(layers, P))
         if cfg.num_heads % cfg.num_kv_heads:
             raise NativeUnavailable("num_heads is not a multiple of num_kv_heads")
+        self.q4_layers = self._swap_q4(model)
         self.packed = self._pack(model, e_w) if pack else 0
         self._caches_key: tuple | None = None
         self._work: dict[str, torch.Tensor] = {}
         self._work_rows = self._work_threads = 0
         self.calls = 0
+
+    def _swap_q4(self, model: nn.Module) -> int:
+        """Replace every 4-bit module the structs read in the step's layout with a :class:`Q4Linear`
+        on those tensors (torch's int4pack copy goes). Returns how many."""
+        done = 0
+        owners = [(layer.self_attn, ("qkv_proj", "o_proj")) for layer in model.model.layers]
+        owners += [(layer.mlp, ("gate_up_proj", "down_proj")) for layer in model.model.layers]
+        owners.append((model, ("logits_proj", "lm_head")))
+        structs = {int(L.w): L for layer in self.layers for L in (layer.qkv, layer.o, layer.gate_up, layer.down)}
+        structs[int(self.struct.lm_head.w or 0)] = self.struct.lm_head
+        for owner, attrs in owners:
+            for attr in attrs:
+                module = getattr(owner, attr, None)
+                if id(module) not in self.keep.q4:
+                    continue
+                nibbles, groups = self.keep.q4.pop(id(module))
+                struct = _Linear.from_buffer_copy(structs[nibbles.data_ptr()])
+                bias = None if module.bias is None else module.bias.detach()
+                setattr(owner, attr, Q4Linear(self.lib, struct, nibbles, groups, bias, self.keep.tensors,
+                                              self.threads))
+                done += 1
+        return done
 
     def _pack(self, model: nn.Module, embed_weight: torch.Tensor) -> int:
         """Repack every projection the panel kernels cover, in place, and swap its module for a

@@ -33,16 +33,18 @@
 #define HAVE_AVX2_ONLY 1  // AVX2 + FMA kernels for CPUs without AVX-512 (most desktop and many server x86)
 #endif
 
-enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_I8 = 2 };
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_I8 = 2, KIND_Q4 = 3 };
 
 struct Linear {
-    const void* w;       // [n, k] row-major: float32, bfloat16 or int8
+    const void* w;       // [n, k] row-major: float32, bfloat16 or int8; 4-bit: [n, k/2] bytes ("4-bit groups")
     const float* scale;  // [n] per-row scale (int8 only) or null
     const float* bias;   // [n] or null
     const int32_t* rowsum;  // [n] sum of each int8 row (int8 only) or null
     int64_t n, k;
     int32_t kind;
     int32_t packed;  // 1: w is in 16-row panels (see "packed weights" below), else row-major
+    const float* groups;  // 4-bit only: [n, k / group, 2] (scale, offset) per group of a row
+    int64_t group;        // 4-bit only: k elements per group (a multiple of 32)
 };
 
 struct Layer {
@@ -329,6 +331,10 @@ static inline void tile_avx2(const WT* w, int64_t k, const XT* x, int64_t xs, fl
             __m256 xv[BT];
             for (int j = 0; j < BT; j++) xv[j] = ld8(x + j * xs + kk);
             for (int i = 0; i < R; i++) {
+                // int8 rows: the next tile's row, one line ahead per 64 weights (the single-stream
+                // products waited on memory without it: the 4-bit tiles ran 1.2-1.4x faster with it)
+                if constexpr (sizeof(WT) == 1)
+                    if ((kk & 63) == 0) _mm_prefetch((const char*)(w + (i + R) * k + kk), _MM_HINT_T0);
                 const __m256 wv = ld8(w + i * k + kk);
                 for (int j = 0; j < BT; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
             }
@@ -426,6 +432,192 @@ static inline void tile_i8(const int8_t* w, int64_t k, const float* x, int64_t x
 }
 #endif
 
+// ------------------------------------------------------------------ 4-bit groups (KIND_Q4)
+// Weights W[r, t] = q * scale + offset, q in 0..15, one (scale, offset) per group of `group`
+// elements of a row (int4 and awq: llama.cpp's Q4_1 block at group 32). Row r is k/2 bytes; in
+// each block of 32 elements byte i holds element i (low nibble) and element 16 + i (high), so
+// one 16-byte load gives two runs of 16 consecutive elements. Products widen q to float32 in
+// registers and dequantize there (one FMA per 8 weights), shared by every batch row of a tile;
+// with more than two batch rows, rows_q4 dequantizes four rows at a time into a float32 buffer
+// that the float32 tiles then read for every batch row.
+
+static inline float q4_at(const uint8_t* row, int64_t t) {
+    const uint8_t v = row[(t / 32) * 16 + t % 16];
+    return (float)(t % 32 < 16 ? (v & 15) : (v >> 4));
+}
+
+// row r's dequantized elements [0, k) into out
+static void q4_dequant_row(const Linear& L, int64_t r, float* out) {
+    const int64_t k = L.k, ng = k / L.group;
+    const uint8_t* w = (const uint8_t*)L.w + r * (k / 2);
+    const float* gp = L.groups + r * ng * 2;
+    int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m128i m = _mm_set1_epi8(15);
+    for (; t + 32 <= k; t += 32) {
+        const int64_t g = t / L.group;
+        const __m256 sc = _mm256_broadcast_ss(gp + 2 * g), of = _mm256_broadcast_ss(gp + 2 * g + 1);
+        const __m128i v = _mm_loadu_si128((const __m128i*)(w + t / 2));
+        const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+        _mm256_storeu_ps(out + t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), sc, of));
+        _mm256_storeu_ps(out + t + 8,
+                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), sc, of));
+        _mm256_storeu_ps(out + t + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), sc, of));
+        _mm256_storeu_ps(out + t + 24,
+                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), sc, of));
+    }
+#endif
+    for (; t < k; t++) out[t] = fmaf(q4_at(w, t), gp[2 * (t / L.group)], gp[2 * (t / L.group) + 1]);
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// R weight rows x BT batch rows (float32 activations), 8-lane accumulators; the AVX-512 build
+// runs these too (4-bit products have no 16-lane kernel yet)
+// 32 weights of one row from 16 bytes, dequantized: four 8-lane vectors
+#define Q4_DEQUANT32(p, sc, of, w0, w1, w2, w3)                                                                    \
+    const __m128i v_##w0 = _mm_loadu_si128((const __m128i*)(p));                                                  \
+    const __m128i lo_##w0 = _mm_and_si128(v_##w0, m), hi_##w0 = _mm_and_si128(_mm_srli_epi16(v_##w0, 4), m);      \
+    const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo_##w0)), sc, of);                  \
+    const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo_##w0, 8))), sc, of); \
+    const __m256 w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi_##w0)), sc, of);                  \
+    const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi_##w0, 8))), sc, of);
+#define Q4_ROW(i)                                                                                   \
+    {                                                                                               \
+        const __m256 sc = _mm256_broadcast_ss(gp + (i * ng + g) * 2);                               \
+        const __m256 of = _mm256_broadcast_ss(gp + (i * ng + g) * 2 + 1);                           \
+        _mm_prefetch((const char*)(w + (i + 4) * kb + t / 2), _MM_HINT_T0);                         \
+        Q4_DEQUANT32(w + i * kb + t / 2, sc, of, w0, w1, w2, w3)                                    \
+        a##i = _mm256_fmadd_ps(w0, x0, a##i);                                                       \
+        b##i = _mm256_fmadd_ps(w1, x1, b##i);                                                       \
+        a##i = _mm256_fmadd_ps(w2, x2, a##i);                                                       \
+        b##i = _mm256_fmadd_ps(w3, x3, b##i);                                                       \
+    }
+
+// the single-stream case, four rows x one batch row: named accumulators, two chains per row (an
+// array of them GCC kept in memory, a store and a load per FMA on the critical path)
+static inline void tile_q4_4x1(const uint8_t* w, const float* gp, int64_t k, int64_t group, const float* x,
+                               float* out) {
+    const int64_t kb = k / 2, ng = k / group;
+    const __m128i m = _mm_set1_epi8(15);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t t = 0; t < k; t += 32) {
+        const int64_t g = t / group;
+        const __m256 x0 = _mm256_loadu_ps(x + t), x1 = _mm256_loadu_ps(x + t + 8), x2 = _mm256_loadu_ps(x + t + 16),
+                     x3 = _mm256_loadu_ps(x + t + 24);
+        Q4_ROW(0) Q4_ROW(1) Q4_ROW(2) Q4_ROW(3)
+    }
+    const __m256 s[4] = {_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3)};
+    for (int i = 0; i < 4; i++) {
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s[i]), _mm256_extractf128_ps(s[i], 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        out[i] = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+    }
+}
+#undef Q4_ROW
+
+// The single-stream product on integers (llama.cpp's Q4_1 x Q8 scheme): activations quantized
+// per block of 32 to int8 (q8, scale dx per block), the 32 nibbles of a row multiplied by them
+// with vpmaddubsw (unsigned 4-bit x signed 8-bit, pairs summed to int16, at most 2 x 15 x 127)
+// and vpmaddwd, then one FMA by scale x dx per 32 weights: ~10 instructions per 32 weights where
+// the float32 tile above takes ~27. The offsets multiply the exact float sum of each block
+// (xsum), so the only rounding added is the activations' (half a step of amax/127 per element).
+#define Q4Q8_ROW(i)                                                                                  \
+    {                                                                                                \
+        _mm_prefetch((const char*)(w + (i + 4) * kb + t / 2), _MM_HINT_T0);                          \
+        const __m128i v = _mm_loadu_si128((const __m128i*)(w + i * kb + t / 2));                     \
+        const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m)); \
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);                      \
+        const float* gi = gp + (i * ng + g) * 2;                                                     \
+        a##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(gi[0] * dx), a##i);             \
+        o##i += gi[1] * xs;                                                                          \
+    }
+static inline void tile_q4q8_4x1(const uint8_t* w, const float* gp, int64_t k, int64_t group, const int8_t* xq,
+                                 const float* xscale, const float* xsum, float* out) {
+    const int64_t kb = k / 2, ng = k / group;
+    const __m128i m = _mm_set1_epi8(15);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    float o0 = 0.f, o1 = 0.f, o2 = 0.f, o3 = 0.f;
+    for (int64_t t = 0; t < k; t += 32) {
+        const int64_t g = t / group;
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + t));
+        const float dx = xscale[t / 32], xs = xsum[t / 32];
+        Q4Q8_ROW(0) Q4Q8_ROW(1) Q4Q8_ROW(2) Q4Q8_ROW(3)
+    }
+    const __m256 s[4] = {a0, a1, a2, a3};
+    const float o[4] = {o0, o1, o2, o3};
+    for (int i = 0; i < 4; i++) {
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s[i]), _mm256_extractf128_ps(s[i], 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        out[i] = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4))) + o[i];
+    }
+}
+#undef Q4Q8_ROW
+#define HAVE_Q4Q8 1
+
+template <int R, int BT>
+static inline void tile_q4(const uint8_t* w, const float* gp, int64_t k, int64_t group, const float* x, int64_t xs,
+                           float* out) {
+    if constexpr (R == 4 && BT == 1) {
+        return tile_q4_4x1(w, gp, k, group, x, out);
+    } else if constexpr (R * BT > 8) {
+        constexpr int H = BT / 2;
+        float lo[R * H], hi[R * (BT - H)];
+        tile_q4<R, H>(w, gp, k, group, x, xs, lo);
+        tile_q4<R, BT - H>(w, gp, k, group, x + H * xs, xs, hi);
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < BT; j++) out[i * BT + j] = j < H ? lo[i * H + j] : hi[i * (BT - H) + j - H];
+        return;
+    } else {
+        const int64_t kb = k / 2, ng = k / group;
+        const __m128i m = _mm_set1_epi8(15);
+        __m256 acc[R][BT];
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < BT; j++) acc[i][j] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < k; t += 32) {
+            const int64_t g = t / group;
+            for (int i = 0; i < R; i++) {
+                const __m256 sc = _mm256_broadcast_ss(gp + (i * ng + g) * 2);
+                const __m256 of = _mm256_broadcast_ss(gp + (i * ng + g) * 2 + 1);
+                const __m128i v = _mm_loadu_si128((const __m128i*)(w + i * kb + t / 2));
+                const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+                const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), sc, of);
+                const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), sc, of);
+                const __m256 w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), sc, of);
+                const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), sc, of);
+                for (int j = 0; j < BT; j++) {
+                    const float* xr = x + j * xs + t;
+                    acc[i][j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[i][j]);
+                    acc[i][j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[i][j]);
+                    acc[i][j] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[i][j]);
+                    acc[i][j] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[i][j]);
+                }
+            }
+        }
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < BT; j++) {
+                __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+                s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                out[i * BT + j] = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+            }
+    }
+}
+#else
+template <int R, int BT>
+static inline void tile_q4(const uint8_t* w, const float* gp, int64_t k, int64_t group, const float* x, int64_t xs,
+                           float* out) {
+    const int64_t kb = k / 2, ng = k / group;
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < BT; j++) {
+            float s = 0.f;
+            for (int64_t t = 0; t < k; t++)
+                s += fmaf(q4_at(w + i * kb, t), gp[(i * ng + t / group) * 2], gp[(i * ng + t / group) * 2 + 1]) *
+                     x[j * xs + t];
+            out[i * BT + j] = s;
+        }
+}
+#endif
+
 // Activations for one product: float32 rows, plus their bf16 copy for bf16 weights.
 struct Act {
     const float* f;
@@ -434,7 +626,53 @@ struct Act {
     const uint8_t* qlo = nullptr;  // int16 copy for int8 weights as two byte planes (quant_rows),
     const uint8_t* qhi = nullptr;  //   stride k
     const float* qscale = nullptr;  // per batch row
+    const int8_t* q8 = nullptr;     // 4-bit weights, one or two batch rows: int8 per block of 32 (stride k),
+    const float* q8scale = nullptr;  //   its scale and the block's exact float sum (stride k / 32)
+    const float* q8sum = nullptr;
 };
+
+// Rows of x as int8 per block of 32 (scale amax / 127, round to nearest even) and each block's sum
+static void quant_q8_blocks(const Act& x, int64_t B, int64_t k, int8_t* q, float* scale, float* sum) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < k; t += 32) {
+            const float* r = x.f + b * x.stride + t;
+            float amax = 0.f, s = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+            const __m256 sign = _mm256_set1_ps(-0.f);
+            __m256 v[4], am = _mm256_setzero_ps(), sm = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                v[i] = _mm256_loadu_ps(r + 8 * i);
+                am = _mm256_max_ps(am, _mm256_andnot_ps(sign, v[i]));
+                sm = _mm256_add_ps(sm, v[i]);
+            }
+            __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(am), _mm256_extractf128_ps(am, 1));
+            a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
+            amax = _mm_cvtss_f32(_mm_max_ss(a4, _mm_movehdup_ps(a4)));
+            __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sm), _mm256_extractf128_ps(sm, 1));
+            s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            s = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+            const float inv = amax > 0.f ? 127.f / amax : 0.f;
+            // round to nearest even (the default mode), then int32 -> int8 in element order
+            const __m256 iv = _mm256_set1_ps(inv);
+            const __m256i q01 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[0], iv)),
+                                                   _mm256_cvtps_epi32(_mm256_mul_ps(v[1], iv)));
+            const __m256i q23 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[2], iv)),
+                                                   _mm256_cvtps_epi32(_mm256_mul_ps(v[3], iv)));
+            const __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q01, q23),
+                                                            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i*)(q + b * k + t), q8);
+#else
+            for (int i = 0; i < 32; i++) {
+                amax = fmaxf(amax, fabsf(r[i]));
+                s += r[i];
+            }
+            const float inv = amax > 0.f ? 127.f / amax : 0.f;
+            for (int i = 0; i < 32; i++) q[b * k + t + i] = (int8_t)lrintf(r[i] * inv);
+#endif
+            scale[(b * k + t) / 32] = amax / 127.f;
+            sum[(b * k + t) / 32] = s;
+        }
+}
 
 // Rows of x as int16 (full range, one scale per row: finer than bf16's 8-bit mantissa for every
 // element within 1/128 of the row's largest), stored as the byte planes tile_i8b reads.
@@ -489,6 +727,20 @@ static inline void tile(const Linear& L, int64_t r, const Act& x, int64_t b, flo
             }
 #endif
             tile_i8<R, BT>((const int8_t*)L.w + r * k, k, x.f + b * x.stride, x.stride, out);
+            break;
+        case KIND_Q4:
+#ifdef HAVE_Q4Q8
+            if constexpr (R == 4 && BT == 1) {
+                if (x.q8) {
+                    const int64_t o = b * k;
+                    tile_q4q8_4x1((const uint8_t*)L.w + r * (k / 2), L.groups + r * (k / L.group) * 2, k, L.group,
+                                  x.q8 + o, x.q8scale + o / 32, x.q8sum + o / 32, out);
+                    break;
+                }
+            }
+#endif
+            tile_q4<R, BT>((const uint8_t*)L.w + r * (k / 2), L.groups + r * (k / L.group) * 2, k, L.group,
+                           x.f + b * x.stride, x.stride, out);
             break;
         default:
             tile_f32<R, BT>((const float*)L.w + r * k, k, x.f + b * x.stride, x.stride, out);
@@ -614,9 +866,10 @@ static inline void rows4_emit(const Linear& L, int64_t r, const Act& x, int64_t 
 
 // ------------------------------------------------------------------ packed weights
 //
-// llmcore_cpu/native/__init__.py repacks bf16 and int8 weights in place at load into panels of
-// 16 rows in which one 64-byte vector holds a k-group of all 16 rows: bf16 [n/16][k/2][16][2],
-// int8 [n/16][k/4][16][4]. A product is then an outer product: a weight vector times an
+// llmcore_cpu/native/__init__.py repacks weights in place at load into panels of 16 rows in
+// which one vector holds a k-group of all 16 rows. AVX-512: bf16 [n/16][k/2][16][2], int8
+// [n/16][k/4][16][4] (one 64-byte vector); AVX2: float32 [n/16][k][16] (two 32-byte vectors,
+// below). A product is then an outer product: a weight vector times an
 // activation group broadcast to every lane gives 16 output rows per accumulator, with no
 // horizontal sums, and each panel is one sequential stream. Measured on the 2-core EPYC
 // against the row-major tiles: int8 single-row products 17.7 -> 30 GB/s (the machine's plain
@@ -752,6 +1005,67 @@ static void prows(const Linear& L, int64_t r0, int64_t r1, const Act& x, int64_t
 }
 #endif
 
+#if defined(HAVE_AVX2_ONLY)
+// float32 panels for AVX2 + FMA: [n/16][k][16], one k of 16 rows in two 8-lane vectors. A tile
+// is up to six batch rows by one panel, a 6 x 16 outer product per k (12 accumulators, two
+// weight loads, six broadcasts: the register budget of the 16 ymm). Measured on the 2-core EPYC
+// (Zen 3) against the row-major tiles and torch's float32 GEMM, both threads: 64 x 3072 x 576
+// 105 GFLOP/s (torch 44-66), 512 x 576 x 1536 119 (torch 93). The accumulators are named, not
+// an array: GCC 12 kept a __m256 array in memory and stored all of it every k (47 GFLOP/s).
+#define PF32_ROW(i)                                                               \
+    if constexpr (MB > i) {                                                       \
+        const __m256 xb = _mm256_broadcast_ss(xr + i * xs + kk);                  \
+        a##i##0 = _mm256_fmadd_ps(w0, xb, a##i##0);                               \
+        a##i##1 = _mm256_fmadd_ps(w1, xb, a##i##1);                               \
+    }
+#define PF32_EMIT(i)                                                                                          \
+    if constexpr (MB > i) {                                                                                   \
+        emit4(L, r, b + i, _mm256_castps256_ps128(a##i##0), y, ys, roff, mode, rnd);                          \
+        emit4(L, r + 4, b + i, _mm256_extractf128_ps(a##i##0, 1), y, ys, roff, mode, rnd);                   \
+        emit4(L, r + 8, b + i, _mm256_castps256_ps128(a##i##1), y, ys, roff, mode, rnd);                      \
+        emit4(L, r + 12, b + i, _mm256_extractf128_ps(a##i##1, 1), y, ys, roff, mode, rnd);                  \
+    }
+
+// panel p (rows 16p..16p+15) x batch rows b..b+MB-1
+template <int MB>
+static inline void ptile_f32(const Linear& L, int64_t p, const Act& x, int64_t b, float* y, int64_t ys,
+                             int64_t roff, int mode, int rnd) {
+    const int64_t k = L.k, xs = x.stride, r = p * 16;
+    const float* w = (const float*)L.w + p * k * 16;
+    const float* xr = x.f + b * xs;
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+           a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+    for (int64_t kk = 0; kk < k; kk++) {
+        const __m256 w0 = _mm256_loadu_ps(w + kk * 16), w1 = _mm256_loadu_ps(w + kk * 16 + 8);
+        PF32_ROW(0) PF32_ROW(1) PF32_ROW(2) PF32_ROW(3) PF32_ROW(4) PF32_ROW(5)
+    }
+    PF32_EMIT(0) PF32_EMIT(1) PF32_EMIT(2) PF32_EMIT(3) PF32_EMIT(4) PF32_EMIT(5)
+}
+#undef PF32_ROW
+#undef PF32_EMIT
+
+// rows [r0, r1) (multiples of 16) of a packed float32 product: each panel for every batch row,
+// six at a time (the panel stays in L1/L2 while the activations stream past it)
+static void prows_f32(const Linear& L, int64_t r0, int64_t r1, const Act& x, int64_t B, float* y, int64_t ys,
+                      int64_t roff, int mode, int rnd) {
+    for (int64_t p = r0 / 16; p < r1 / 16; p++) {
+        int64_t b = 0;
+        for (; b + 6 <= B; b += 6) ptile_f32<6>(L, p, x, b, y, ys, roff, mode, rnd);
+        switch (B - b) {
+            case 5: ptile_f32<5>(L, p, x, b, y, ys, roff, mode, rnd); break;
+            case 4: ptile_f32<4>(L, p, x, b, y, ys, roff, mode, rnd); break;
+            case 3: ptile_f32<3>(L, p, x, b, y, ys, roff, mode, rnd); break;
+            case 2: ptile_f32<2>(L, p, x, b, y, ys, roff, mode, rnd); break;
+            case 1: ptile_f32<1>(L, p, x, b, y, ys, roff, mode, rnd); break;
+            default: break;
+        }
+    }
+}
+#endif
+
+static void rows_q4(const Linear& L, int64_t r0, int64_t r1, const Act& x, int64_t B, float* y, int64_t ys,
+                    int64_t roff, int mode, int rnd);
+
 // rows [r0, r1) of y = x W^T for all B batch rows
 template <int R>
 static void rows_block(const Linear& L, int64_t r0, int64_t r1, const Act& x, int64_t B, float* y,
@@ -759,6 +1073,7 @@ static void rows_block(const Linear& L, int64_t r0, int64_t r1, const Act& x, in
     const int BT = 4;
     float out[R * BT];
     int64_t r = r0;
+    if (L.kind == KIND_Q4 && B > 2) return rows_q4(L, r0, r1, x, B, y, ys, roff, mode, rnd);
 #if defined(__AVX512F__)
     if (L.packed) {  // __init__.py packs only what these kernels cover, n and chunks in whole panels
 #ifdef HAVE_I16_DOT
@@ -769,6 +1084,8 @@ static void rows_block(const Linear& L, int64_t r0, int64_t r1, const Act& x, in
     if (R == 4 && (L.kind == KIND_BF16 || L.kind == KIND_F32)) {
         for (; r + 4 <= r1; r += 4) rows4_emit(L, r, x, 0, B, y, ys, roff, mode, rnd);
     }
+#elif defined(HAVE_AVX2_ONLY)
+    if (L.packed) return prows_f32(L, r0, r1, x, B, y, ys, roff, mode, rnd);  // __init__.py packs float32 only
 #endif
     // row-major int8 (and, with AVX-512, only the rows left over above): tiles into a buffer
     for (; r + R <= r1; r += R) {
@@ -808,6 +1125,25 @@ static void rows_block(const Linear& L, int64_t r0, int64_t r1, const Act& x, in
         }
 }
 
+// 4-bit rows for more than two batch rows: four rows at a time dequantized into a float32
+// buffer (L1-resident at k <= 2048), then the row-major float32 tiles over every batch row
+static void rows_q4(const Linear& L, int64_t r0, int64_t r1, const Act& x, int64_t B, float* y, int64_t ys,
+                    int64_t roff, int mode, int rnd) {
+    static thread_local std::vector<float> buf;
+    if ((int64_t)buf.size() < 4 * L.k) buf.resize(4 * L.k);
+    Linear F = L;
+    F.kind = KIND_F32;
+    F.packed = 0;
+    F.scale = nullptr;
+    F.w = buf.data();
+    for (int64_t r = r0; r < r1; r += 4) {
+        const int64_t R = r1 - r < 4 ? r1 - r : 4;
+        for (int64_t i = 0; i < R; i++) q4_dequant_row(L, r + i, buf.data() + i * L.k);
+        F.bias = L.bias ? L.bias + r : nullptr;  // F's rows 0..R-1 are L's r..r+R-1
+        rows_block<4>(F, 0, R, x, B, y, ys, roff - r, mode, rnd);
+    }
+}
+
 // Inside a parallel region: the rows split over the threads in chunks of 16 (dynamic,
 // so a thread slowed by the other process on its core does not hold the rest back).
 // Rows per work item: about eight items per thread, so each streams long runs of weight rows
@@ -818,12 +1154,18 @@ static inline int64_t chunk_rows(int64_t n, int64_t B, int packed) {
     int64_t c = n / (8 * T);
     if (B > 16) c = c < 64 ? c : 64;  // many rows: items small enough to balance
     // packed: whole 16-row panels, in the 2- or 4-panel groups of the widest tiles (prows)
+#if defined(HAVE_AVX2_ONLY)
+    // float32 panels, many rows: one panel per item (a 6 x 16 tile pass over the batch rows is
+    // >= 10 us at 64 rows), so two threads finish within one panel of each other (a 576-row
+    // product in 64-row items split 5:4)
+    if (packed && B > 16) return 16;
+#endif
     const int64_t q = packed ? (B <= 2 ? 64 : 32) : 4;
     c = (c + q - 1) / q * q;
     return c < 16 ? 16 : c;
 }
 
-// int8 weights: each thread quantizes the activations for itself (no barrier; B x k is small)
+// int8 and 4-bit weights: each thread quantizes the activations for itself (no barrier; B x k is small)
 static Act with_quant(const Linear& L, const Act& x, int64_t B) {
 #ifdef HAVE_I16_DOT
     if (L.kind == KIND_I8) {
@@ -836,6 +1178,20 @@ static Act with_quant(const Linear& L, const Act& x, int64_t B) {
         a.qlo = q.data();
         a.qhi = q.data() + B * L.k;
         a.qscale = qs.data();
+        return a;
+    }
+#endif
+#ifdef HAVE_Q4Q8
+    if (L.kind == KIND_Q4 && B <= 2) {  // the direct tiles (rows_q4 takes more batch rows, in float32)
+        static thread_local std::vector<int8_t> q;
+        static thread_local std::vector<float> qs;
+        if ((int64_t)q.size() < B * L.k) q.resize(B * L.k);
+        if ((int64_t)qs.size() < 2 * B * L.k / 32) qs.resize(2 * B * L.k / 32);
+        quant_q8_blocks(x, B, L.k, q.data(), qs.data(), qs.data() + B * L.k / 32);
+        Act a = x;
+        a.q8 = q.data();
+        a.q8scale = qs.data();
+        a.q8sum = qs.data() + B * L.k / 32;
         return a;
     }
 #endif
@@ -854,6 +1210,37 @@ static void linear_par(const Linear& L, const Act& x0, int64_t B, float* y, int6
     }
 }
 
+
+#if defined(HAVE_AVX2_ONLY)
+// exp(x) for 8 lanes, as exp16 (same range reduction and polynomial); 2^t built in the exponent bits
+static inline __m256 exp8(__m256 x) {
+    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+    const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 t = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(t, ln2_hi, x);
+    r = _mm256_fnmadd_ps(t, ln2_lo, r);
+    __m256 p = _mm256_set1_ps(1.3888889e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3333333e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1666667e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666667e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    // t in [-126, 127] after the clamp: a normal power of two (at x = -87, 2^-126 times p >= 0.5)
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(t), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// eight bf16 roundings at once (round to nearest even; NaN kept), as round_bf16_4
+static inline __m256 round_bf16_8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                           _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    const __m256 out = _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
+    return _mm256_blendv_ps(out, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+#endif
 
 // The gate/up product with SiLU(gate) * up as its epilogue: chunk c computes gate rows
 // [r0, r1) and the matching up rows [I + r0, I + r1) into the thread's scratch (B x 2 x 16)
@@ -884,6 +1271,26 @@ static void gate_up_par(const Linear& L, const Act& x0, int64_t B, float* scratc
                 __m512 v = rnd ? round_bf16_16(_mm512_mul_ps(round_bf16_16(sg), u)) : _mm512_mul_ps(sg, u);
                 _mm512_mask_storeu_ps(act + b * I + r, m, v);
                 _mm256_mask_storeu_epi16(act_h + b * I + r, m, _mm512_cvtepi32_epi16(bf16_bits16(v)));
+            }
+        }
+#elif defined(HAVE_AVX2_ONLY)
+        // the same 8 lanes at a time (scalar expf here: ~30 ms of a 280 ms 64-row step on the EPYC)
+        for (; b < B; b++) {
+            const float* gs = scratch + b * 2 * chunk;
+            int64_t r = r0;
+            for (; r + 8 <= r1; r += 8) {
+                const __m256 g = _mm256_loadu_ps(gs + (r - r0)), u = _mm256_loadu_ps(gs + chunk + (r - r0));
+                const __m256 sg = _mm256_div_ps(
+                    g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+                const __m256 v = rnd ? round_bf16_8(_mm256_mul_ps(round_bf16_8(sg), u)) : _mm256_mul_ps(sg, u);
+                _mm256_storeu_ps(act + b * I + r, v);
+                for (int i = 0; i < 8; i++) act_h[b * I + r + i] = f32_to_bf16(act[b * I + r + i]);
+            }
+            for (; r < r1; r++) {
+                const float g = gs[r - r0], u = gs[chunk + (r - r0)];
+                const float v = rnd ? round_bf16(round_bf16(silu(g)) * u) : silu(g) * u;
+                act[b * I + r] = v;
+                act_h[b * I + r] = f32_to_bf16(v);
             }
         }
 #endif
@@ -1149,26 +1556,6 @@ static void attend_heads(const Model& M, const Layer& L, const float* q, int64_t
 #endif
 
 #if defined(HAVE_AVX2_ONLY)
-// exp(x) for 8 lanes, as exp16 (same range reduction and polynomial); 2^t built in the exponent bits
-static inline __m256 exp8(__m256 x) {
-    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-    const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    const __m256 t = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(t, ln2_hi, x);
-    r = _mm256_fnmadd_ps(t, ln2_lo, r);
-    __m256 p = _mm256_set1_ps(1.3888889e-3f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3333333e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1666667e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666667e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    // t in [-126, 127] after the clamp: a normal power of two (at x = -87, 2^-126 times p >= 0.5)
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(t), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 static inline __m256 cache_vec8(const void* c, int kind, int64_t off) {
     return kind == KIND_BF16 ? ld8((const uint16_t*)c + off) : _mm256_loadu_ps((const float*)c + off);
 }
@@ -1378,7 +1765,7 @@ extern "C" int llmcore_decode_step(const Model* Mp, int64_t B, const int64_t* id
             float v;
             int64_t at = ids[b] * H + i;
             if (M.embed_packed) {  // row r, column i of [n/16][H/g][16][g] panels
-                const int64_t g = M.embed_kind == KIND_I8 ? 4 : 2, r = ids[b];
+                const int64_t g = M.embed_kind == KIND_I8 ? 4 : M.embed_kind == KIND_BF16 ? 2 : 1, r = ids[b];
                 at = ((r / 16) * (H / g) + i / g) * 16 * g + (r % 16) * g + i % g;
             }
             if (M.embed_kind == KIND_BF16) v = bf16_to_f32(((const uint16_t*)M.embed)[at]);
@@ -1444,7 +1831,8 @@ extern "C" const char* llmcore_struct_layout(void) {
         std::string out;
         LAYOUT_FIELD(Linear, w); LAYOUT_FIELD(Linear, scale); LAYOUT_FIELD(Linear, bias);
         LAYOUT_FIELD(Linear, rowsum); LAYOUT_FIELD(Linear, n); LAYOUT_FIELD(Linear, k);
-        LAYOUT_FIELD(Linear, kind); LAYOUT_FIELD(Linear, packed); LAYOUT_SIZE(Linear);
+        LAYOUT_FIELD(Linear, kind); LAYOUT_FIELD(Linear, packed);
+        LAYOUT_FIELD(Linear, groups); LAYOUT_FIELD(Linear, group); LAYOUT_SIZE(Linear);
         LAYOUT_FIELD(Layer, qkv); LAYOUT_FIELD(Layer, o); LAYOUT_FIELD(Layer, gate_up); LAYOUT_FIELD(Layer, down);
         LAYOUT_FIELD(Layer, in_norm); LAYOUT_FIELD(Layer, post_norm); LAYOUT_FIELD(Layer, q_norm);
         LAYOUT_FIELD(Layer, k_norm); LAYOUT_FIELD(Layer, k_cache); LAYOUT_FIELD(Layer, v_cache); LAYOUT_SIZE(Layer);
