@@ -137,7 +137,7 @@ def test_q4_products_match_float64(lib, m, n, k, g):
     nibbles, groups = native.q4_from_int4(layer)
     keep = native._Keep()
     L = native._Linear(nibbles.data_ptr(), None, keep.f32(bias), None, n, k, native.KIND_Q4, 0,
-                       groups.data_ptr(), g)
+                       groups.data_ptr(), g, native._KINDS[groups.dtype])
     q4 = native.Q4Linear(lib, L, nibbles, groups, bias, keep.tensors, 2)
     wd = q4.dequantized_weight()
     eye_w = layer(torch.eye(k)).t() - bias.unsqueeze(1)  # the torch kernel's own dequantized weights
@@ -149,7 +149,8 @@ def test_q4_products_match_float64(lib, m, n, k, g):
         # one or two batch rows: activations as int8 per block of 32 (decode.cpp tile_q4q8_4x1),
         # half a step of amax/127 per element times |q * scale| (the offsets take exact sums)
         dx = (x.view(m, k // 32, 32).abs().amax(-1) / 127).repeat_interleave(32, 1).double()
-        qs = (wd - groups[..., 1].repeat_interleave(g, 1)).abs().double()
+        offset = (groups[..., 1] - 8 * groups[..., 0]).repeat_interleave(g, 1)  # W = q * scale + offset
+        qs = (wd - offset).abs().double()
         bound = 0.5 * dx @ qs.T
         assert ((y.double() - ref).abs() <= bound + tol).all()
     else:

@@ -16,9 +16,9 @@ HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
 needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not installed")
 
 
-def engine(model, quantization=None, dtype="bfloat16"):
+def engine(model, quantization=None, dtype="bfloat16", **kw):
     return Engine(model=str(model), device="cpu", dtype=dtype, quantization=quantization, progress=False,
-                  num_kv_blocks=32, max_num_seqs=4)
+                  num_kv_blocks=32, max_num_seqs=4, **kw)
 
 
 def greedy(e, n=8):
@@ -80,7 +80,9 @@ def test_eetq_tied_embedding_shares_the_int8_table(mha_qwen2):
 
 
 def test_int4_weight_bytes_are_half_a_byte_plus_group_scales(tiny_llama):
-    e = engine(tiny_llama, "int4")
+    # the torch path's Int4Linear (the CPU's native step reads these layers into its own layout,
+    # Q4Linear, with float32 scales and offsets: tests/cpu/test_native_decode.py)
+    e = engine(tiny_llama, "int4", native_decode=False)
     model = e.runner.model
     c, shapes = linear_shapes(tiny_llama)
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]

@@ -140,7 +140,8 @@ P = ctypes.c_void_p
 
 class _Linear(ctypes.Structure):
     _fields_ = [("w", P), ("scale", P), ("bias", P), ("rowsum", P), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
-                ("kind", ctypes.c_int32), ("packed", ctypes.c_int32), ("groups", P), ("group", ctypes.c_int64)]
+                ("kind", ctypes.c_int32), ("packed", ctypes.c_int32), ("groups", P), ("group", ctypes.c_int32),
+                ("group_kind", ctypes.c_int32)]
 
 
 class _Layer(ctypes.Structure):
@@ -218,7 +219,8 @@ def _int4pack_sources(n: int, k: int) -> torch.Tensor:
 def q4_from_int4(module: Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """An :class:`Int4Linear`'s weights in the step's 4-bit layout (decode.cpp "4-bit groups"):
     nibbles [n, k/2] uint8 (in each block of 32 elements, byte i holds element i low and 16 + i
-    high) and float32 (scale, offset) per group [n, k/group, 2], so W = q * scale + offset.
+    high) and, per group, torch's own (scale, zero) pair in the model's dtype [n, k/group, 2], so
+    W = (q - 8) * scale + zero as in torch's kernel, in the same bytes.
 
     q is read out of torch's int4pack tensor by :func:`_int4pack_sources`, and checked: the
     product of a few random rows through torch's kernel and through these weights must agree."""
@@ -227,29 +229,35 @@ def q4_from_int4(module: Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(n * k, dtype=torch.uint8)
     q[_int4pack_sources(n, k)] = torch.stack([packed & 15, packed >> 4], 1).flatten()
     q = q.view(n, k)
-    sz = module.scales_and_zeros.float().contiguous()  # [k/g, n, 2]: scale, offset + 8 * scale
-    scale, offset = sz[..., 0].t(), sz[..., 1].t() - 8 * sz[..., 0].t()
+    groups = module.scales_and_zeros.permute(1, 0, 2).contiguous()  # [n, k/g, 2]: scale, offset + 8 * scale
     x = torch.randn(4, k, generator=torch.Generator().manual_seed(0))
-    want = torch._weight_int4pack_mm_for_cpu(x, module.packed, g, sz)
-    w = (q.view(n, k // g, g).float() * scale.unsqueeze(-1) + offset.unsqueeze(-1)).view(n, k)
-    err = float((x @ w.t() - want).abs().max())
+    want = torch._weight_int4pack_mm_for_cpu(x, module.packed, g, module.scales_and_zeros.float().contiguous())
+    err = float((x @ q4_dequantize(q, groups).t() - want).abs().max())
     if not err <= 1e-4 * float(want.abs().max()) + 1e-6:
         raise NativeUnavailable(f"4-bit weights of a {n} x {k} layer did not read back (max error {err:.3g}): "
                                 "this torch's int4pack layout is not the one expected")
     blocks = q.reshape(n, k // Q4_BLOCK, 2, Q4_BLOCK // 2)
     nibbles = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-    return nibbles, torch.stack([scale, offset], -1).contiguous()
+    return nibbles, groups
+
+
+def q4_dequantize(q: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """W = (q - 8) * scale + zero, float32 [n, k], from q [n, k] and groups [n, k/g, 2]."""
+    n, k = q.shape
+    gf = groups.float()
+    return ((q.view(n, gf.shape[1], -1).float() - 8) * gf[..., :1] + gf[..., 1:]).view(n, k)
 
 
 def _linear(module: nn.Module, keep: _Keep, what: str) -> _Linear:
     if isinstance(module, Int4Linear):
-        if module.kernel != "int4pack" or module.group_size % Q4_BLOCK or module.in_features % module.group_size:
+        if (module.kernel != "int4pack" or module.group_size % Q4_BLOCK or module.in_features % module.group_size
+                or module.scales_and_zeros.dtype not in (torch.float32, torch.bfloat16)):
             raise NativeUnavailable(f"{what} is a 4-bit layer the step does not read (kernel {module.kernel}, "
                                     f"group size {module.group_size}: groups of a multiple of 32 on the CPU)")
         nibbles, groups = keep.q4[id(module)] = q4_from_int4(module)
         keep.tensors += [nibbles, groups]
         return _Linear(nibbles.data_ptr(), None, keep.f32(module.bias), None, module.out_features,
-                       module.in_features, KIND_Q4, 0, groups.data_ptr(), module.group_size)
+                       module.in_features, KIND_Q4, 0, groups.data_ptr(), module.group_size, _KINDS[groups.dtype])
     if type(module) is nn.Linear:  # not a subclass: bitsandbytes' layers are nn.Linear with packed weights
         w, scale = module.weight.detach(), None
         if w.dtype not in (torch.float32, torch.bfloat16):
@@ -390,11 +398,10 @@ class Q4Linear(_NativeProduct):
         self.register_buffer("bias", bias, persistent=False)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """W = q * scale + offset, [out_features, in_features] float32 (a copy)."""
+        """W = (q - 8) * scale + zero, [out_features, in_features] float32 (a copy)."""
         n, k = self.out_features, self.in_features
         b = self.nibbles.view(n, k // Q4_BLOCK, Q4_BLOCK // 2)
-        q = torch.stack([b & 15, b >> 4], 2).reshape(n, k // self.group_size, self.group_size).float()
-        return (q * self.groups[..., :1] + self.groups[..., 1:]).reshape(n, k)
+        return q4_dequantize(torch.stack([b & 15, b >> 4], 2).reshape(n, k), self.groups)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, 4-bit groups of {self.group_size} "

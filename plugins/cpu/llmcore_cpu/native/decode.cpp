@@ -43,8 +43,10 @@ struct Linear {
     int64_t n, k;
     int32_t kind;
     int32_t packed;  // 1: w is in 16-row panels (see "packed weights" below), else row-major
-    const float* groups;  // 4-bit only: [n, k / group, 2] (scale, offset) per group of a row
-    int64_t group;        // 4-bit only: k elements per group (a multiple of 32)
+    const void* groups;   // 4-bit only: [n, k / group, 2] (scale, zero) per group of a row, float32 or
+                          //   bfloat16 (group_kind): W = (q - 8) * scale + zero, torch's int4pack form
+    int32_t group;        // 4-bit only: k elements per group (a multiple of 32)
+    int32_t group_kind;   // KIND_F32 or KIND_BF16
 };
 
 struct Layer {
@@ -434,7 +436,8 @@ static inline void tile_i8(const int8_t* w, int64_t k, const float* x, int64_t x
 
 // ------------------------------------------------------------------ 4-bit groups (KIND_Q4)
 // Weights W[r, t] = q * scale + offset, q in 0..15, one (scale, offset) per group of `group`
-// elements of a row (int4 and awq: llama.cpp's Q4_1 block at group 32). Row r is k/2 bytes; in
+// elements of a row (int4 and awq: llama.cpp's Q4_1 block at group 32), kept as torch's int4pack
+// keeps them: (scale, zero = offset + 8 * scale) in the model's dtype (Q4G). Row r is k/2 bytes; in
 // each block of 32 elements byte i holds element i (low nibble) and element 16 + i (high), so
 // one 16-byte load gives two runs of 16 consecutive elements. Products widen q to float32 in
 // registers and dequantize there (one FMA per 8 weights), shared by every batch row of a tile;
@@ -446,17 +449,45 @@ static inline float q4_at(const uint8_t* row, int64_t t) {
     return (float)(t % 32 < 16 ? (v & 15) : (v >> 4));
 }
 
+// Group parameters from group i on: (scale, zero) pairs, float32 or bfloat16
+struct Q4G {
+    const void* p;
+    int32_t kind;
+    // group i's scale and offset (zero - 8 * scale: exact in float32 for bfloat16 pairs)
+    inline void at(int64_t i, float& s, float& o) const {
+        float z;
+        if (kind == KIND_BF16) {
+            s = bf16_to_f32(((const uint16_t*)p)[2 * i]);
+            z = bf16_to_f32(((const uint16_t*)p)[2 * i + 1]);
+        } else {
+            s = ((const float*)p)[2 * i];
+            z = ((const float*)p)[2 * i + 1];
+        }
+        o = fmaf(-8.f, s, z);
+    }
+    inline Q4G from(int64_t i) const {
+        return {kind == KIND_BF16 ? (const void*)((const uint16_t*)p + 2 * i) : (const void*)((const float*)p + 2 * i),
+                kind};
+    }
+};
+static inline Q4G q4_groups(const Linear& L, int64_t r) {
+    return Q4G{L.groups, L.group_kind}.from(r * (L.k / L.group));
+}
+
 // row r's dequantized elements [0, k) into out
 static void q4_dequant_row(const Linear& L, int64_t r, float* out) {
     const int64_t k = L.k, ng = k / L.group;
     const uint8_t* w = (const uint8_t*)L.w + r * (k / 2);
-    const float* gp = L.groups + r * ng * 2;
+    const Q4G gp = q4_groups(L, r);
     int64_t t = 0;
+    (void)ng;
 #if defined(__AVX2__) && defined(__FMA__)
     const __m128i m = _mm_set1_epi8(15);
     for (; t + 32 <= k; t += 32) {
         const int64_t g = t / L.group;
-        const __m256 sc = _mm256_broadcast_ss(gp + 2 * g), of = _mm256_broadcast_ss(gp + 2 * g + 1);
+        float s, o;
+        gp.at(g, s, o);
+        const __m256 sc = _mm256_set1_ps(s), of = _mm256_set1_ps(o);
         const __m128i v = _mm_loadu_si128((const __m128i*)(w + t / 2));
         const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
         _mm256_storeu_ps(out + t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), sc, of));
@@ -467,7 +498,11 @@ static void q4_dequant_row(const Linear& L, int64_t r, float* out) {
                          _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), sc, of));
     }
 #endif
-    for (; t < k; t++) out[t] = fmaf(q4_at(w, t), gp[2 * (t / L.group)], gp[2 * (t / L.group) + 1]);
+    for (; t < k; t++) {
+        float s, o;
+        gp.at(t / L.group, s, o);
+        out[t] = fmaf(q4_at(w, t), s, o);
+    }
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -483,8 +518,9 @@ static void q4_dequant_row(const Linear& L, int64_t r, float* out) {
     const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi_##w0, 8))), sc, of);
 #define Q4_ROW(i)                                                                                   \
     {                                                                                               \
-        const __m256 sc = _mm256_broadcast_ss(gp + (i * ng + g) * 2);                               \
-        const __m256 of = _mm256_broadcast_ss(gp + (i * ng + g) * 2 + 1);                           \
+        float s_, o_;                                                                               \
+        gp.at(i * ng + g, s_, o_);                                                                  \
+        const __m256 sc = _mm256_set1_ps(s_), of = _mm256_set1_ps(o_);                              \
         _mm_prefetch((const char*)(w + (i + 4) * kb + t / 2), _MM_HINT_T0);                         \
         Q4_DEQUANT32(w + i * kb + t / 2, sc, of, w0, w1, w2, w3)                                    \
         a##i = _mm256_fmadd_ps(w0, x0, a##i);                                                       \
@@ -495,7 +531,7 @@ static void q4_dequant_row(const Linear& L, int64_t r, float* out) {
 
 // the single-stream case, four rows x one batch row: named accumulators, two chains per row (an
 // array of them GCC kept in memory, a store and a load per FMA on the critical path)
-static inline void tile_q4_4x1(const uint8_t* w, const float* gp, int64_t k, int64_t group, const float* x,
+static inline void tile_q4_4x1(const uint8_t* w, const Q4G gp, int64_t k, int64_t group, const float* x,
                                float* out) {
     const int64_t kb = k / 2, ng = k / group;
     const __m128i m = _mm_set1_epi8(15);
@@ -527,11 +563,12 @@ static inline void tile_q4_4x1(const uint8_t* w, const float* gp, int64_t k, int
         const __m128i v = _mm_loadu_si128((const __m128i*)(w + i * kb + t / 2));                     \
         const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m)); \
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);                      \
-        const float* gi = gp + (i * ng + g) * 2;                                                     \
-        a##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(gi[0] * dx), a##i);             \
-        o##i += gi[1] * xs;                                                                          \
+        float s_, o_;                                                                                \
+        gp.at(i * ng + g, s_, o_);                                                                   \
+        a##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s_ * dx), a##i);                \
+        o##i += o_ * xs;                                                                             \
     }
-static inline void tile_q4q8_4x1(const uint8_t* w, const float* gp, int64_t k, int64_t group, const int8_t* xq,
+static inline void tile_q4q8_4x1(const uint8_t* w, const Q4G gp, int64_t k, int64_t group, const int8_t* xq,
                                  const float* xscale, const float* xsum, float* out) {
     const int64_t kb = k / 2, ng = k / group;
     const __m128i m = _mm_set1_epi8(15);
@@ -556,7 +593,7 @@ static inline void tile_q4q8_4x1(const uint8_t* w, const float* gp, int64_t k, i
 #define HAVE_Q4Q8 1
 
 template <int R, int BT>
-static inline void tile_q4(const uint8_t* w, const float* gp, int64_t k, int64_t group, const float* x, int64_t xs,
+static inline void tile_q4(const uint8_t* w, const Q4G gp, int64_t k, int64_t group, const float* x, int64_t xs,
                            float* out) {
     if constexpr (R == 4 && BT == 1) {
         return tile_q4_4x1(w, gp, k, group, x, out);
@@ -577,8 +614,9 @@ static inline void tile_q4(const uint8_t* w, const float* gp, int64_t k, int64_t
         for (int64_t t = 0; t < k; t += 32) {
             const int64_t g = t / group;
             for (int i = 0; i < R; i++) {
-                const __m256 sc = _mm256_broadcast_ss(gp + (i * ng + g) * 2);
-                const __m256 of = _mm256_broadcast_ss(gp + (i * ng + g) * 2 + 1);
+                float s, o;
+                gp.at(i * ng + g, s, o);
+                const __m256 sc = _mm256_set1_ps(s), of = _mm256_set1_ps(o);
                 const __m128i v = _mm_loadu_si128((const __m128i*)(w + i * kb + t / 2));
                 const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
                 const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), sc, of);
@@ -604,15 +642,17 @@ static inline void tile_q4(const uint8_t* w, const float* gp, int64_t k, int64_t
 }
 #else
 template <int R, int BT>
-static inline void tile_q4(const uint8_t* w, const float* gp, int64_t k, int64_t group, const float* x, int64_t xs,
+static inline void tile_q4(const uint8_t* w, const Q4G gp, int64_t k, int64_t group, const float* x, int64_t xs,
                            float* out) {
     const int64_t kb = k / 2, ng = k / group;
     for (int i = 0; i < R; i++)
         for (int j = 0; j < BT; j++) {
             float s = 0.f;
-            for (int64_t t = 0; t < k; t++)
-                s += fmaf(q4_at(w + i * kb, t), gp[(i * ng + t / group) * 2], gp[(i * ng + t / group) * 2 + 1]) *
-                     x[j * xs + t];
+            for (int64_t t = 0; t < k; t++) {
+                float sc, of;
+                gp.at(i * ng + t / group, sc, of);
+                s += fmaf(q4_at(w + i * kb, t), sc, of) * x[j * xs + t];
+            }
             out[i * BT + j] = s;
         }
 }
@@ -733,13 +773,13 @@ static inline void tile(const Linear& L, int64_t r, const Act& x, int64_t b, flo
             if constexpr (R == 4 && BT == 1) {
                 if (x.q8) {
                     const int64_t o = b * k;
-                    tile_q4q8_4x1((const uint8_t*)L.w + r * (k / 2), L.groups + r * (k / L.group) * 2, k, L.group,
+                    tile_q4q8_4x1((const uint8_t*)L.w + r * (k / 2), q4_groups(L, r), k, L.group,
                                   x.q8 + o, x.q8scale + o / 32, x.q8sum + o / 32, out);
                     break;
                 }
             }
 #endif
-            tile_q4<R, BT>((const uint8_t*)L.w + r * (k / 2), L.groups + r * (k / L.group) * 2, k, L.group,
+            tile_q4<R, BT>((const uint8_t*)L.w + r * (k / 2), q4_groups(L, r), k, L.group,
                            x.f + b * x.stride, x.stride, out);
             break;
         default:
@@ -1126,16 +1166,34 @@ static void rows_block(const Linear& L, int64_t r0, int64_t r1, const Act& x, in
 }
 
 // 4-bit rows for more than two batch rows: four rows at a time dequantized into a float32
-// buffer (L1-resident at k <= 2048), then the row-major float32 tiles over every batch row
+// buffer (L1-resident at k <= 2048), then the row-major float32 tiles over every batch row. With
+// the AVX2 float32 panels and many batch rows, sixteen rows at a time into a panel for ptile_f32
+// (the scatter into the panel costs ~one store per weight, paid once for all the batch rows).
 static void rows_q4(const Linear& L, int64_t r0, int64_t r1, const Act& x, int64_t B, float* y, int64_t ys,
                     int64_t roff, int mode, int rnd) {
-    static thread_local std::vector<float> buf;
-    if ((int64_t)buf.size() < 4 * L.k) buf.resize(4 * L.k);
+    static thread_local std::vector<float> buf, row;
+    if ((int64_t)buf.size() < 16 * L.k) buf.resize(16 * L.k);
     Linear F = L;
     F.kind = KIND_F32;
     F.packed = 0;
     F.scale = nullptr;
     F.w = buf.data();
+#if defined(HAVE_AVX2_ONLY)
+    if (B > 16) {
+        if ((int64_t)row.size() < L.k) row.resize(L.k);
+        Linear P = F;
+        P.packed = 1;
+        P.n = 16;
+        for (; r0 + 16 <= r1; r0 += 16) {
+            for (int64_t i = 0; i < 16; i++) {
+                q4_dequant_row(L, r0 + i, row.data());
+                for (int64_t t = 0; t < L.k; t++) buf[t * 16 + i] = row[t];
+            }
+            P.bias = L.bias ? L.bias + r0 : nullptr;  // P's rows 0..15 are L's r0..r0+15
+            prows_f32(P, 0, 16, x, B, y, ys, roff - r0, mode, rnd);
+        }
+    }
+#endif
     for (int64_t r = r0; r < r1; r += 4) {
         const int64_t R = r1 - r < 4 ? r1 - r : 4;
         for (int64_t i = 0; i < R; i++) q4_dequant_row(L, r + i, buf.data() + i * L.k);
@@ -1832,7 +1890,8 @@ extern "C" const char* llmcore_struct_layout(void) {
         LAYOUT_FIELD(Linear, w); LAYOUT_FIELD(Linear, scale); LAYOUT_FIELD(Linear, bias);
         LAYOUT_FIELD(Linear, rowsum); LAYOUT_FIELD(Linear, n); LAYOUT_FIELD(Linear, k);
         LAYOUT_FIELD(Linear, kind); LAYOUT_FIELD(Linear, packed);
-        LAYOUT_FIELD(Linear, groups); LAYOUT_FIELD(Linear, group); LAYOUT_SIZE(Linear);
+        LAYOUT_FIELD(Linear, groups); LAYOUT_FIELD(Linear, group); LAYOUT_FIELD(Linear, group_kind);
+        LAYOUT_SIZE(Linear);
         LAYOUT_FIELD(Layer, qkv); LAYOUT_FIELD(Layer, o); LAYOUT_FIELD(Layer, gate_up); LAYOUT_FIELD(Layer, down);
         LAYOUT_FIELD(Layer, in_norm); LAYOUT_FIELD(Layer, post_norm); LAYOUT_FIELD(Layer, q_norm);
         LAYOUT_FIELD(Layer, k_norm); LAYOUT_FIELD(Layer, k_cache); LAYOUT_FIELD(Layer, v_cache); LAYOUT_SIZE(Layer);
