@@ -439,10 +439,9 @@ static inline void tile_i8(const int8_t* w, int64_t k, const float* x, int64_t x
 // elements of a row (int4 and awq: llama.cpp's Q4_1 block at group 32), kept as torch's int4pack
 // keeps them: (scale, zero = offset + 8 * scale) in the model's dtype (Q4G). Row r is k/2 bytes; in
 // each block of 32 elements byte i holds element i (low nibble) and element 16 + i (high), so
-// one 16-byte load gives two runs of 16 consecutive elements. Products widen q to float32 in
-// registers and dequantize there (one FMA per 8 weights), shared by every batch row of a tile;
-// with more than two batch rows, rows_q4 dequantizes four rows at a time into a float32 buffer
-// that the float32 tiles then read for every batch row.
+// one 16-byte load gives two runs of 16 consecutive elements. One or two batch rows: integer
+// products on int8 activations (tile_q4q8_4x1); more: rows_q4 dequantizes the rows to float32
+// (q4_dequant_row) for the float32 tiles, which read them for every batch row.
 
 static inline float q4_at(const uint8_t* row, int64_t t) {
     const uint8_t v = row[(t / 32) * 16 + t % 16];
@@ -476,11 +475,10 @@ static inline Q4G q4_groups(const Linear& L, int64_t r) {
 
 // row r's dequantized elements [0, k) into out
 static void q4_dequant_row(const Linear& L, int64_t r, float* out) {
-    const int64_t k = L.k, ng = k / L.group;
+    const int64_t k = L.k;
     const uint8_t* w = (const uint8_t*)L.w + r * (k / 2);
     const Q4G gp = q4_groups(L, r);
     int64_t t = 0;
-    (void)ng;
 #if defined(__AVX2__) && defined(__FMA__)
     const __m128i m = _mm_set1_epi8(15);
     for (; t + 32 <= k; t += 32) {
@@ -506,56 +504,12 @@ static void q4_dequant_row(const Linear& L, int64_t r, float* out) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// R weight rows x BT batch rows (float32 activations), 8-lane accumulators; the AVX-512 build
-// runs these too (4-bit products have no 16-lane kernel yet)
-// 32 weights of one row from 16 bytes, dequantized: four 8-lane vectors
-#define Q4_DEQUANT32(p, sc, of, w0, w1, w2, w3)                                                                    \
-    const __m128i v_##w0 = _mm_loadu_si128((const __m128i*)(p));                                                  \
-    const __m128i lo_##w0 = _mm_and_si128(v_##w0, m), hi_##w0 = _mm_and_si128(_mm_srli_epi16(v_##w0, 4), m);      \
-    const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo_##w0)), sc, of);                  \
-    const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo_##w0, 8))), sc, of); \
-    const __m256 w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi_##w0)), sc, of);                  \
-    const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi_##w0, 8))), sc, of);
-#define Q4_ROW(i)                                                                                   \
-    {                                                                                               \
-        float s_, o_;                                                                               \
-        gp.at(i * ng + g, s_, o_);                                                                  \
-        const __m256 sc = _mm256_set1_ps(s_), of = _mm256_set1_ps(o_);                              \
-        _mm_prefetch((const char*)(w + (i + 4) * kb + t / 2), _MM_HINT_T0);                         \
-        Q4_DEQUANT32(w + i * kb + t / 2, sc, of, w0, w1, w2, w3)                                    \
-        a##i = _mm256_fmadd_ps(w0, x0, a##i);                                                       \
-        b##i = _mm256_fmadd_ps(w1, x1, b##i);                                                       \
-        a##i = _mm256_fmadd_ps(w2, x2, a##i);                                                       \
-        b##i = _mm256_fmadd_ps(w3, x3, b##i);                                                       \
-    }
-
-// the single-stream case, four rows x one batch row: named accumulators, two chains per row (an
-// array of them GCC kept in memory, a store and a load per FMA on the critical path)
-static inline void tile_q4_4x1(const uint8_t* w, const Q4G gp, int64_t k, int64_t group, const float* x,
-                               float* out) {
-    const int64_t kb = k / 2, ng = k / group;
-    const __m128i m = _mm_set1_epi8(15);
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    for (int64_t t = 0; t < k; t += 32) {
-        const int64_t g = t / group;
-        const __m256 x0 = _mm256_loadu_ps(x + t), x1 = _mm256_loadu_ps(x + t + 8), x2 = _mm256_loadu_ps(x + t + 16),
-                     x3 = _mm256_loadu_ps(x + t + 24);
-        Q4_ROW(0) Q4_ROW(1) Q4_ROW(2) Q4_ROW(3)
-    }
-    const __m256 s[4] = {_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3)};
-    for (int i = 0; i < 4; i++) {
-        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s[i]), _mm256_extractf128_ps(s[i], 1));
-        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        out[i] = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
-    }
-}
-#undef Q4_ROW
-
 // The single-stream product on integers (llama.cpp's Q4_1 x Q8 scheme): activations quantized
 // per block of 32 to int8 (q8, scale dx per block), the 32 nibbles of a row multiplied by them
 // with vpmaddubsw (unsigned 4-bit x signed 8-bit, pairs summed to int16, at most 2 x 15 x 127)
 // and vpmaddwd, then one FMA by scale x dx per 32 weights: ~10 instructions per 32 weights where
-// the float32 tile above takes ~27. The offsets multiply the exact float sum of each block
+// dequantizing to float32 in registers took ~27 (and was no faster: the loop waited on memory
+// until the next tile's rows were prefetched). The AVX-512 build runs this too. The offsets multiply the exact float sum of each block
 // (xsum), so the only rounding added is the activations' (half a step of amax/127 per element).
 #define Q4Q8_ROW(i)                                                                                  \
     {                                                                                                \
@@ -591,56 +545,10 @@ static inline void tile_q4q8_4x1(const uint8_t* w, const Q4G gp, int64_t k, int6
 }
 #undef Q4Q8_ROW
 #define HAVE_Q4Q8 1
+#endif
 
-template <int R, int BT>
-static inline void tile_q4(const uint8_t* w, const Q4G gp, int64_t k, int64_t group, const float* x, int64_t xs,
-                           float* out) {
-    if constexpr (R == 4 && BT == 1) {
-        return tile_q4_4x1(w, gp, k, group, x, out);
-    } else if constexpr (R * BT > 8) {
-        constexpr int H = BT / 2;
-        float lo[R * H], hi[R * (BT - H)];
-        tile_q4<R, H>(w, gp, k, group, x, xs, lo);
-        tile_q4<R, BT - H>(w, gp, k, group, x + H * xs, xs, hi);
-        for (int i = 0; i < R; i++)
-            for (int j = 0; j < BT; j++) out[i * BT + j] = j < H ? lo[i * H + j] : hi[i * (BT - H) + j - H];
-        return;
-    } else {
-        const int64_t kb = k / 2, ng = k / group;
-        const __m128i m = _mm_set1_epi8(15);
-        __m256 acc[R][BT];
-        for (int i = 0; i < R; i++)
-            for (int j = 0; j < BT; j++) acc[i][j] = _mm256_setzero_ps();
-        for (int64_t t = 0; t < k; t += 32) {
-            const int64_t g = t / group;
-            for (int i = 0; i < R; i++) {
-                float s, o;
-                gp.at(i * ng + g, s, o);
-                const __m256 sc = _mm256_set1_ps(s), of = _mm256_set1_ps(o);
-                const __m128i v = _mm_loadu_si128((const __m128i*)(w + i * kb + t / 2));
-                const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-                const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), sc, of);
-                const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), sc, of);
-                const __m256 w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), sc, of);
-                const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), sc, of);
-                for (int j = 0; j < BT; j++) {
-                    const float* xr = x + j * xs + t;
-                    acc[i][j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[i][j]);
-                    acc[i][j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[i][j]);
-                    acc[i][j] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[i][j]);
-                    acc[i][j] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[i][j]);
-                }
-            }
-        }
-        for (int i = 0; i < R; i++)
-            for (int j = 0; j < BT; j++) {
-                __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
-                s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-                out[i * BT + j] = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
-            }
-    }
-}
-#else
+// Any other case, and builds without AVX2 + FMA: scalar loops on float32 activations (with AVX2
+// every 4-bit product of one or two rows has its int8 activations, so this is never hot there)
 template <int R, int BT>
 static inline void tile_q4(const uint8_t* w, const Q4G gp, int64_t k, int64_t group, const float* x, int64_t xs,
                            float* out) {
@@ -656,7 +564,6 @@ static inline void tile_q4(const uint8_t* w, const Q4G gp, int64_t k, int64_t gr
             out[i * BT + j] = s;
         }
 }
-#endif
 
 // Activations for one product: float32 rows, plus their bf16 copy for bf16 weights.
 struct Act {
@@ -671,6 +578,7 @@ struct Act {
     const float* q8sum = nullptr;
 };
 
+#ifdef HAVE_Q4Q8
 // Rows of x as int8 per block of 32 (scale amax / 127, round to nearest even) and each block's sum
 static void quant_q8_blocks(const Act& x, int64_t B, int64_t k, int8_t* q, float* scale, float* sum) {
     for (int64_t b = 0; b < B; b++)
@@ -713,6 +621,7 @@ static void quant_q8_blocks(const Act& x, int64_t B, int64_t k, int8_t* q, float
             sum[(b * k + t) / 32] = s;
         }
 }
+#endif
 
 // Rows of x as int16 (full range, one scale per row: finer than bf16's 8-bit mantissa for every
 // element within 1/128 of the row's largest), stored as the byte planes tile_i8b reads.
