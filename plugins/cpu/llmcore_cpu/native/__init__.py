@@ -173,7 +173,7 @@ class _Keep:
 
     def __init__(self) -> None:
         self.tensors: list[torch.Tensor] = []
-        self.q4: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.q4: dict[int, tuple[_Linear, torch.Tensor, torch.Tensor]] = {}
 
     def f32(self, t: torch.Tensor | None) -> int | None:
         if t is None:
@@ -254,10 +254,12 @@ def _linear(module: nn.Module, keep: _Keep, what: str) -> _Linear:
                 or module.scales_and_zeros.dtype not in (torch.float32, torch.bfloat16)):
             raise NativeUnavailable(f"{what} is a 4-bit layer the step does not read (kernel {module.kernel}, "
                                     f"group size {module.group_size}: groups of a multiple of 32 on the CPU)")
-        nibbles, groups = keep.q4[id(module)] = q4_from_int4(module)
+        nibbles, groups = q4_from_int4(module)
         keep.tensors += [nibbles, groups]
-        return _Linear(nibbles.data_ptr(), None, keep.f32(module.bias), None, module.out_features,
-                       module.in_features, KIND_Q4, 0, groups.data_ptr(), module.group_size, _KINDS[groups.dtype])
+        L = _Linear(nibbles.data_ptr(), None, keep.f32(module.bias), None, module.out_features,
+                    module.in_features, KIND_Q4, 0, groups.data_ptr(), module.group_size, _KINDS[groups.dtype])
+        keep.q4[id(module)] = (_Linear.from_buffer_copy(L), nibbles, groups)  # for the module swap
+        return L
     if type(module) is nn.Linear:  # not a subclass: bitsandbytes' layers are nn.Linear with packed weights
         w, scale = module.weight.detach(), None
         if w.dtype not in (torch.float32, torch.bfloat16):
@@ -495,15 +497,12 @@ class NativeDecode:
         owners = [(layer.self_attn, ("qkv_proj", "o_proj")) for layer in model.model.layers]
         owners += [(layer.mlp, ("gate_up_proj", "down_proj")) for layer in model.model.layers]
         owners.append((model, ("logits_proj", "lm_head")))
-        structs = {int(L.w): L for layer in self.layers for L in (layer.qkv, layer.o, layer.gate_up, layer.down)}
-        structs[int(self.struct.lm_head.w or 0)] = self.struct.lm_head
         for owner, attrs in owners:
             for attr in attrs:
                 module = getattr(owner, attr, None)
                 if id(module) not in self.keep.q4:
                     continue
-                nibbles, groups = self.keep.q4.pop(id(module))
-                struct = _Linear.from_buffer_copy(structs[nibbles.data_ptr()])
+                struct, nibbles, groups = self.keep.q4.pop(id(module))
                 bias = None if module.bias is None else module.bias.detach()
                 setattr(owner, attr, Q4Linear(self.lib, struct, nibbles, groups, bias, self.keep.tensors,
                                               self.threads))
