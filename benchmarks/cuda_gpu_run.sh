@@ -5,6 +5,7 @@
 #   bash benchmarks/cuda_gpu_run.sh tests [pytest args...]   (the whole GPU suite: the CUDA plugin,
 #       its conformance checks, the quantization Triton kernels, tensor parallelism on 2+ GPUs)
 #   bash benchmarks/cuda_gpu_run.sh bench [cuda_bench.py args...]
+#   bash benchmarks/cuda_gpu_run.sh probe [cuda_launch_probe.py args...]   (where an overlapped step waits)
 set -o pipefail
 ROOT=$(pwd)
 export PYTHONPATH=$ROOT:$ROOT/plugins/cpu:$ROOT/plugins/cuda:$ROOT/plugins/neuron:$ROOT/plugins/rbln${PYTHONPATH:+:$PYTHONPATH}
@@ -17,5 +18,6 @@ case $what in
   tests) python3 -m pytest tests/cuda tests/conformance/test_cuda_conformance.py \
            tests/quantization/test_triton_kernels.py tests/parallel/test_tensor_parallel_gpu.py -q -rs "$@" ;;
   bench) python3 benchmarks/cuda_bench.py "$@" ;;
-  *) echo "usage: $0 tests|bench [args]"; exit 2 ;;
+  probe) python3 benchmarks/cuda_launch_probe.py "$@" ;;
+  *) echo "usage: $0 tests|bench|probe [args]"; exit 2 ;;
 esac

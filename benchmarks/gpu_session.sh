@@ -7,6 +7,10 @@
 #   bash benchmarks/gpu_session.sh a   # the 256-request workload, overlapped (profiled) and
 #                                      # synchronous, then the whole GPU test suite
 #   bash benchmarks/gpu_session.sh c   # a short call: the GPU tests, then the overlapped workload profiled
+#   bash benchmarks/gpu_session.sh p   # where an overlapped step waits: benchmarks/cuda_launch_probe.py
+#                                      # with and without PDL, then the overlapped workload without PDL
+#   bash benchmarks/gpu_session.sh w   # the JIT and overlap GPU tests, then the 256-request workload
+#                                      # in both loops, each in a cold Triton cache of its own
 #   bash benchmarks/gpu_session.sh b   # HF generate on all 256 requests (the ratio of issue #15),
 #                                      # structured-output overhead on CUDA (issue #19)
 # Logs go to $OUT (or /tmp/gpu-session).
@@ -69,9 +73,37 @@ c)  # a short call: the GPU test suite, then the overlapped workload profiled
   grep -E "llmcore_workload|llmcore_single\"|warm-up|captured" $OUT/async.log | cut -c1-1500
   sed -n '/--- profile: the/,/--- CUDA sync debug/p' $OUT/async.log | head -75
   sed -n '/--- CUDA sync debug/,+12p' $OUT/async.log ;;
+p)  # where the overlapped step waits (issue #15): the launch probe with and without PDL, then
+    # the overlapped workload without PDL
+  for pdl in 1 0; do
+    S=$SECONDS
+    LLMCORE_CUDA_PDL=$pdl timeout 200 bash benchmarks/cuda_gpu_run.sh probe > $OUT/probe$pdl.log 2>&1
+    echo "probe PDL=$pdl rc=$? $((SECONDS-S))s"
+    grep -vE "^\s*$|INFO|it/s\]" $OUT/probe$pdl.log | tail -60
+  done
+  S=$SECONDS
+  LLMCORE_CUDA_PDL=0 timeout $((560-SECONDS)) bash benchmarks/cuda_gpu_run.sh bench --phases llmcore --tune none \
+    --async-engine --warmup-s 1 --single-tokens 64 > $OUT/async0.log 2>&1
+  echo "overlapped, PDL off rc=$? $((SECONDS-S))s"
+  grep -E "llmcore_workload" $OUT/async0.log | cut -c1-1500 ;;
+w)  # the 256-request workload, each loop in its own cold Triton cache (the start-up warm-up
+    # compiles; the timed workload should compile nothing: jit_in_workload), after the JIT and
+    # overlap tests
+  S=$SECONDS
+  timeout 200 bash benchmarks/cuda_gpu_run.sh tests -n 4 -p no:cacheprovider --timeout 180 \
+    -k "compiles_no_kernels or overlapped_loop" > $OUT/tests.log 2>&1
+  echo "tests rc=$? $((SECONDS-S))s"
+  grep -E "passed|failed|FAILED|Error|assert" $OUT/tests.log | tail -15
+  for loop in async sync; do
+    S=$SECONDS
+    TRITON_CACHE_DIR=/tmp/triton-$loop timeout 170 bash benchmarks/cuda_gpu_run.sh bench --phases build,llmcore \
+      --tune none --$loop-engine --warmup-s 1 --single-tokens 128 > $OUT/$loop.log 2>&1
+    echo "$loop rc=$? $((SECONDS-S))s"
+    grep -E "llmcore_workload|llmcore_single\"|warm-up:|captured" $OUT/$loop.log | cut -c1-1800
+  done ;;
 t)  # the GPU test suite alone
   timeout 220 bash benchmarks/cuda_gpu_run.sh tests -n 8 -p no:cacheprovider --timeout 200 > $OUT/tests.log 2>&1
   echo "tests rc=$?"
   grep -E "passed|failed|FAILED|Error|assert" $OUT/tests.log | tail -25 ;;
-*) echo "usage: $0 a|b|c|t"; exit 2 ;;
+*) echo "usage: $0 a|b|c|p|t|w"; exit 2 ;;
 esac
