@@ -505,6 +505,7 @@ def phase_llmcore(args) -> None:
 
     from llmcore import SamplingParams
     from llmcore.engine.engine import Engine
+    from llmcore_cuda.testing import triton_compiles
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = json.loads((Path(args.model_dir) / "config.json").read_text())
@@ -601,20 +602,22 @@ def phase_llmcore(args) -> None:
     if not args.no_workload:
         params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in reqs]
         before = dict(getattr(runner, "stats", {}))
+        launch0 = dict(getattr(runner, "launch_s", {}))
         for prompt_ids, p in zip((r[0] for r in reqs), params):  # queued before the clock starts
             eng.add_request(prompt_ids, p, final_only=True)  # an offline batch, as generate() adds it
         phases = eng.measure_phases()
         mem0 = torch.cuda.memory_stats()
         busy = GpuBusy()
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        outs = {}
-        while eng.has_unfinished_requests():  # the workload's engine steps only
-            for o in eng.step():
-                if o.finished:
-                    outs[o.request_id] = o
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        with triton_compiles() as jit:  # kernels the start-up warm-up missed (should be none)
+            t0 = time.perf_counter()
+            outs = {}
+            while eng.has_unfinished_requests():  # the workload's engine steps only
+                for o in eng.step():
+                    if o.finished:
+                        outs[o.request_id] = o
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
         gpu_busy = busy.stop()
         mem1 = torch.cuda.memory_stats()
         # allocator events that synchronize the device (a free of cached blocks to retry an allocation)
@@ -630,6 +633,8 @@ def phase_llmcore(args) -> None:
                   gpu_busy=gpu_busy, host_phase_s={k: round(v, 3) for k, v in phases.items()},
                   async_scheduling=eng._launch is not None, output_thread=eng.output_thread,
                   kv_waste_at_peak=st["kv_waste_at_peak"], allocator=alloc_sync,
+                  jit_in_workload=len(jit), jit_kernels=sorted({k.split("[")[0] for k in jit}),
+                  launch_s={k: round(v - launch0.get(k, 0.0), 3) for k, v in getattr(runner, "launch_s", {}).items()},
                   runner_stats={k: after.get(k, 0) - before.get(k, 0) for k in after}))
 
     if args.profile_workload and not args.no_workload:

@@ -285,3 +285,25 @@ def test_structured_output_on_gpu(tmp_path):
         del eng
         torch.cuda.empty_cache()
     assert got[True] == got[False]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_workload_compiles_no_kernels_after_start_up(tmp_path, overlap):
+    """The start-up warm-up compiles every Triton kernel specialization a workload reaches: a
+    mixed workload (chunked prefills beside decodes, prompts of every length, rows finishing at
+    different steps) then compiles nothing (issue #15: no request pays JIT)."""
+    import random
+
+    from llmcore import Engine, SamplingParams
+    from llmcore_cuda.testing import make_model_folder, triton_compiles
+
+    folder = make_model_folder(tmp_path / "m", "llama", dtype="bfloat16")
+    eng = Engine(model=str(folder), device="cuda", dtype="bfloat16", max_num_seqs=48, max_model_len=1024,
+                 max_num_batched_tokens=512, async_scheduling=overlap, progress=False)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 4096) for _ in range(rng.randint(1, 900))] for _ in range(80)]
+    params = [SamplingParams(max_tokens=rng.randint(1, 100), temperature=0, ignore_eos=True) for _ in prompts]
+    with triton_compiles() as jit:
+        outs = eng.generate(prompts, params)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
+    assert jit == [], f"{len(jit)} kernel specializations compiled after start-up: {jit[:5]}"

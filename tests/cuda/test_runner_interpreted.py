@@ -86,3 +86,36 @@ def test_eager_mode_and_prompt_logprobs(folder):
         for dx, dy in zip(x.prompt_logprobs[1:], y.prompt_logprobs[1:]):
             for t in dy:
                 assert abs(dx[t].logprob - dy[t].logprob) < 1e-4
+
+
+def test_eager_kernel_arguments_keep_one_specialization(folder, monkeypatch):
+    """Triton compiles a kernel once per specialization: whether each pointer is 16-byte aligned
+    and whether each integer is 1 or divisible by 16. The eager steps' metadata (staged views,
+    block-table rows) must not change those step to step, or a workload compiles new variants
+    mid-run that no start-up warm-up can cover (issue #15: ~9 s of JIT on an H100)."""
+    import torch
+
+    from llmcore_cuda import kernels, runner
+
+    monkeypatch.setattr(runner, "MIN_MIXED_DECODES", 1)
+    seen = []
+
+    def recording(name, fn):
+        def wrapper(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.numel()]
+            seen.append((name, tuple(t.data_ptr() % 16 for t in tensors)))
+            bt = kwargs.get("block_tables", args[3] if name != "rope_and_cache" else None)
+            if bt is not None:
+                seen.append((name + ".block_tables", bt.stride(0) % 16))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in ("prefill_attention", "decode_attention", "rope_and_cache"):
+        monkeypatch.setattr(kernels, name, recording(name, getattr(kernels, name)))
+    _, eng = engines(folder, max_num_seqs=4, max_num_batched_tokens=23, max_model_len=256,
+                     extra={"cuda_graph_buckets": (1, 2)})
+    prompts = [list(range(3, 3 + k)) for k in (5, 30, 9, 17, 2, 41, 13)]  # odd lengths: odd offsets
+    eng.generate(prompts, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert {n for n, _ in seen} >= {"prefill_attention", "decode_attention", "rope_and_cache"}
+    bad = sorted({(n, v) for n, v in seen if (v if isinstance(v, int) else any(v))})
+    assert not bad, f"misaligned kernel arguments (name, offsets mod 16): {bad}"

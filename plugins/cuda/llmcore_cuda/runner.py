@@ -131,8 +131,18 @@ def _pinned(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory() if device.type == "cuda" else t
 
 
+#: int32 elements per 16 bytes: every staged array starts on a 16-byte boundary
+_ALIGN = 4
+
+
 class _Staging:
-    """Grow-only pinned host buffer + device buffer for int32 metadata, one H2D copy per step."""
+    """Grow-only pinned host buffer + device buffer for int32 metadata, one H2D copy per step.
+
+    Each array starts 16-byte aligned: Triton specializes a kernel on whether each pointer
+    argument is 16-byte aligned, so views at arbitrary offsets (they follow the step's token
+    count) made each eager step compile new kernel variants mid-workload (~9 s of JIT in the
+    256-request workload on an H100 that the start-up warm-up could not cover).
+    """
 
     def __init__(self, device) -> None:
         self.device = device
@@ -141,7 +151,7 @@ class _Staging:
         self.event = None
 
     def put(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        total = sum(a.size for a in arrays)
+        total = sum(-(-a.size // _ALIGN) * _ALIGN for a in arrays)
         if total > self.host.numel():
             if self.event is not None:
                 self.event.synchronize()
@@ -156,7 +166,7 @@ class _Staging:
         for a in arrays:
             h[off : off + a.size] = a.reshape(-1)
             spans.append((off, a.size))
-            off += a.size
+            off += -(-a.size // _ALIGN) * _ALIGN
         self.dev[:off].copy_(self.host[:off], non_blocking=True)
         if self.event is None:
             self.event = _event(self.device)
@@ -269,6 +279,9 @@ class CudaModelRunner(TorchModelRunner):
         self._pending: _Pending | None = None
         self._spec_flip = 0
         self.stats = {"graph_steps": 0, "eager_steps": 0, "overlap_hits": 0, "overlap_misses": 0}
+        # host seconds inside launch(), by part (a handful of perf_counter reads a step): where an
+        # overlapped step's host time goes (benchmarks/cuda_bench.py and cuda_launch_probe.py print it)
+        self.launch_s = dict.fromkeys(("placeholders", "rows", "copy", "replay", "eager", "handoff"), 0.0)
 
     # ---------------------------------------------------------------- memory
 
@@ -353,8 +366,11 @@ class CudaModelRunner(TorchModelRunner):
 
         Decode graphs are captured already; the eager paths specialize the Triton kernels on the
         number of split-K slices (from the number of decodes and the longest context), so one
-        mixed step runs per distinct value, plus prefills and large eager decodes. Runs on
-        garbage KV (every block it writes is rewritten before any request reads it).
+        mixed step runs per value any step can reach, plus prefills and large eager decodes.
+        Every other argument keeps one specialization whatever the step (tests/cuda:
+        test_eager_kernel_arguments_keep_one_specialization; on a GPU
+        test_workload_compiles_no_kernels_after_start_up). Runs on garbage KV (every block it
+        writes is rewritten before any request reads it).
         """
         from llmcore_cuda import kernels
 
@@ -368,19 +384,23 @@ class CudaModelRunner(TorchModelRunner):
             return ScheduledSeq(seq_id=-1 - i, key=f"warm-up:{i}", token_ids=[1] * n, start_pos=start,
                                 block_table=table, params=sp, history=[], num_prompt_tokens=start + n)
 
-        counts = [d for d in (MIN_MIXED_DECODES, 8, 16, 32, 64, 128, 256, 512) if d <= self.max_num_seqs]
-        ctxs = sorted({c for c in (16, 128, 512, 1024, 2048, 4096, self.max_model_len) if c <= self.max_model_len})
+        # every split-K value a step can reach: it depends on the number of decodes and, through
+        # the number of context tiles (a power of two), on the longest context; the other kernel
+        # arguments keep one specialization (aligned staging views, block tables 16 wide)
+        ctxs = [c for c in (1 << k for k in range(4, self.max_model_len.bit_length())) if c < self.max_model_len]
+        ctxs.append(self.max_model_len)
         seen: dict[tuple[str, int], tuple[int, int]] = {}
-        for d in counts:
+        for d in range(1, self.max_num_seqs + 1):
             for c in ctxs:
                 split = kernels.choose_num_splits(d, kvh, c, bs, self.num_sms)
-                seen.setdefault(("mixed", split), (d, c))
-                if self.buckets and d > self._mb or not self.buckets:
-                    seen.setdefault(("decode", kernels.choose_num_splits(d, kvh, c, bs, self.num_sms)), (d, c))
+                if MIN_MIXED_DECODES <= d < budget - 1:  # room for a two-token prefill beside them
+                    seen.setdefault(("mixed", split), (d, c))
+                if not self.buckets or d > self._mb:
+                    seen.setdefault(("decode", split), (d, c))
         batches = [[entry(0, 0, n)] for n in sorted({1, 17, min(128, budget), budget})]
         for (kind, _), (d, c) in seen.items():
             decs = [entry(i, c - 1, 1) for i in range(d)]
-            prefill = [entry(d, 0, min(17, budget - d))] if kind == "mixed" and budget - d >= 2 else []
+            prefill = [entry(d, 0, min(17, budget - d))] if kind == "mixed" else []
             batches.append(decs + prefill)
         for seqs in batches:
             self._execute_eager(ScheduledBatch(seqs), all(len(s.token_ids) == 1 for s in seqs))
@@ -696,6 +716,9 @@ class CudaModelRunner(TorchModelRunner):
         prompt logprobs run as :meth:`execute` does; their placeholders are filled on the host
         from the previous step's results.
         """
+        clock = time.perf_counter
+        acc = self.launch_s
+        t0 = clock()
         seqs = batch.seqs
         prev, self._prev = self._prev, None
         fill = []  # (batch index, row of the previous step's tokens)
@@ -710,9 +733,12 @@ class CudaModelRunner(TorchModelRunner):
             for i, r in fill:
                 seqs[i].token_ids[0] = toks[r]
             fill = []
+        t1 = clock()
+        acc["placeholders"] += t1 - t0
         if host_sampling or not seqs:
             results = self.execute(batch)
             self._prev = _Step.done(seqs, results)
+            acc["eager"] += clock() - t1
             return self._prev
         if batch.finished_keys:
             self.sampler.release(batch.finished_keys)
@@ -725,6 +751,7 @@ class CudaModelRunner(TorchModelRunner):
             self.stats["graph_steps"] += 1
             b = self._bucket(n)
             self._fill_rows(seqs, b, [i for i, _ in fill])
+            t2 = clock()
             end = self._mb * META_COLS + b * self.max_blocks
             self._dec_dev[:end].copy_(self._dec_host[:end], non_blocking=True)
             self._dec_event = _event(self.device)
@@ -733,12 +760,20 @@ class CudaModelRunner(TorchModelRunner):
                 self._fill_ids(self._meta_dev[:, 0], fill, prev.dev_tokens)
             self._graph_flip ^= 1
             g = self.graphs_alt.get(b, self.graphs[b]) if self._graph_flip else self.graphs[b]
+            t3 = clock()
             g.graph.replay()
+            t4 = clock()
+            acc["rows"] += t2 - t1
+            acc["copy"] += t3 - t2
+            acc["replay"] += t4 - t3
             tokens, sampled = g.tokens[:n], list(range(n))
         else:
             self.stats["eager_steps"] += 1
             tokens, sampled = self._execute_eager(batch, decode_only, fill, prev, defer=True)
+            t4 = clock()
+            acc["eager"] += t4 - t1
         self._prev = _Step.launched(self, seqs, tokens, sampled)
+        acc["handoff"] += clock() - t4
         return self._prev
 
     def _fill_ids(self, ids_dev, fill, src) -> None:
@@ -764,7 +799,9 @@ class CudaModelRunner(TorchModelRunner):
         seqs = batch.seqs
         bs = self.block_size
         n = len(seqs)
-        width = max(len(s.block_table) for s in seqs)
+        # a multiple of 16: the kernels take the row stride as an argument, which Triton
+        # specializes on divisibility by 16 (a width that follows the step would recompile them)
+        width = -(-max(len(s.block_table) for s in seqs) // 16) * 16
         bt = np.zeros((n, width), np.int32)
         ids: list[int] = []
         pos_parts, slot_parts = [], []

@@ -10,16 +10,20 @@ on the GPU when there is one.
 the CPU, where its Triton kernels run through Triton's interpreter
 (``TRITON_INTERPRET=1``): CI checks the runner's forward, graph buckets and
 overlapped decode without a GPU.
+
+:func:`triton_compiles` records the Triton kernels compiled (or loaded from the disk cache) in
+this process while it is open: after start-up's warm-up a workload should add none.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from llmcore.testing.models import make_random_model, write_wordlevel_tokenizer
 
-__all__ = ["LLAMA_1B", "cpu_runner", "make_model_folder", "write_wordlevel_tokenizer"]
+__all__ = ["LLAMA_1B", "cpu_runner", "make_model_folder", "triton_compiles", "write_wordlevel_tokenizer"]
 
 LLAMA_1B = dict(
     hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -67,3 +71,24 @@ def cpu_runner(model_config, folder, engine_config, dtype: str = "float32", *, b
     # larger batches one (both paths), where 8 would interpret four times the programs
     runner.num_sms = INTERPRETED_SMS
     return runner
+
+
+@contextlib.contextmanager
+def triton_compiles() -> Iterator[list[str]]:
+    """Yield a list that collects ``"kernel[options](argument types)"`` for each Triton kernel
+    specialization first used in this process inside the block (a compile, or a load from
+    Triton's disk cache: either one the warm-up should have done). Nests over any hook already set."""
+    from triton import knobs
+
+    seen: list[str] = []
+    before = knobs.runtime.jit_cache_hook
+
+    def hook(*args: Any, **kwargs: Any):
+        seen.append(str(kwargs.get("repr", kwargs.get("key", "?"))))
+        return before(*args, **kwargs) if before is not None else None
+
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        yield seen
+    finally:
+        knobs.runtime.jit_cache_hook = before
