@@ -36,8 +36,9 @@ def test_launch_matches_execute(tmp_path):
         eng._launch = r.launch if overlap else None
         return eng
 
-    prompts = [list(range(3, 3 + k)) for k in (5, 30, 9, 17, 2, 40)]
-    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (7, 12, 3, 20, 9, 5)]
+    # 6 requests, 4 slots: chunked prefills (26 > 24 tokens), rows finishing at different steps
+    prompts = [list(range(3, 3 + k)) for k in (5, 26, 9, 13, 2, 19)]
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (5, 8, 3, 11, 6, 4)]
     params[2] = SamplingParams(max_tokens=6, temperature=0.9, seed=1, ignore_eos=True)  # host-sampled
     runs = []
     for overlap in (False, True):
