@@ -746,7 +746,7 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--no-overlap", action="store_true")
     ap.add_argument("--async-engine", action="store_true",
-                    help="overlapped engine loop (async_scheduling=True), opt-in on CUDA for now")
+                    help="overlapped engine loop (async_scheduling=True; the default on CUDA)")
     ap.add_argument("--sync-engine", action="store_true",
                     help="synchronous engine loop (async_scheduling=False), the A/B baseline of the overlapped core")
     ap.add_argument("--output-thread", choices=["on", "off", "auto"], default="auto",

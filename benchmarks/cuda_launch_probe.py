@@ -111,7 +111,8 @@ def main() -> None:
     clock = torch.cuda.get_device_properties(0).clock_rate if hasattr(torch.cuda.get_device_properties(0), "clock_rate") else 1_700_000
     cycles = int(clock * 1e3 * 0.03)  # ~30 ms
     probe_replays(torch, trivial_graphs(torch), "trivial", cycles)
-    probe_replays(torch, {b: (r.graphs[b].graph, r.graphs_alt[b].graph if b in r.graphs_alt else None)
+    alt = getattr(r, "graphs_alt", {})  # second instances, captured by earlier versions of the runner
+    probe_replays(torch, {b: (r.graphs[b].graph, alt[b].graph if b in alt else None)
                           for b in (1, 64, 256) if b in r.graphs}, "decode", cycles)
 
     g = torch.Generator().manual_seed(0)

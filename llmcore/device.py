@@ -78,8 +78,12 @@ class ModelRunner(Protocol):
           discards that result.
 
         Without ``launch`` the engine calls :meth:`execute` and every step is synchronous.
-        ``llmcore.runtime.runner.TorchModelRunner`` implements it on the host (results are
-        ready at once); the CUDA plugin's runner overlaps for real.
+        With it, the engine uses it unless ``EngineConfig.async_scheduling`` is False, or is
+        None and the runner sets the class attribute ``launch_by_default = False`` (an
+        implementation not yet measured faster than its own synchronous loop keeps it opt-in).
+        ``llmcore.runtime.overlap.HostLaunch`` runs the same loop over :meth:`execute` for a
+        runner without it when ``async_scheduling=True`` (results ready at once; tests use it);
+        the CUDA plugin's runner overlaps for real.
         """
 
 

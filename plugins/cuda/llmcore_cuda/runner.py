@@ -222,11 +222,11 @@ class _Step:
 
 
 class CudaModelRunner(TorchModelRunner):
-    #: launch() is opt-in (async_scheduling=True) until measured faster: on an H100 the 256-request
-    #: workload ran at 13,199 tok/s overlapped vs 18,795 synchronous (GPU busy 33% vs 52%), the
-    #: overlapped launches waiting on the GPU; each bucket now has two graph instances, alternated
-    #: (relaunching the graph still in flight is the suspected wait), not yet measured
-    launch_by_default = False
+    #: the engine's overlapped loop (launch()) is the default on CUDA: on an H100 the 256-request
+    #: workload ran at 23,199 tok/s overlapped vs 19,019 synchronous, each loop in its own cold
+    #: Triton cache with no kernel compiled after start-up (docs/benchmarks.md);
+    #: async_scheduling=False gives the synchronous loop
+    launch_by_default = True
 
     def __init__(self, model_config, folder, device, dtype, block_size, max_model_len, eos_token_ids,
                  engine_config, seed: int = 0, progress: bool = True, quantization: str | None = None,
@@ -266,8 +266,6 @@ class CudaModelRunner(TorchModelRunner):
         self.on_cuda = device.type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self.on_cuda else 8
         self.graphs: dict[int, _Graph] = {}
-        self.graphs_alt: dict[int, _Graph] = {}  # second instances (CUDA), see capture_graphs
-        self._graph_flip = 0
         self.sink_block = -1
         self._staging = _Staging(device)
         self.warm_up_enabled = bool(extra.get("cuda_warm_up", device.type == "cuda"))
@@ -420,7 +418,6 @@ class CudaModelRunner(TorchModelRunner):
             self.capture_graphs()
         except RuntimeError as exc:
             self.graphs.clear()
-            self.graphs_alt.clear()
             if self.on_cuda:
                 torch.cuda.synchronize(self.device)
                 torch.cuda.empty_cache()
@@ -522,13 +519,12 @@ class CudaModelRunner(TorchModelRunner):
                 for _ in range(2):  # compile kernels, init cuBLAS for this shape
                     self._decode_forward(b)
                 stream.synchronize()
-                # two instances per bucket, alternated by launch(): relaunching the graph that is
-                # still running would make the host wait for it
-                for table in (self.graphs, self.graphs_alt):
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool, stream=stream):
-                        logits, tokens = self._decode_forward(b)
-                    table[b] = _Graph(g, logits, tokens)
+                # one instance per bucket: replaying it while its previous launch still runs
+                # returns at once (3-10 us on an H100, benchmarks/cuda_launch_probe.py)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=stream):
+                    logits, tokens = self._decode_forward(b)
+                self.graphs[b] = _Graph(g, logits, tokens)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         log.info("captured %d CUDA graphs for decode batch sizes %s in %.1f s (split-K slices %s)",
@@ -758,8 +754,7 @@ class CudaModelRunner(TorchModelRunner):
             self._dec_event.record()
             if fill:
                 self._fill_ids(self._meta_dev[:, 0], fill, prev.dev_tokens)
-            self._graph_flip ^= 1
-            g = self.graphs_alt.get(b, self.graphs[b]) if self._graph_flip else self.graphs[b]
+            g = self.graphs[b]
             t3 = clock()
             g.graph.replay()
             t4 = clock()
