@@ -792,7 +792,7 @@ def main() -> None:
             if line.startswith("RESULT "):
                 d = json.loads(line[7:])
                 results[d["phase"]] = d
-                print("  " + line.strip()[:600], flush=True)
+                print("  " + line.strip(), flush=True)  # whole: the workload line carries the launch split
             else:
                 sys.stdout.write("  | " + line)
         if proc.wait() != 0:
