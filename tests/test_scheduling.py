@@ -179,3 +179,44 @@ def tiny_llama_engine_small(tiny_llama):
 @pytest.fixture(scope="module")
 def solo_cache(tiny_llama):
     return {"__engine__": make(tiny_llama, num_kv_blocks=64, enable_prefix_caching=False)}
+
+
+def test_scheduler_builds_entries_in_the_contracts_field_order():
+    """Scheduler._entry builds ScheduledSeq positionally (it runs per sequence per step): a
+    reordered or added field must be reflected there, or entries would carry swapped values."""
+    import dataclasses
+
+    from llmcore.contract import ScheduledSeq
+
+    assert [f.name for f in dataclasses.fields(ScheduledSeq)] == [
+        "seq_id", "key", "token_ids", "start_pos", "block_table", "params", "history",
+        "num_prompt_tokens", "sample", "num_samples", "seeds", "rng_keys", "want_prompt_logprobs",
+        "blocks_version"]
+
+
+def test_kv_waste_counts_each_unfilled_slot_once(tiny_llama):
+    """Engine._track_waste sums the unfilled tail of each running table (O(sequences)); it must
+    equal the walk over every distinct block, with forked samples sharing blocks and prefix hits."""
+    eng = make(tiny_llama, num_kv_blocks=96, max_num_batched_tokens=40)
+    shared = list(range(100, 140))
+    eng.add_request(shared + [7], SamplingParams(max_tokens=20, n=3, temperature=0.8, seed=1, ignore_eos=True))
+    eng.add_request(shared + [8, 9], SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True))
+    eng.add_request(list(range(50, 55)), SamplingParams(max_tokens=25, temperature=0.0, ignore_eos=True))
+    bm = eng.block_manager
+    checked = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        allocated = (bm.num_blocks - bm.num_free_blocks) * bm.block_size
+        if not allocated:
+            continue
+        held, seen = 0, set()
+        for s in eng.scheduler.running:
+            for i, b in enumerate(s.block_table):
+                if b not in seen:
+                    seen.add(b)
+                    held += min(bm.block_size, max(s.num_computed_tokens - i * bm.block_size, 0))
+        eng._peak_used_slots = 0  # measure now
+        eng._track_waste()
+        assert eng._peak_waste == pytest.approx((allocated - held) / allocated)
+        checked += 1
+    assert checked > 10

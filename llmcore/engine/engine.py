@@ -32,7 +32,7 @@ from llmcore.engine.api import GenerateAPI
 from llmcore.engine.block_manager import BlockManager
 from llmcore.engine.output import Emitted, OutputProcessor, OutputWorker, StepOutputs
 from llmcore.engine.scheduler import Scheduler
-from llmcore.engine.sequence import Request, Sequence
+from llmcore.engine.sequence import Request, Sequence, SeqStatus
 from llmcore.engine.structured import StructuredOutputs
 from llmcore.errors import ConfigError, PluginError, RequestError
 from llmcore.models.config import ModelConfig
@@ -368,8 +368,8 @@ class Engine(GenerateAPI):
             seq.num_computed_tokens += len(entry.token_ids)
             if not entry.sample:
                 continue
-            p = entry.params
-            if entry.num_samples > 1 or p.needs_penalties or p.structured_output is not None:
+            req = seq.request
+            if entry.num_samples > 1 or req.needs_host_history:
                 # the next schedule needs the forks / the real history / the grammar's next mask
                 overlap = False
             elif launched:
@@ -377,7 +377,7 @@ class Engine(GenerateAPI):
                 # unless it is the last one the sequence may get (then it is not scheduled again)
                 ids = seq.token_ids
                 nxt = len(ids) + 1
-                if nxt - seq.num_prompt_tokens < p.max_tokens and nxt < max_len:
+                if nxt - seq.num_prompt_tokens < req.params.max_tokens and nxt < max_len:
                     ids.append(PLACEHOLDER_TOKEN)
                     seq.num_placeholders += 1
         if timing is not None:
@@ -397,14 +397,21 @@ class Engine(GenerateAPI):
         emitted: list[Emitted] = []
         now = time.monotonic()
         bm = self.block_manager
+        # BlockManager.commit_full_blocks publishes a sequence's newly full blocks; its cheap
+        # "nothing new" test is inlined (this loop runs per sequence per step)
+        commit = bm.commit_full_blocks if bm.enable_prefix_caching else None
+        bs = bm.block_size
         record = self.out.record
+        finished = SeqStatus.FINISHED
         for entry, seq, res in zip(cur.batch.seqs, cur.seqs, results):
-            if seq.finished:  # aborted, or stopped while this step was in flight: discard
+            if seq.status is finished:  # aborted, or stopped while this step was in flight: discard
                 continue
             req = seq.request
             touched[req.request_id] = req
-            # full blocks whose tokens are all known go to the prefix cache
-            bm.commit_full_blocks(seq, min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_placeholders))
+            if commit is not None:  # full blocks whose tokens are all known go to the prefix cache
+                known = min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_placeholders)
+                if known // bs > seq.num_hashed_blocks:
+                    commit(seq, known)
             if res is None:
                 continue
             if res.prompt_logprobs is not None and req.prompt_logprobs is not None:
@@ -417,10 +424,10 @@ class Engine(GenerateAPI):
                 targets = [seq] + self._fork(seq, entry.num_samples - 1)
             else:
                 targets = (seq,)
-            pos = entry.context_len
+            pos = entry.start_pos + len(entry.token_ids)
+            lps, chosen = res.logprobs, res.chosen_logprobs
             for i, s in enumerate(targets):
-                e = record(s, res.token_ids[i], pos, res.logprobs[i] if res.logprobs else None,
-                           res.chosen_logprobs[i] if res.chosen_logprobs else None)
+                e = record(s, res.token_ids[i], pos, lps[i] if lps else None, chosen[i] if chosen else None)
                 emitted.append(e)
                 if e.reason is not None:
                     self._finish(s, e.reason)
@@ -521,16 +528,25 @@ class Engine(GenerateAPI):
         allocated = (bm.num_blocks - bm.num_free_blocks) * bm.block_size
         if allocated <= self._peak_used_slots:
             return
+        # waste = the unfilled tail slots of each running sequence's table (shared blocks are
+        # full, except a forked sample's last block until its first write copies it: counted
+        # once). O(running sequences), and only at a new peak.
         bs = bm.block_size
-        held = 0
-        seen: set[int] = set()
+        blocks = bm.blocks
+        waste = 0
+        shared_tails: set[int] = set()
         for s in self.scheduler.running:
-            for i, b in enumerate(s.block_table):
-                if b not in seen:
-                    seen.add(b)
-                    held += min(bs, max(s.num_computed_tokens - i * bs, 0))
+            tbl = s.block_table
+            free = len(tbl) * bs - s.num_computed_tokens
+            if free <= 0:
+                continue
+            if blocks[tbl[-1]].ref_count > 1:
+                if tbl[-1] in shared_tails:
+                    continue
+                shared_tails.add(tbl[-1])
+            waste += free
         self._peak_used_slots = allocated
-        self._peak_waste = (allocated - held) / allocated if allocated else 0.0
+        self._peak_waste = waste / allocated if allocated else 0.0
 
     def stats(self) -> dict[str, Any]:
         """Live counters: queues, KV use, prefix-cache hit rate, preemptions, waste at peak."""

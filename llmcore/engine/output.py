@@ -73,7 +73,10 @@ class OutputProcessor:
         it ends: it gets none, and one full decode of its tokens when it finishes (the same text:
         the incremental detokenizer equals a full decode, tests/test_detokenizer.py).
         """
-        if seq.request.final_only and not seq.params.stop_strings:
+        req = seq.request
+        if not req.params.ignore_eos:
+            req.stop_ids = frozenset(req.params.stop_token_ids) | self.eos_token_ids
+        if req.final_only and not seq.params.stop_strings:
             seq.detok = None
             return
         seq.detok = make_detokenizer(self.tokenizer, seq.token_ids[: seq.num_prompt_tokens],
@@ -82,17 +85,19 @@ class OutputProcessor:
     # ------------------------------------------------------------ engine core
 
     def record(self, seq: Sequence, token: int, pos: int, lp, chosen: float | None) -> Emitted:
-        """Put ``token`` at ``pos`` (replacing its placeholder) and check the token-level stops."""
-        p = seq.params
+        """Put ``token`` at ``pos`` (replacing its placeholder) and check the token-level stops
+        (runs per sampled token on the engine thread: kept to a few attribute reads)."""
         ids = seq.token_ids
         if pos < len(ids):
             ids[pos] = token
             seq.num_placeholders -= 1
         else:
             ids.append(token)
+        req = seq.request
+        p = req.params
         n_out = pos + 1 - seq.num_prompt_tokens
         reason = None
-        if n_out >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
+        if token in req.stop_ids and n_out >= p.min_tokens:  # stop token ids, EOS unless ignore_eos
             reason = "stop"
         elif n_out >= p.max_tokens or pos + 1 >= self.max_model_len:
             reason = "length"

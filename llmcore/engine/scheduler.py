@@ -96,31 +96,41 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         preempted = False
 
-        for seq in list(self.running):
+        running = self.running
+        bm = self.bm
+        bs = bm.block_size
+        blocks = bm.blocks
+        # alone, a prompt may take the whole budget; with company, one chunk is capped
+        cap = self.long_prefill_threshold if (len(running) > 1 or self.waiting) else budget
+        for seq in tuple(running):
             if budget <= 0:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(seq.num_uncomputed, budget)
-            if len(self.running) > 1 or self.waiting:  # alone, a prompt may take the whole budget
-                num_new = min(num_new, self.long_prefill_threshold)
+            done = seq.num_computed_tokens
+            num_new = len(seq.token_ids) - done
+            if num_new == 1:
+                # the common decode: when its slot is in a block it holds alone, nothing to grow
+                # or copy (BlockManager.writes_own_block, inlined: this runs per sequence per step)
+                tbl = seq.block_table
+                idx = done // bs
+                if idx < len(tbl) and blocks[tbl[idx]].ref_count == 1:
+                    scheduled.append((seq, 1))
+                    budget -= 1
+                    continue
+            num_new = min(num_new, budget, cap)
             if num_new <= 0:
                 continue
-            total = seq.num_computed_tokens + num_new
-            if num_new == 1 and self.bm.writes_own_block(seq, total - 1):
-                # the common decode: its slot is in a block it holds alone; nothing to grow or copy
-                scheduled.append((seq, 1))
-                budget -= 1
-                continue
-            while self.bm.blocks_to_grow(seq, total) > self.bm.num_free_blocks:
-                victim = self.running[-1]
+            total = done + num_new
+            while bm.blocks_to_grow(seq, total) > bm.num_free_blocks:
+                victim = running[-1]
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             if seq.status is not SeqStatus.RUNNING:
                 continue
-            copies += self.bm.ensure_slots(seq, total)
+            copies += bm.ensure_slots(seq, total)
             scheduled.append((seq, num_new))
             budget -= num_new
 
@@ -165,12 +175,15 @@ class Scheduler:
     def _entry(seq: Sequence, num_new: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
         end = start + num_new
-        sample = end == len(seq.token_ids)
-        params = seq.params
+        ids = seq.token_ids
+        sample = end == len(ids)
         request = seq.request
-        num_samples = params.n if (sample and not request.forked and params.n > 1) else 1
-        if num_samples == 1 and seq.keys is not None:
-            key, seeds, rng_keys = seq.keys
+        params = request.params
+        n = params.n
+        num_samples = n if (n > 1 and sample and not request.forked) else 1
+        keys = seq.keys
+        if num_samples == 1 and keys is not None:
+            key, seeds, rng_keys = keys
         else:
             indices = range(num_samples) if num_samples > 1 else [seq.index]
             # one RNG stream per (request, sample): reproducible whatever else is batched
@@ -179,22 +192,12 @@ class Scheduler:
             key = f"{request.request_id}:{seq.index}"
             if num_samples == 1:
                 seq.keys = (key, seeds, rng_keys)  # the same at every step: built once
-        return ScheduledSeq(
-            seq_id=seq.seq_id,
-            key=key,
-            token_ids=seq.token_ids[start:end],
-            start_pos=start,
-            block_table=seq.block_table,
-            params=params,
-            history=seq.token_ids,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            sample=sample,
-            num_samples=num_samples,
-            seeds=seeds,
-            rng_keys=rng_keys,
-            want_prompt_logprobs=(
-                params.prompt_logprobs is not None and start < seq.num_prompt_tokens
-                and seq.index == 0 and not request.forked
-            ),
-            blocks_version=seq.blocks_version,
-        )
+        want_prompt_logprobs = (params.prompt_logprobs is not None and start < seq.num_prompt_tokens
+                                and seq.index == 0 and not request.forked)
+        # positional, in ScheduledSeq's field order (keywords cost twice as much; this runs per
+        # sequence per step): seq_id, key, token_ids, start_pos, block_table, params, history,
+        # num_prompt_tokens, sample, num_samples, seeds, rng_keys, want_prompt_logprobs,
+        # blocks_version
+        return ScheduledSeq(seq.seq_id, key, ids[start:end], start, seq.block_table, params, ids,
+                            seq.num_prompt_tokens, sample, num_samples, seeds, rng_keys,
+                            want_prompt_logprobs, seq.blocks_version)

@@ -100,7 +100,17 @@ class Request:
     # build a RequestOutput only when the request finishes (generate()), not at every step
     final_only: bool = False
 
+    # fixed when added (the engine thread reads these per token): the next step needs this step's
+    # token on the host (penalties over the real history, the grammar's next mask)
+    needs_host_history: bool = False
+    # token ids that end a sample once min_tokens are out: stop_token_ids, plus EOS unless
+    # ignore_eos (OutputProcessor.start fills in the tokenizer's EOS ids)
+    stop_ids: frozenset = frozenset()
+
     def __post_init__(self) -> None:
+        p = self.params
+        self.needs_host_history = p.needs_penalties or p.structured_output is not None
+        self.stop_ids = frozenset(p.stop_token_ids)
         if not self.seqs:
             seq = Sequence(self, 0, list(self.prompt_token_ids))
             seq.num_prompt_tokens = len(self.prompt_token_ids)

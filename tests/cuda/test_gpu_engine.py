@@ -103,7 +103,7 @@ def check(name, got, want, exact):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("mode", ["graphs", "eager-chunked"])
+@pytest.mark.parametrize("mode", ["graphs", "graphs-sync", "eager-chunked"])
 def test_greedy_matches_hf(model_dir, dtype, mode):
     arch, folder = model_dir
     plist = prompts()
@@ -111,14 +111,18 @@ def test_greedy_matches_hf(model_dir, dtype, mode):
     kw = dict(max_num_seqs=8, max_model_len=512)
     if mode == "eager-chunked":
         kw.update(enforce_eager=True, max_num_batched_tokens=48)
+    if mode == "graphs-sync":  # the synchronous loop: execute()'s own one-step speculation
+        kw.update(async_scheduling=False)
     first, again, stats, hits = llmcore_greedy(folder, dtype, plist, N_NEW, **kw)
     exact = dtype == "float32"
     m1 = check(f"{arch}/{dtype}/{mode}", first, want, exact)
     m2 = check(f"{arch}/{dtype}/{mode}/prefix-hit", again, want, exact)
     print(f"{arch} {dtype} {mode}: near-tie divergences {m1} {m2}; runner {stats}; prefix hits {hits}")
     assert hits > 0
-    if mode == "graphs":
-        assert stats["graph_steps"] > 0 and stats["overlap_hits"] > 0
+    if mode == "graphs":  # the overlapped loop (the CUDA default): next inputs fed on the GPU
+        assert stats["graph_steps"] > 0 and stats["fed_on_device"] > 0, stats
+    elif mode == "graphs-sync":
+        assert stats["graph_steps"] > 0 and stats["overlap_hits"] > 0 and stats["fed_on_device"] == 0, stats
     else:
         assert stats["graph_steps"] == 0
 

@@ -72,12 +72,21 @@ def graph_buckets(max_num_seqs: int, buckets=DEFAULT_BUCKETS) -> list[int]:
 
 
 def _simple_greedy(entries) -> bool:
-    # a constrained row is masked by the host sampler (llmcore.structured), never argmax'd on the GPU
-    return all(
-        e.params.greedy and not e.params.needs_penalties and e.params.logprobs is None
-        and e.num_samples == 1 and e.params.min_tokens == 0 and e.params.structured_output is None
-        for e in entries
-    )
+    """Every entry is plain greedy (argmax on the GPU, no host sampler); checked per step, so
+    each distinct SamplingParams is tested once (a batch usually shares a few)."""
+    seen = None
+    for e in entries:
+        p = e.params
+        if e.num_samples != 1:
+            return False
+        if p is seen:
+            continue
+        # a constrained row is masked by the host sampler (llmcore.structured), never argmax'd on the GPU
+        if not (p.greedy and not p.needs_penalties and p.logprobs is None and p.min_tokens == 0
+                and p.structured_output is None):
+            return False
+        seen = p
+    return True
 
 
 @dataclass
@@ -276,7 +285,10 @@ class CudaModelRunner(TorchModelRunner):
         self._out_flip = 0
         self._pending: _Pending | None = None
         self._spec_flip = 0
-        self.stats = {"graph_steps": 0, "eager_steps": 0, "overlap_hits": 0, "overlap_misses": 0}
+        # overlap_hits/misses: execute()'s own speculation (the synchronous loop); fed_on_device: steps
+        # of launch() (the overlapped loop) whose input tokens came from the previous step on the GPU
+        self.stats = {"graph_steps": 0, "eager_steps": 0, "overlap_hits": 0, "overlap_misses": 0,
+                      "fed_on_device": 0}
         # host seconds inside launch(), by part (a handful of perf_counter reads a step): where an
         # overlapped step's host time goes (benchmarks/cuda_bench.py and cuda_launch_probe.py print it)
         self.launch_s = dict.fromkeys(("placeholders", "rows", "copy", "replay", "eager", "handoff"), 0.0)
@@ -637,9 +649,10 @@ class CudaModelRunner(TorchModelRunner):
             m = len(tbl)
             if key is None or key[0] != s.seq_id or key[1] != s.blocks_version or key[2] > m:
                 bt_np[i, :m] = tbl
+                keys[i] = (s.seq_id, s.blocks_version, m)
             elif key[2] < m:
                 bt_np[i, key[2]:m] = tbl[key[2]:]
-            keys[i] = (s.seq_id, s.blocks_version, m)
+                keys[i] = (s.seq_id, s.blocks_version, m)
         meta = self._meta_np
         meta[:n, 0] = ids
         for i in fill_rows:
@@ -718,12 +731,21 @@ class CudaModelRunner(TorchModelRunner):
         seqs = batch.seqs
         prev, self._prev = self._prev, None
         fill = []  # (batch index, row of the previous step's tokens)
-        for i, s in enumerate(seqs):
-            if s.token_ids and s.token_ids[0] == PLACEHOLDER_TOKEN:
-                if prev is None or s.seq_id not in prev.rows:
+        decode_only = True
+        prompt_logprobs = False
+        rows = prev.rows if prev is not None else {}
+        for i, s in enumerate(seqs):  # one pass (this runs per sequence per step)
+            ids = s.token_ids
+            if len(ids) != 1:
+                decode_only = False
+            if s.want_prompt_logprobs:
+                prompt_logprobs = True
+            if ids and ids[0] == PLACEHOLDER_TOKEN:
+                r = rows.get(s.seq_id)
+                if r is None:
                     raise RuntimeError(f"seq {s.seq_id}: placeholder token but it was not in the previous step")
-                fill.append((i, prev.rows[s.seq_id]))
-        host_sampling = not _simple_greedy(seqs) or any(s.want_prompt_logprobs for s in seqs)
+                fill.append((i, r))
+        host_sampling = prompt_logprobs or not _simple_greedy(seqs)
         if fill and (host_sampling or prev.dev_tokens is None):
             toks = prev.tokens()
             for i, r in fill:
@@ -742,7 +764,6 @@ class CudaModelRunner(TorchModelRunner):
             self._copy_blocks(batch.block_copies)
         self._pending = None  # execute()'s own speculation is not used with launch()
         n = len(seqs)
-        decode_only = all(len(s.token_ids) == 1 for s in seqs)
         if decode_only and self.graphs and n <= self._mb:
             self.stats["graph_steps"] += 1
             b = self._bucket(n)
@@ -773,6 +794,7 @@ class CudaModelRunner(TorchModelRunner):
 
     def _fill_ids(self, ids_dev, fill, src) -> None:
         """``ids_dev[dst] = src[row]`` for each placeholder, on the device (no host round trip)."""
+        self.stats["fed_on_device"] += 1
         if all(i == r for i, r in fill) and [i for i, _ in fill] == list(range(len(fill))):
             ids_dev[: len(fill)].copy_(src[: len(fill)])  # steady decode: same rows, same order
             return
