@@ -407,7 +407,8 @@ class Engine(GenerateAPI):
             if seq.status is finished:  # aborted, or stopped while this step was in flight: discard
                 continue
             req = seq.request
-            touched[req.request_id] = req
+            if not req.final_only:  # a final-only request is touched when it ends (an Emitted)
+                touched[req.request_id] = req
             if commit is not None:  # full blocks whose tokens are all known go to the prefix cache
                 known = min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_placeholders)
                 if known // bs > seq.num_hashed_blocks:
@@ -428,7 +429,10 @@ class Engine(GenerateAPI):
             lps, chosen = res.logprobs, res.chosen_logprobs
             for i, s in enumerate(targets):
                 e = record(s, res.token_ids[i], pos, lps[i] if lps else None, chosen[i] if chosen else None)
+                if e is None:  # a quiet sequence's token: nothing for the output side
+                    continue
                 emitted.append(e)
+                touched[req.request_id] = req
                 if e.reason is not None:
                     self._finish(s, e.reason)
         self._track_waste()

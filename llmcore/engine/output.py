@@ -78,15 +78,23 @@ class OutputProcessor:
             req.stop_ids = frozenset(req.params.stop_token_ids) | self.eos_token_ids
         if req.final_only and not seq.params.stop_strings:
             seq.detok = None
+            # nor anything per token unless it wants logprobs: record() keeps its count
+            seq.quiet = req.params.logprobs is None
             return
+        seq.quiet = False
         seq.detok = make_detokenizer(self.tokenizer, seq.token_ids[: seq.num_prompt_tokens],
                                      seq.params.skip_special_tokens, self.streaming_detokenizer)
 
     # ------------------------------------------------------------ engine core
 
-    def record(self, seq: Sequence, token: int, pos: int, lp, chosen: float | None) -> Emitted:
+    def record(self, seq: Sequence, token: int, pos: int, lp, chosen: float | None) -> Emitted | None:
         """Put ``token`` at ``pos`` (replacing its placeholder) and check the token-level stops
-        (runs per sampled token on the engine thread: kept to a few attribute reads)."""
+        (runs per sampled token on the engine thread: kept to a few attribute reads).
+
+        Returns the token's :class:`Emitted` for the output side, or None for a quiet sequence
+        (final output only, no text or logprobs before it ends) whose token does not end it:
+        then the output side has nothing to do but count it, done here.
+        """
         ids = seq.token_ids
         if pos < len(ids):
             ids[pos] = token
@@ -101,6 +109,13 @@ class OutputProcessor:
             reason = "stop"
         elif n_out >= p.max_tokens or pos + 1 >= self.max_model_len:
             reason = "length"
+        elif seq.quiet:
+            # the output side's count, kept by the core: every token of a quiet sequence but its
+            # last comes here, and the last (an Emitted) is handed over after them
+            seq.out_len += 1
+            if chosen is not None:
+                seq.cumulative_logprob += chosen
+            return None
         return Emitted(seq, token, pos, lp, chosen, reason)
 
     # ------------------------------------------------------------ output side

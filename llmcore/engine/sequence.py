@@ -58,6 +58,9 @@ class Sequence:
     keys: tuple | None = None
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
+    # final output only, no stop strings, no logprobs: the core counts its tokens itself and
+    # hands the output side only the last (OutputProcessor.start / record)
+    quiet: bool = False
 
     @property
     def params(self) -> SamplingParams:

@@ -223,9 +223,10 @@ class _Step:
         if self._results is None:
             toks = self.tokens()
             res: list[SampleResult | None] = [None] * len(self.seqs)
+            seqs = self.seqs
             for j, i in enumerate(self.sampled):
-                if self.seqs[i].sample:
-                    res[i] = SampleResult(token_ids=[toks[j]])
+                if seqs[i].sample:
+                    res[i] = SampleResult([toks[j]])  # token_ids (positional: per row per step)
             self._results = res
         return self._results
 
