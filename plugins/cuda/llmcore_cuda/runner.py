@@ -822,23 +822,32 @@ class CudaModelRunner(TorchModelRunner):
         width = -(-max(len(s.block_table) for s in seqs) // 16) * 16
         bt = np.zeros((n, width), np.int32)
         ids: list[int] = []
-        pos_parts, slot_parts = [], []
-        starts = [0]
-        ctx = []
-        for i, s in enumerate(seqs):
-            tbl = np.asarray(s.block_table, np.int32)
-            bt[i, : tbl.size] = tbl
-            ql = len(s.token_ids)
-            ids.extend(s.token_ids)
-            p = np.arange(s.start_pos, s.start_pos + ql, dtype=np.int32)
-            pos_parts.append(p)
-            slot_parts.append(tbl[p // bs] * bs + p % bs)
-            starts.append(starts[-1] + ql)
-            ctx.append(s.start_pos + ql)
-        sample_idx = [i for i, s in enumerate(seqs) if s.sample]
-        rows = np.asarray([starts[i + 1] - 1 for i in sample_idx], np.int32)
-        arrays = [np.asarray(ids, np.int32), np.concatenate(pos_parts), np.concatenate(slot_parts),
-                  np.asarray(starts, np.int32), np.asarray(ctx, np.int32), bt, rows]
+        qlens, first = [], []
+        sample_idx = []
+        for i, s in enumerate(seqs):  # per sequence only what numpy cannot do for the batch
+            tbl = s.block_table
+            bt[i, : len(tbl)] = tbl
+            toks = s.token_ids
+            ids.extend(toks)
+            qlens.append(len(toks))
+            first.append(s.start_pos)
+            if s.sample:
+                sample_idx.append(i)
+        ql_np = np.asarray(qlens, np.int32)
+        ends = np.cumsum(ql_np, dtype=np.int32)
+        starts_np = np.zeros(n + 1, np.int32)
+        starts_np[1:] = ends
+        starts = starts_np.tolist()
+        ctx_np = np.asarray(first, np.int32) + ql_np
+        ctx = ctx_np.tolist()
+        # each token's position (its sequence's first position + its offset in the chunk) and
+        # KV slot (its block from the sequence's table row)
+        row_of = np.repeat(np.arange(n, dtype=np.int32), ql_np)
+        pos = np.arange(starts[-1], dtype=np.int32) - np.repeat(starts_np[:-1] - np.asarray(first, np.int32), ql_np)
+        slots = bt[row_of, pos // bs] * bs + pos % bs
+        rows = ends[sample_idx] - 1 if sample_idx else np.zeros(0, np.int32)
+        arrays = [np.asarray(ids, np.int32), pos, slots.astype(np.int32, copy=False),
+                  starts_np, ctx_np, bt, rows.astype(np.int32, copy=False)]
         if fill:  # (flat position of the placeholder, source row): filled on the device below
             fill = [(starts[i], r) for i, r in fill]
         if decode_only:
