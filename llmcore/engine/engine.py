@@ -19,6 +19,7 @@ outputs equal the synchronous loop's.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import time
@@ -131,6 +132,7 @@ class Engine(GenerateAPI):
             log.info("output thread: detokenization, stop strings and outputs run beside the engine loop")
         self._inflight: _Launched | None = None
         self.phase_seconds: dict[str, float] | None = None  # see measure_phases()
+        _raise_gc_threshold(cfg.gc_threshold)
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len %d",
                  num_blocks, cfg.block_size, num_blocks * self.runner.kv_bytes_per_block() / 2**20,
                  self.max_model_len)
@@ -569,6 +571,16 @@ class Engine(GenerateAPI):
             "steps": self._steps,
             "finished_requests": self._finished_requests,
         }
+
+
+def _raise_gc_threshold(young: int | None) -> None:
+    """Raise CPython's young-generation collection threshold to ``young`` (EngineConfig.gc_threshold)."""
+    if young is None:
+        return
+    first, *rest = gc.get_threshold()
+    if first and first < young:  # 0: the collector is disabled; leave it so
+        gc.set_threshold(young, *rest)
+        log.debug("GC: young-generation threshold %d -> %d (EngineConfig.gc_threshold)", first, young)
 
 
 @dataclass(slots=True)

@@ -201,26 +201,20 @@ class OutputProcessor:
 
     @staticmethod
     def build(req: Request) -> RequestOutput:
+        # per request per step while streaming: positional, in the dataclasses' field order
+        # (CompletionOutput: index, text, token_ids, finish_reason, stop_reason, logprobs,
+        # cumulative_logprob; RequestOutput: request_id, prompt, prompt_token_ids, outputs,
+        # finished, num_cached_tokens, prompt_logprobs, metrics; tests/test_overlap.py pins them)
         seqs = req.seqs if len(req.seqs) == 1 else sorted(req.seqs, key=lambda s: s.index)
         outs = [
-            CompletionOutput(
-                index=s.index, text=s.text,
-                token_ids=s.token_ids[s.num_prompt_tokens : s.num_prompt_tokens + s.out_len],
-                finish_reason=s.out_reason, stop_reason=s.out_stop_reason,
-                logprobs=s.logprobs, cumulative_logprob=s.cumulative_logprob,
-            )
+            CompletionOutput(s.index, s.text, s.token_ids[s.num_prompt_tokens : s.num_prompt_tokens + s.out_len],
+                             s.out_reason, s.out_stop_reason, s.logprobs, s.cumulative_logprob)
             for s in seqs
         ]
         first = req.seqs[0]
-        return RequestOutput(
-            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-            outputs=outs, finished=req.output_done, num_cached_tokens=first.num_cached_tokens,
-            prompt_logprobs=req.prompt_logprobs,
-            metrics={
-                "arrival_time": req.arrival_time,
-                "first_token_time": req.first_token_time or 0.0,
-            },
-        )
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.output_done,
+                             first.num_cached_tokens, req.prompt_logprobs,
+                             {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time or 0.0})
 
     @staticmethod
     def holdback(params: SamplingParams) -> int:

@@ -124,4 +124,7 @@ class Request:
     @property
     def output_done(self) -> bool:
         """Every sample's output is final (the output side's view; the core may lag behind it)."""
-        return (self.forked or self.params.n == 1) and all(s.out_reason is not None for s in self.seqs)
+        seqs = self.seqs
+        if len(seqs) == 1:  # the common case, asked per request per step while streaming
+            return seqs[0].out_reason is not None and (self.forked or self.params.n == 1)
+        return (self.forked or self.params.n == 1) and all(s.out_reason is not None for s in seqs)
