@@ -25,6 +25,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch,triton,transformers;print(torch.__version__,triton.__version__,transformers.__version__)"
+hf_all() {  # HF generate on all 256 requests of the workload, within what is left of $BUDGET s
+  local S=$SECONDS
+  timeout $((BUDGET-SECONDS)) bash benchmarks/cuda_gpu_run.sh bench --phases hf --hf-requests 256 > $OUT/hf.log 2>&1
+  echo "hf rc=$? $((SECONDS-S))s"
+  grep -E "RESULT|hf_" $OUT/hf.log | cut -c1-1200
+}
 case $1 in
 a)
   S=$SECONDS
@@ -104,10 +110,7 @@ w)  # the 256-request workload, each loop in its own cold Triton cache (the star
     > $OUT/tests.log 2>&1
   echo "tests rc=$? $((SECONDS-S))s"
   grep -E "passed|failed|FAILED|Error|assert" $OUT/tests.log | tail -15
-  S=$SECONDS
-  timeout $((BUDGET-SECONDS)) bash benchmarks/cuda_gpu_run.sh bench --phases hf --hf-requests 256 > $OUT/hf.log 2>&1
-  echo "hf rc=$? $((SECONDS-S))s"
-  grep -E "RESULT|hf_" $OUT/hf.log | cut -c1-1200 ;;
+  hf_all ;;
 v)  # the default (overlapped) loop on the 256-request workload in a cold Triton cache, the GPU
     # suite, then HF generate on all 256 requests (the same-run ratio of issue #15)
   BUDGET=${BUDGET:-590}
@@ -120,10 +123,7 @@ v)  # the default (overlapped) loop on the 256-request workload in a cold Triton
   timeout 200 bash benchmarks/cuda_gpu_run.sh tests -n 8 -p no:cacheprovider --timeout 180 > $OUT/tests.log 2>&1
   echo "tests rc=$? $((SECONDS-S))s"
   grep -E "passed|failed|FAILED|Error|assert" $OUT/tests.log | tail -15
-  S=$SECONDS
-  timeout $((BUDGET-SECONDS)) bash benchmarks/cuda_gpu_run.sh bench --phases hf --hf-requests 256 > $OUT/hf.log 2>&1
-  echo "hf rc=$? $((SECONDS-S))s"
-  grep -E "RESULT|hf_" $OUT/hf.log | cut -c1-1200 ;;
+  hf_all ;;
 t)  # the GPU test suite alone
   timeout 220 bash benchmarks/cuda_gpu_run.sh tests -n 8 -p no:cacheprovider --timeout 200 > $OUT/tests.log 2>&1
   echo "tests rc=$?"
