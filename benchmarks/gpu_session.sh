@@ -27,6 +27,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch,triton,transformers;print(torch.__version__,triton.__version__,transformers.__version__)"
 hf_all() {  # HF generate on all 256 requests of the workload, within what is left of $BUDGET s
   local S=$SECONDS
+  if [ $((BUDGET-SECONDS)) -lt 60 ]; then echo "hf skipped: $((BUDGET-SECONDS)) s of BUDGET left"; return; fi
   timeout $((BUDGET-SECONDS)) bash benchmarks/cuda_gpu_run.sh bench --phases hf --hf-requests 256 > $OUT/hf.log 2>&1
   echo "hf rc=$? $((SECONDS-S))s"
   grep -E "RESULT|hf_" $OUT/hf.log | cut -c1-1200
