@@ -98,6 +98,11 @@ def test_step_stats_account_for_every_token_and_block(watched):
     # while both run they hold ceil(41/16) + ceil(10/16) blocks at most
     assert max(s["kv_blocks_used"] for s in steps) == 3 + 1
     assert all(s["step_seconds"] > 0 for s in steps)
+    # a one-token prompt is prefill, not a decode
+    observer.steps.clear()
+    engine.generate([[7]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert sum(s["num_prefill_tokens"] for s in observer.steps) == 1
+    assert sum(s["num_decode_tokens"] for s in observer.steps) == 2
     assert steps[-1]["num_running"] == steps[-1]["num_waiting"] == 0
 
 

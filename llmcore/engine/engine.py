@@ -515,8 +515,12 @@ class Engine(GenerateAPI):
             self.registry.hook.llmcore_step_stats(stats={
                 "num_running": len(self.scheduler.running),
                 "num_waiting": len(self.scheduler.waiting),
-                "num_prefill_tokens": sum(s.num_new for s in batch.seqs if s.num_new > 1),
-                "num_decode_tokens": sum(1 for s in batch.seqs if s.num_new == 1),
+                # a decode computes one token past the prompt; anything else (a one-token prompt or
+                # last chunk included) is prefill
+                "num_prefill_tokens": sum(s.num_new for s in batch.seqs
+                                          if s.num_new > 1 or s.start_pos < s.num_prompt_tokens),
+                "num_decode_tokens": sum(1 for s in batch.seqs
+                                         if s.num_new == 1 and s.start_pos >= s.num_prompt_tokens),
                 "kv_blocks_used": self.block_manager.num_blocks - self.block_manager.num_free_blocks,
                 "kv_blocks_total": self.block_manager.num_blocks,
                 "step_seconds": seconds,
