@@ -50,7 +50,10 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 async def _send_error(err: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
-    await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
+    # the KServe v2 routes answer errors as {"error": "message"} (the protocol's shape), the
+    # OpenAI ones as {"error": {"message": ..., "type": ..., "code": ...}}
+    body = {"error": err.message} if str(scope.get("path", "")).startswith("/v2/") else err.body()
+    await JSONResponse(body, status_code=err.status, headers=err.headers)(scope, receive, send)
 
 
 class AuthMiddleware:

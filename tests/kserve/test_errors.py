@@ -66,7 +66,7 @@ def test_http_body_and_key_errors(server, headers):
     r = httpx.post(f"{server.url}/v2/models/tiny/generate", headers=headers, json={"text_input": 5})
     assert r.status_code == 400 and r.json()["error"] == "text_input: must be a string, got int"
     r = httpx.post(f"{server.url}/v2/models/tiny/infer", json={"inputs": [GOOD]})
-    assert r.status_code == 401
+    assert r.status_code == 401 and "API key" in r.json()["error"]  # the protocol's error shape
     assert httpx.get(f"{server.url}/v2/health/live").status_code == 200  # probes need no key
     r = httpx.post(f"{server.url}/v2/models/tiny/generate_stream", headers=headers,
                    json={"text_input": PROMPT, "exclude_input_in_output": False})
