@@ -838,12 +838,13 @@ class CudaModelRunner(TorchModelRunner):
         starts_np = np.zeros(n + 1, np.int32)
         starts_np[1:] = ends
         starts = starts_np.tolist()
-        ctx_np = np.asarray(first, np.int32) + ql_np
+        first_np = np.asarray(first, np.int32)
+        ctx_np = first_np + ql_np
         ctx = ctx_np.tolist()
         # each token's position (its sequence's first position + its offset in the chunk) and
         # KV slot (its block from the sequence's table row)
         row_of = np.repeat(np.arange(n, dtype=np.int32), ql_np)
-        pos = np.arange(starts[-1], dtype=np.int32) - np.repeat(starts_np[:-1] - np.asarray(first, np.int32), ql_np)
+        pos = np.arange(starts[-1], dtype=np.int32) - np.repeat(starts_np[:-1] - first_np, ql_np)
         slots = bt[row_of, pos // bs] * bs + pos % bs
         rows = ends[sample_idx] - 1 if sample_idx else np.zeros(0, np.int32)
         arrays = [np.asarray(ids, np.int32), pos, slots.astype(np.int32, copy=False),
