@@ -149,7 +149,8 @@ def test_q4_products_match_float64(lib, m, n, k, g):
         # one or two batch rows: activations as int8 per block of 32 (decode.cpp tile_q4q8_4x1),
         # half a step of amax/127 per element times |q * scale| (the offsets take exact sums)
         dx = (x.view(m, k // 32, 32).abs().amax(-1) / 127).repeat_interleave(32, 1).double()
-        offset = (groups[..., 1] - 8 * groups[..., 0]).repeat_interleave(g, 1)  # W = q * scale + offset
+        rows = native.q4_rows(nibbles, groups)[1]  # [n, k/g, 2], row-major
+        offset = (rows[..., 1] - 8 * rows[..., 0]).repeat_interleave(g, 1)  # W = q * scale + offset
         qs = (wd - offset).abs().double()
         bound = 0.5 * dx @ qs.T
         assert ((y.double() - ref).abs() <= bound + tol).all()

@@ -217,10 +217,12 @@ def _int4pack_sources(n: int, k: int) -> torch.Tensor:
 
 
 def q4_from_int4(module: Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    """An :class:`Int4Linear`'s weights in the step's 4-bit layout (decode.cpp "4-bit groups"):
-    nibbles [n, k/2] uint8 (in each block of 32 elements, byte i holds element i low and 16 + i
-    high) and, per group, torch's own (scale, zero) pair in the model's dtype [n, k/group, 2], so
-    W = (q - 8) * scale + zero as in torch's kernel, in the same bytes.
+    """An :class:`Int4Linear`'s weights in the step's 4-bit layout (decode.cpp "4-bit groups"), in
+    the same bytes: rows in tiles of four, nibbles [n/4, k/32, 4, 16] uint8 (per block of 32
+    elements, each row's 16 bytes: byte i holds element i low and 16 + i high) and torch's own
+    (scale, zero) pairs in the model's dtype [n/4, k/group, 2, 4] (per group, the four rows' scales
+    then their zeros), W = (q - 8) * scale + zero as in torch's kernel. :func:`q4_rows` reads them
+    back row-major.
 
     q is read out of torch's int4pack tensor by :func:`_int4pack_sources`, and checked: the
     product of a few random rows through torch's kernel and through these weights must agree."""
@@ -237,8 +239,18 @@ def q4_from_int4(module: Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
         raise NativeUnavailable(f"4-bit weights of a {n} x {k} layer did not read back (max error {err:.3g}): "
                                 "this torch's int4pack layout is not the one expected")
     blocks = q.reshape(n, k // Q4_BLOCK, 2, Q4_BLOCK // 2)
-    nibbles = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-    return nibbles, groups
+    nibbles = (blocks[:, :, 0] | (blocks[:, :, 1] << 4))  # [n, k/32, 16]
+    nibbles = nibbles.view(n // 4, 4, k // Q4_BLOCK, Q4_BLOCK // 2).transpose(1, 2).contiguous()
+    return nibbles, groups.view(n // 4, 4, k // g, 2).permute(0, 2, 3, 1).contiguous()
+
+
+def q4_rows(nibbles: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row-major q [n, k] (uint8, 0..15) and groups [n, k/group, 2] of :func:`q4_from_int4`'s
+    tiles (copies)."""
+    nt, nb, _, half = nibbles.shape
+    b = nibbles.transpose(1, 2).reshape(nt * 4, nb, half)
+    q = torch.stack([b & 15, b >> 4], 2).reshape(nt * 4, nb * 2 * half)
+    return q, groups.permute(0, 3, 1, 2).reshape(nt * 4, groups.shape[1], 2)
 
 
 def q4_dequantize(q: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -251,6 +263,7 @@ def q4_dequantize(q: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 def _linear(module: nn.Module, keep: _Keep, what: str) -> _Linear:
     if isinstance(module, Int4Linear):
         if (module.kernel != "int4pack" or module.group_size % Q4_BLOCK or module.in_features % module.group_size
+                or module.out_features % 4
                 or module.scales_and_zeros.dtype not in (torch.float32, torch.bfloat16)):
             raise NativeUnavailable(f"{what} is a 4-bit layer the step does not read (kernel {module.kernel}, "
                                     f"group size {module.group_size}: groups of a multiple of 32 on the CPU)")
@@ -401,9 +414,7 @@ class Q4Linear(_NativeProduct):
 
     def dequantized_weight(self) -> torch.Tensor:
         """W = (q - 8) * scale + zero, [out_features, in_features] float32 (a copy)."""
-        n, k = self.out_features, self.in_features
-        b = self.nibbles.view(n, k // Q4_BLOCK, Q4_BLOCK // 2)
-        return q4_dequantize(torch.stack([b & 15, b >> 4], 2).reshape(n, k), self.groups)
+        return q4_dequantize(*q4_rows(self.nibbles, self.groups))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, 4-bit groups of {self.group_size} "

@@ -36,15 +36,16 @@
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_I8 = 2, KIND_Q4 = 3 };
 
 struct Linear {
-    const void* w;       // [n, k] row-major: float32, bfloat16 or int8; 4-bit: [n, k/2] bytes ("4-bit groups")
+    const void* w;       // [n, k] row-major: float32, bfloat16 or int8; 4-bit: [n/4, k/32, 4, 16] bytes ("4-bit groups")
     const float* scale;  // [n] per-row scale (int8 only) or null
     const float* bias;   // [n] or null
     const int32_t* rowsum;  // [n] sum of each int8 row (int8 only) or null
     int64_t n, k;
     int32_t kind;
     int32_t packed;  // 1: w is in 16-row panels (see "packed weights" below), else row-major
-    const void* groups;   // 4-bit only: [n, k / group, 2] (scale, zero) per group of a row, float32 or
-                          //   bfloat16 (group_kind): W = (q - 8) * scale + zero, torch's int4pack form
+    const void* groups;   // 4-bit only: [n/4, k / group, 2, 4] (scales, zeros) per group of a tile of
+                          //   four rows, float32 or bfloat16 (group_kind): W = (q - 8) * scale + zero,
+                          //   torch's int4pack form ("4-bit groups")
     int32_t group;        // 4-bit only: k elements per group (a multiple of 32)
     int32_t group_kind;   // KIND_F32 or KIND_BF16
 };
@@ -437,56 +438,46 @@ static inline void tile_i8(const int8_t* w, int64_t k, const float* x, int64_t x
 // ------------------------------------------------------------------ 4-bit groups (KIND_Q4)
 // Weights W[r, t] = q * scale + offset, q in 0..15, one (scale, offset) per group of `group`
 // elements of a row (int4 and awq: llama.cpp's Q4_1 block at group 32), kept as torch's int4pack
-// keeps them: (scale, zero = offset + 8 * scale) in the model's dtype (Q4G). Row r is k/2 bytes; in
-// each block of 32 elements byte i holds element i (low nibble) and element 16 + i (high), so
-// one 16-byte load gives two runs of 16 consecutive elements. One or two batch rows: integer
-// products on int8 activations (tile_q4q8_4x1); more: rows_q4 dequantizes the rows to float32
-// (q4_dequant_row) for the float32 tiles, which read them for every batch row.
+// keeps them: (scale, zero = offset + 8 * scale) in the model's dtype. Rows go in tiles of four,
+// each tile one sequential stream per tensor (a product reads a tile's four rows together):
+//   nibbles [n/4][k/32][4][16] bytes: per block of 32 elements, row i's 16 bytes, byte j holding
+//     element j (low nibble) and element 16 + j (high), so one 16-byte load gives two runs of 16;
+//   groups  [n/4][k/group][2][4]: per group, the four rows' scales, then their zeros.
+// Tile p starts at byte p * 2k of the nibbles and element p * 8 * (k / group) of the groups, i.e.
+// where row 4p would start in row-major [n, k/2] and [n, k/group, 2]. One or two batch rows:
+// integer products on int8 activations (tile_q4q8_4x1); more: rows_q4 dequantizes the rows to
+// float32 (q4_dequant_row) for the float32 tiles, which read them for every batch row.
 
-static inline float q4_at(const uint8_t* row, int64_t t) {
-    const uint8_t v = row[(t / 32) * 16 + t % 16];
-    return (float)(t % 32 < 16 ? (v & 15) : (v >> 4));
+// row r's nibble byte holding element t (t % 32 < 16: low nibble, else high)
+static inline const uint8_t* q4_byte(const Linear& L, int64_t r, int64_t t) {
+    return (const uint8_t*)L.w + (r >> 2) * 2 * L.k + (t / 32) * 64 + (r & 3) * 16 + t % 16;
 }
 
-// Group parameters from group i on: (scale, zero) pairs, float32 or bfloat16
-struct Q4G {
-    const void* p;
-    int32_t kind;
-    // group i's scale and offset (zero - 8 * scale: exact in float32 for bfloat16 pairs)
-    inline void at(int64_t i, float& s, float& o) const {
-        float z;
-        if (kind == KIND_BF16) {
-            s = bf16_to_f32(((const uint16_t*)p)[2 * i]);
-            z = bf16_to_f32(((const uint16_t*)p)[2 * i + 1]);
-        } else {
-            s = ((const float*)p)[2 * i];
-            z = ((const float*)p)[2 * i + 1];
-        }
-        o = fmaf(-8.f, s, z);
+// row r's group g: scale s and offset o = zero - 8 * scale (exact in float32 for bfloat16 pairs)
+static inline void q4_group(const Linear& L, int64_t r, int64_t g, float& s, float& o) {
+    const int64_t i = ((r >> 2) * (L.k / L.group) + g) * 8 + (r & 3);
+    float z;
+    if (L.group_kind == KIND_BF16) {
+        s = bf16_to_f32(((const uint16_t*)L.groups)[i]);
+        z = bf16_to_f32(((const uint16_t*)L.groups)[i + 4]);
+    } else {
+        s = ((const float*)L.groups)[i];
+        z = ((const float*)L.groups)[i + 4];
     }
-    inline Q4G from(int64_t i) const {
-        return {kind == KIND_BF16 ? (const void*)((const uint16_t*)p + 2 * i) : (const void*)((const float*)p + 2 * i),
-                kind};
-    }
-};
-static inline Q4G q4_groups(const Linear& L, int64_t r) {
-    return Q4G{L.groups, L.group_kind}.from(r * (L.k / L.group));
+    o = fmaf(-8.f, s, z);
 }
 
 // row r's dequantized elements [0, k) into out
 static void q4_dequant_row(const Linear& L, int64_t r, float* out) {
     const int64_t k = L.k;
-    const uint8_t* w = (const uint8_t*)L.w + r * (k / 2);
-    const Q4G gp = q4_groups(L, r);
     int64_t t = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     const __m128i m = _mm_set1_epi8(15);
     for (; t + 32 <= k; t += 32) {
-        const int64_t g = t / L.group;
         float s, o;
-        gp.at(g, s, o);
+        q4_group(L, r, t / L.group, s, o);
         const __m256 sc = _mm256_set1_ps(s), of = _mm256_set1_ps(o);
-        const __m128i v = _mm_loadu_si128((const __m128i*)(w + t / 2));
+        const __m128i v = _mm_loadu_si128((const __m128i*)q4_byte(L, r, t));
         const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
         _mm256_storeu_ps(out + t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), sc, of));
         _mm256_storeu_ps(out + t + 8,
@@ -498,8 +489,9 @@ static void q4_dequant_row(const Linear& L, int64_t r, float* out) {
 #endif
     for (; t < k; t++) {
         float s, o;
-        gp.at(t / L.group, s, o);
-        out[t] = fmaf(q4_at(w, t), s, o);
+        q4_group(L, r, t / L.group, s, o);
+        const uint8_t v = *q4_byte(L, r, t);
+        out[t] = fmaf((float)(t % 32 < 16 ? (v & 15) : (v >> 4)), s, o);
     }
 }
 
@@ -507,59 +499,93 @@ static void q4_dequant_row(const Linear& L, int64_t r, float* out) {
 // The single-stream product on integers (llama.cpp's Q4_1 x Q8 scheme): activations quantized
 // per block of 32 to int8 (q8, scale dx per block), the 32 nibbles of a row multiplied by them
 // with vpmaddubsw (unsigned 4-bit x signed 8-bit, pairs summed to int16, at most 2 x 15 x 127)
-// and vpmaddwd, then one FMA by scale x dx per 32 weights: ~10 instructions per 32 weights where
-// dequantizing to float32 in registers took ~27 (and was no faster: the loop waited on memory
-// until the next tile's rows were prefetched). The AVX-512 build runs this too. The offsets multiply the exact float sum of each block
-// (xsum), so the only rounding added is the activations' (half a step of amax/127 per element).
-#define Q4Q8_ROW(i)                                                                                  \
-    {                                                                                                \
-        _mm_prefetch((const char*)(w + (i + 4) * kb + t / 2), _MM_HINT_T0);                          \
-        const __m128i v = _mm_loadu_si128((const __m128i*)(w + i * kb + t / 2));                     \
-        const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m)); \
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);                      \
-        float s_, o_;                                                                                \
-        gp.at(i * ng + g, s_, o_);                                                                   \
-        a##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s_ * dx), a##i);                \
-        o##i += o_ * xs;                                                                             \
-    }
-static inline void tile_q4q8_4x1(const uint8_t* w, const Q4G gp, int64_t k, int64_t group, const int8_t* xq,
-                                 const float* xscale, const float* xsum, float* out) {
-    const int64_t kb = k / 2, ng = k / group;
-    const __m128i m = _mm_set1_epi8(15);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    float o0 = 0.f, o1 = 0.f, o2 = 0.f, o3 = 0.f;
-    for (int64_t t = 0; t < k; t += 32) {
-        const int64_t g = t / group;
-        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + t));
-        const float dx = xscale[t / 32], xs = xsum[t / 32];
-        Q4Q8_ROW(0) Q4Q8_ROW(1) Q4Q8_ROW(2) Q4Q8_ROW(3)
-    }
-    const __m256 s[4] = {a0, a1, a2, a3};
-    const float o[4] = {o0, o1, o2, o3};
-    for (int i = 0; i < 4; i++) {
-        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s[i]), _mm256_extractf128_ps(s[i], 1));
-        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        out[i] = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4))) + o[i];
+// and vpmaddwd, then one FMA by scale x dx per 32 weights. A tile's four rows sit in one 64-byte
+// line per block and their group parameters in one 16- or 32-byte load per group, so the loop
+// reads two sequential streams (a row-major layout read eight, and the loop waited on them). The
+// AVX-512 build runs this too. The offsets multiply the exact float sum of each block (xsum),
+// four rows in one FMA, so the only rounding added is the activations' (half a step of amax/127
+// per element).
+#ifndef Q4_PF_BLOCKS
+#define Q4_PF_BLOCKS 8  // how far ahead the nibbles and the group parameters are prefetched
+#endif
+#ifndef Q4_PF_GROUPS
+#define Q4_PF_GROUPS 8
+#endif
+template <int GK>
+static inline void q4_group4(const void* gp, int64_t g, __m128& s, __m128& o) {
+    if constexpr (GK == KIND_BF16) {
+        const uint16_t* p = (const uint16_t*)gp + 8 * g;
+        const __m128i v = _mm_loadu_si128((const __m128i*)p);  // 4 scales, 4 zeros
+        s = _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), v));
+        const __m128 z = _mm_castsi128_ps(_mm_unpackhi_epi16(_mm_setzero_si128(), v));
+        o = _mm_fnmadd_ps(_mm_set1_ps(8.f), s, z);
+    } else {
+        const float* p = (const float*)gp + 8 * g;
+        s = _mm_loadu_ps(p);
+        o = _mm_fnmadd_ps(_mm_set1_ps(8.f), s, _mm_loadu_ps(p + 4));
     }
 }
-#undef Q4Q8_ROW
+
+// Two rows per 32-byte load: rows i and i + 1 of a block are adjacent, so one load gives both
+// rows' 16 bytes; their low nibbles (elements 0-15 of each row) multiply [x0..x15 | x0..x15] and
+// their high ones [x16..x31 | x16..x31], the two int16 products are added (at most 4 x 15 x 127)
+// and widened by pairs: lanes 0-3 sum row i, lanes 4-7 row i + 1. ~11 instructions per two rows
+// where a row at a time took ~9 per row.
+#define Q4Q8_PAIR(i, acc, sdp)                                                                       \
+    {                                                                                                \
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + 32 * i));                         \
+        const __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m); \
+        const __m256i p = _mm256_madd_epi16(                                                         \
+            _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi)), ones);   \
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sdp, acc);                                      \
+    }
+template <int GK>
+static inline void tile_q4q8_4x1(const uint8_t* w, const void* gp, int64_t k, int64_t group, const int8_t* xq,
+                                 const float* xscale, const float* xsum, float* out) {
+    const __m256i m = _mm256_set1_epi8(15);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i lo_idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), hi_idx = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    __m256 a01 = _mm256_setzero_ps(), a23 = a01;
+    __m128 ov = _mm_setzero_ps();
+    const int64_t bpg = group / 32;  // blocks per group
+    for (int64_t g = 0, t = 0; t < k; g++) {
+        __m128 s4, o4;
+        q4_group4<GK>(gp, g, s4, o4);
+        _mm_prefetch((const char*)gp + (g + Q4_PF_GROUPS) * (GK == KIND_BF16 ? 16 : 32), _MM_HINT_T0);
+        const __m256 s8 = _mm256_set_m128(s4, s4);
+        for (int64_t j = 0; j < bpg; j++, t += 32) {
+            const uint8_t* wb = w + 2 * t;  // this block's 64 bytes
+            _mm_prefetch((const char*)(wb + 64 * Q4_PF_BLOCKS), _MM_HINT_T0);
+            const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + t));
+            const __m256i xlo = _mm256_permute2x128_si256(xv, xv, 0x00), xhi = _mm256_permute2x128_si256(xv, xv, 0x11);
+            const __m256 sd = _mm256_mul_ps(s8, _mm256_set1_ps(xscale[t / 32]));
+            ov = _mm_fmadd_ps(o4, _mm_set1_ps(xsum[t / 32]), ov);
+            Q4Q8_PAIR(0, a01, _mm256_permutevar8x32_ps(sd, lo_idx))
+            Q4Q8_PAIR(1, a23, _mm256_permutevar8x32_ps(sd, hi_idx))
+        }
+    }
+    // a01: row 0 in lanes 0-3, row 1 in 4-7; a23 likewise
+    const __m256 h = _mm256_hadd_ps(a01, a23);  // r0 r0 r2 r2 | r1 r1 r3 r3 (partial sums)
+    const __m256 h2 = _mm256_hadd_ps(h, h);     // r0 r2 r0 r2 | r1 r3 r1 r3
+    const __m128 r = _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1));
+    _mm_storeu_ps(out, _mm_add_ps(r, ov));
+}
+#undef Q4Q8_PAIR
 #define HAVE_Q4Q8 1
 #endif
 
 // Any other case, and builds without AVX2 + FMA: scalar loops on float32 activations (with AVX2
 // every 4-bit product of one or two rows has its int8 activations, so this is never hot there)
 template <int R, int BT>
-static inline void tile_q4(const uint8_t* w, const Q4G gp, int64_t k, int64_t group, const float* x, int64_t xs,
-                           float* out) {
-    const int64_t kb = k / 2, ng = k / group;
+static inline void tile_q4(const Linear& L, int64_t r, const float* x, int64_t xs, float* out) {
     for (int i = 0; i < R; i++)
         for (int j = 0; j < BT; j++) {
             float s = 0.f;
-            for (int64_t t = 0; t < k; t++) {
+            for (int64_t t = 0; t < L.k; t++) {
                 float sc, of;
-                gp.at(i * ng + t / group, sc, of);
-                s += fmaf(q4_at(w + i * kb, t), sc, of) * x[j * xs + t];
+                q4_group(L, r + i, t / L.group, sc, of);
+                const uint8_t v = *q4_byte(L, r + i, t);
+                s += fmaf((float)(t % 32 < 16 ? (v & 15) : (v >> 4)), sc, of) * x[j * xs + t];
             }
             out[i * BT + j] = s;
         }
@@ -680,16 +706,21 @@ static inline void tile(const Linear& L, int64_t r, const Act& x, int64_t b, flo
         case KIND_Q4:
 #ifdef HAVE_Q4Q8
             if constexpr (R == 4 && BT == 1) {
-                if (x.q8) {
+                if (x.q8 && (r & 3) == 0) {  // a whole tile of four rows
                     const int64_t o = b * k;
-                    tile_q4q8_4x1((const uint8_t*)L.w + r * (k / 2), q4_groups(L, r), k, L.group,
-                                  x.q8 + o, x.q8scale + o / 32, x.q8sum + o / 32, out);
+                    const uint8_t* w = (const uint8_t*)L.w + r * (k / 2);
+                    const void* gp = L.group_kind == KIND_BF16
+                                         ? (const void*)((const uint16_t*)L.groups + r * (k / L.group) * 2)
+                                         : (const void*)((const float*)L.groups + r * (k / L.group) * 2);
+                    if (L.group_kind == KIND_BF16)
+                        tile_q4q8_4x1<KIND_BF16>(w, gp, k, L.group, x.q8 + o, x.q8scale + o / 32, x.q8sum + o / 32, out);
+                    else
+                        tile_q4q8_4x1<KIND_F32>(w, gp, k, L.group, x.q8 + o, x.q8scale + o / 32, x.q8sum + o / 32, out);
                     break;
                 }
             }
 #endif
-            tile_q4<R, BT>((const uint8_t*)L.w + r * (k / 2), q4_groups(L, r), k, L.group,
-                           x.f + b * x.stride, x.stride, out);
+            tile_q4<R, BT>(L, r, x.f + b * x.stride, x.stride, out);
             break;
         default:
             tile_f32<R, BT>((const float*)L.w + r * k, k, x.f + b * x.stride, x.stride, out);
