@@ -13,6 +13,8 @@
 #                                      # in both loops, each in a cold Triton cache of its own
 #   bash benchmarks/gpu_session.sh v   # the overlapped workload (cold Triton cache), the GPU test suite,
 #                                      # then HF generate on all 256 requests, within $BUDGET s
+#   bash benchmarks/gpu_session.sh k   # the overlapped workload at token budgets $BUDGETS (default
+#                                      # "8192 2048 4096"), one Triton cache, in that order
 #   bash benchmarks/gpu_session.sh b   # HF generate on all 256 requests (the ratio of issue #15),
 #                                      # structured-output overhead on CUDA (issue #19)
 # Logs go to $OUT (or /tmp/gpu-session).
@@ -112,6 +114,15 @@ w)  # the 256-request workload, each loop in its own cold Triton cache (the star
   echo "tests rc=$? $((SECONDS-S))s"
   grep -E "passed|failed|FAILED|Error|assert" $OUT/tests.log | tail -15
   hf_all ;;
+k)  # the token budget (max_num_batched_tokens) against the overlapped loop's GPU busy: each
+    # eager (prefill) step costs the host ~13 ms of launches whatever its size
+  for t in ${BUDGETS:-8192 2048 4096}; do
+    S=$SECONDS
+    TRITON_CACHE_DIR=/tmp/triton-k timeout 170 bash benchmarks/cuda_gpu_run.sh bench --phases build,llmcore --tune none \
+      --async-engine --warmup-s 1 --single-tokens 16 --max-num-batched-tokens $t > $OUT/budget$t.log 2>&1
+    echo "budget $t rc=$? $((SECONDS-S))s"
+    grep -E "llmcore_workload" $OUT/budget$t.log | cut -c1-900
+  done ;;
 v)  # the default (overlapped) loop on the 256-request workload in a cold Triton cache, the GPU
     # suite, then HF generate on all 256 requests (the same-run ratio of issue #15)
   BUDGET=${BUDGET:-590}
