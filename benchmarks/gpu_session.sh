@@ -15,6 +15,8 @@
 #                                      # then HF generate on all 256 requests, within $BUDGET s
 #   bash benchmarks/gpu_session.sh k   # the overlapped workload at token budgets $BUDGETS (default
 #                                      # "8192 2048 4096"), one Triton cache, in that order
+#   bash benchmarks/gpu_session.sh h   # v without the suite: the overlapped workload (cold Triton
+#                                      # cache), then HF generate on all 256 requests, within $BUDGET s
 #   bash benchmarks/gpu_session.sh b   # HF generate on all 256 requests (the ratio of issue #15),
 #                                      # structured-output overhead on CUDA (issue #19)
 # Logs go to $OUT (or /tmp/gpu-session).
@@ -123,6 +125,14 @@ k)  # the token budget (max_num_batched_tokens) against the overlapped loop's GP
     echo "budget $t rc=$? $((SECONDS-S))s"
     grep -E "llmcore_workload" $OUT/budget$t.log | cut -c1-900
   done ;;
+h)  # the overlapped workload in a cold Triton cache, then HF on all 256 (issue #15's ratio)
+  BUDGET=${BUDGET:-590}
+  S=$SECONDS
+  TRITON_CACHE_DIR=/tmp/triton-async timeout 160 bash benchmarks/cuda_gpu_run.sh bench --phases build,llmcore \
+    --tune none --async-engine --warmup-s 1 --single-tokens 128 > $OUT/async.log 2>&1
+  echo "async rc=$? $((SECONDS-S))s"
+  grep -E "llmcore_workload|llmcore_single\"|warm-up:|captured" $OUT/async.log | cut -c1-1800
+  hf_all ;;
 v)  # the default (overlapped) loop on the 256-request workload in a cold Triton cache, the GPU
     # suite, then HF generate on all 256 requests (the same-run ratio of issue #15)
   BUDGET=${BUDGET:-590}
