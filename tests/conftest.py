@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# OpenMP threads (torch's and the native decode step's) sleep when idle instead of spinning: on a
+# small or shared CI machine a spinning thread takes the core the working one needs, and a batch of
+# SmolLM2 steps measured 10-17x slower with another process busy on one of 2 cores. Read once,
+# when libgomp loads (the first `import torch`); server and worker processes inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Without a GPU, the CUDA plugin's Triton kernels, its runner and its conformance checks run on the
@@ -111,3 +117,36 @@ def kdev(request):
         # Triton's interpreter truncates float32->bfloat16 and mis-computes bf16 dots
         pytest.skip("bfloat16 is not emulated correctly by Triton's interpreter")
     return dev
+
+
+# ------------------------------------------------ pytest-xdist (the README's command runs `-n 2`)
+
+#: test paths that share an expensive session fixture: one worker runs them all, so it is built once
+#: (compiled_tiny: about 70 s of AOT compile; the `server` fixtures: a server process and its engines)
+XDIST_SHARED = {
+    "tests/compile/": "compiled_tiny", "tests/static/": "compiled_tiny",
+    "tests/kserve/": "kserve server",
+    **{f"tests/server/{name}.py": "openai server"
+       for name in ("test_chat_page", "test_http_errors", "test_load", "test_openai_client")},
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``-n N`` (``--dist load``): a test module is one unit of work, so its module-scoped fixtures
+    (a server, engines) are built once, on one worker; the modules under a path of
+    :data:`XDIST_SHARED` form one unit. Units go out in collection order, the long ones (compile,
+    the CUDA plugin through Triton's interpreter) first and many short ones last, which keeps the
+    two workers' ends close. (``--dist loadgroup`` would do the grouping, but pytest-xdist 3.8
+    marks the group in ``item._nodeid``, which pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return next((group for prefix, group in XDIST_SHARED.items() if path.startswith(prefix)), path)
+
+    config.option.loadscopereorder = False  # collection order, not "most tests first"
+    return ModuleScheduling(config, log)

@@ -22,12 +22,15 @@ def test_launch_matches_execute(tmp_path):
     from llmcore_cuda.runner import CudaModelRunner
     from llmcore_cuda.testing import make_model_folder
 
+    # one layer, one KV head, max_model_len 64 (decode splits 2, not 8): fewer interpreted kernel
+    # programs; the launch logic under test is per step, not per layer, head or KV slice
+    # (test_runner_interpreted.py runs two layers and two KV heads through the same runner)
     folder = make_model_folder(tmp_path / "tiny", vocab_size=512, hidden_size=64, intermediate_size=128,
-                               num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+                               num_attention_heads=4, num_key_value_heads=1, num_hidden_layers=1)
 
     def engine(overlap: bool):
         eng = Engine(model=str(folder), device="cpu", dtype="float32", progress=False, max_num_seqs=4,
-                     max_num_batched_tokens=24, max_model_len=256, extra={"cuda_graph_buckets": (1, 2, 4)})
+                     max_num_batched_tokens=24, max_model_len=64, extra={"cuda_graph_buckets": (1, 2, 4)})
         r = CudaModelRunner(eng.model_config, eng.model_path, torch.device("cpu"), "float32",
                             block_size=eng.config.block_size, max_model_len=eng.max_model_len,
                             eos_token_ids=eng.tokenizer.eos_token_ids, engine_config=eng.config, progress=False)

@@ -84,7 +84,7 @@ def test_quantized_cuda_runner_matches_cpu_runner(folders, awq_folder, arch, met
     if method.startswith("bnb"):
         pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     folder = awq_folder if method == "awq" else folders[arch]
-    ref, eng = engines(folder, method, monkeypatch, max_num_seqs=4, max_model_len=256,
+    ref, eng = engines(folder, method, monkeypatch, max_num_seqs=4, max_model_len=64,
                        extra={"cuda_graph_buckets": (1, 4)})
     fused = eng.runner.fused
     assert fused.quantized and not fused.pdl

@@ -41,7 +41,7 @@ def test_greedy_matches_cpu_runner(folder, monkeypatch):
 
     monkeypatch.setattr(runner, "MIN_MIXED_DECODES", 1)  # mixed steps: decodes via the decode kernel
 
-    ref, eng = engines(folder, max_num_seqs=4, max_num_batched_tokens=24, max_model_len=256,
+    ref, eng = engines(folder, max_num_seqs=4, max_num_batched_tokens=24, max_model_len=64,
                        extra={"cuda_graph_buckets": (1, 2, 4)})
     base = list(range(3, 40))
     # 6 requests, 4 slots: chunked prefills (33 > 24 tokens), mixed steps, padded buckets (3 of 4)
@@ -60,7 +60,7 @@ def test_greedy_matches_cpu_runner(folder, monkeypatch):
 
 
 def test_single_stream_overlap_and_sampling(folder):
-    ref, eng = engines(folder, max_num_seqs=2, max_model_len=256, extra={"cuda_graph_buckets": (1, 2)})
+    ref, eng = engines(folder, max_num_seqs=2, max_model_len=64, extra={"cuda_graph_buckets": (1, 2)})
     sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     p = list(range(20, 29))  # 9 + 20 tokens: crosses the block boundary at 16
     assert eng.generate([p], sp)[0].outputs[0].token_ids == ref.generate([p], sp)[0].outputs[0].token_ids
@@ -75,7 +75,7 @@ def test_single_stream_overlap_and_sampling(folder):
 
 
 def test_eager_mode_and_prompt_logprobs(folder):
-    ref, eng = engines(folder, max_num_seqs=4, max_model_len=256, enforce_eager=True)
+    ref, eng = engines(folder, max_num_seqs=4, max_model_len=64, enforce_eager=True)
     assert not eng.runner.graphs
     sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=1)
     prompts = [list(range(30, 50)), [9, 8, 7]]
@@ -112,7 +112,7 @@ def test_eager_kernel_arguments_keep_one_specialization(folder, monkeypatch):
 
     for name in ("prefill_attention", "decode_attention", "rope_and_cache"):
         monkeypatch.setattr(kernels, name, recording(name, getattr(kernels, name)))
-    _, eng = engines(folder, max_num_seqs=4, max_num_batched_tokens=23, max_model_len=256,
+    _, eng = engines(folder, max_num_seqs=4, max_num_batched_tokens=23, max_model_len=64,
                      extra={"cuda_graph_buckets": (1, 2)})
     prompts = [list(range(3, 3 + k)) for k in (5, 30, 9, 17, 2, 41, 13)]  # odd lengths: odd offsets
     eng.generate(prompts, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
