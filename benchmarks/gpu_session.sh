@@ -36,6 +36,13 @@ hf_all() {  # HF generate on all 256 requests of the workload, within what is le
   echo "hf rc=$? $((SECONDS-S))s"
   grep -E "RESULT|hf_" $OUT/hf.log | cut -c1-1200
 }
+overlapped_cold() {  # the default (overlapped) loop on the 256-request workload in an empty Triton cache
+  local S=$SECONDS
+  TRITON_CACHE_DIR=/tmp/triton-async timeout 160 bash benchmarks/cuda_gpu_run.sh bench --phases build,llmcore \
+    --tune none --async-engine --warmup-s 1 --single-tokens 128 > $OUT/async.log 2>&1
+  echo "async rc=$? $((SECONDS-S))s"
+  grep -E "llmcore_workload|llmcore_single\"|warm-up:|captured" $OUT/async.log | cut -c1-1800
+}
 case $1 in
 a)
   S=$SECONDS
@@ -127,20 +134,12 @@ k)  # the token budget (max_num_batched_tokens) against the overlapped loop's GP
   done ;;
 h)  # the overlapped workload in a cold Triton cache, then HF on all 256 (issue #15's ratio)
   BUDGET=${BUDGET:-590}
-  S=$SECONDS
-  TRITON_CACHE_DIR=/tmp/triton-async timeout 160 bash benchmarks/cuda_gpu_run.sh bench --phases build,llmcore \
-    --tune none --async-engine --warmup-s 1 --single-tokens 128 > $OUT/async.log 2>&1
-  echo "async rc=$? $((SECONDS-S))s"
-  grep -E "llmcore_workload|llmcore_single\"|warm-up:|captured" $OUT/async.log | cut -c1-1800
+  overlapped_cold
   hf_all ;;
 v)  # the default (overlapped) loop on the 256-request workload in a cold Triton cache, the GPU
     # suite, then HF generate on all 256 requests (the same-run ratio of issue #15)
   BUDGET=${BUDGET:-590}
-  S=$SECONDS
-  TRITON_CACHE_DIR=/tmp/triton-async timeout 160 bash benchmarks/cuda_gpu_run.sh bench --phases build,llmcore \
-    --tune none --async-engine --warmup-s 1 --single-tokens 128 > $OUT/async.log 2>&1
-  echo "async rc=$? $((SECONDS-S))s"
-  grep -E "llmcore_workload|llmcore_single\"|warm-up:|captured" $OUT/async.log | cut -c1-1800
+  overlapped_cold
   S=$SECONDS
   timeout 200 bash benchmarks/cuda_gpu_run.sh tests -n 8 -p no:cacheprovider --timeout 180 > $OUT/tests.log 2>&1
   echo "tests rc=$? $((SECONDS-S))s"
