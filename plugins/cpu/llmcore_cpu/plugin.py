@@ -15,7 +15,7 @@ from llmcore.capabilities import KV_PAGED, Capabilities, DeviceProbe
 from llmcore.quantization import available_names
 from llmcore_cpu import __version__
 from llmcore_cpu.cpuinfo import cpu_flags, memory_bytes
-from llmcore_cpu.toolchain import find_compiler, native_setting
+from llmcore_cpu.toolchain import find_compiler, isa_setting, native_setting
 
 LLMCORE_CONTRACT_VERSION = 1
 
@@ -37,6 +37,14 @@ def _native_note() -> str:
     if not cxx:
         return "decode: torch path (no C++ compiler for the native step; install g++)"
     flags = cpu_flags()
+    try:
+        isa = isa_setting()
+    except ValueError as exc:
+        return f"decode: torch path ({exc})"
+    if isa == "avx2" and {"avx2", "fma"} <= flags:
+        flags = flags - {"avx512f"}
+    elif isa == "portable":
+        flags = set()
     if "avx512f" in flags:
         kernels = "AVX-512"
     elif {"avx2", "fma"} <= flags:

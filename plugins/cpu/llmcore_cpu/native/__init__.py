@@ -51,7 +51,7 @@ from llmcore.models.llama import LlamaForCausalLM
 from llmcore.quantization.awq import Int4Linear
 from llmcore.quantization.int8 import Int8Embedding, Int8Linear
 from llmcore_cpu.cpuinfo import cpu_id
-from llmcore_cpu.toolchain import find_compiler, native_setting
+from llmcore_cpu.toolchain import ISA_FLAGS, find_compiler, isa_setting, native_setting
 
 log = logging.getLogger("llmcore.cpu")
 
@@ -80,17 +80,26 @@ def _compiler() -> str:
     return cxx
 
 
-@functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL:
-    """The built library (built once per source, compiler and CPU; then loaded from disk)."""
+    """The built library (built once per source, compiler, CPU and ``LLMCORE_CPU_ISA``; then
+    loaded from disk)."""
     if native_setting() == "off":
         raise NativeUnavailable("disabled by LLMCORE_CPU_NATIVE=0")
+    try:
+        isa = isa_setting()
+    except ValueError as exc:
+        raise NativeUnavailable(str(exc)) from exc
+    return _library(isa)
+
+
+@functools.lru_cache(maxsize=None)
+def _library(isa: str) -> ctypes.CDLL:
     cxx = _compiler()
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeUnavailable(f"{cxx} does not run: {exc}") from exc
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    flags = ["-O3", "-march=native", *ISA_FLAGS[isa], "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
     key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + cpu_id().encode()
                          + " ".join(flags).encode()).hexdigest()[:16]
     out = cache_dir() / key / "libllmcore_cpu_native.so"
