@@ -95,7 +95,7 @@ def test_tiled_products_match_float64(lib, kind, b, n, k):
 def _need_panels(dtype: torch.dtype):
     if dtype not in native.panel_kinds():
         pytest.skip(f"no {dtype} panel kernels in this build (AVX-512: bfloat16, int8 with VNNI; "
-                    "AVX2: float32)")
+                    "AVX2: float32 and int8)")
 
 
 # panel products: 3 and 5 panels (the 4- and 2-panel tiles plus remainders), batch rows off the

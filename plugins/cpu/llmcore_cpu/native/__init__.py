@@ -4,7 +4,7 @@ A decode batch (every sequence one token) runs as one foreign call that does eve
 the weights are read where the torch model holds them (no copy of a weight matrix), the KV
 cache is the runner's, and the result is the float32 logits the sampler takes. Prefill,
 mixed batches and prompt logprobs stay on the torch path. Projection weights the panel
-kernels cover (:func:`panel_kinds`: bf16 and int8 with AVX-512, float32 with AVX2) are
+kernels cover (:func:`panel_kinds`: bf16 and int8 with AVX-512, float32 and int8 with AVX2) are
 repacked in place into 16-row panels (:func:`pack_panels`, decode.cpp "packed weights") and
 their modules become :class:`PanelLinear`, which runs the same native product for the torch
 path (prefill): one copy of each weight, read as sequential streams. Why a kernel of our own:
@@ -320,11 +320,11 @@ _GROUP = {KIND_F32: 1, KIND_BF16: 2, KIND_I8: 4}  # k elements per 32-bit lane o
 
 def panel_kinds() -> set[torch.dtype]:
     """The weight dtypes this build's panel kernels cover: AVX-512 bfloat16 (and int8 with VNNI),
-    AVX2 + FMA float32 (decode.cpp "packed weights"); none with the portable loops."""
+    AVX2 + FMA float32 and int8 (decode.cpp "packed weights"); none with the portable loops."""
     feats = features()
     if feats["avx512"]:
         return {torch.bfloat16} | ({torch.int8} if feats["avx512_vnni int8"] else set())
-    return {torch.float32} if feats["avx2"] else set()
+    return {torch.float32, torch.int8} if feats["avx2"] else set()
 
 
 def pack_panels(w: torch.Tensor) -> torch.Tensor:
