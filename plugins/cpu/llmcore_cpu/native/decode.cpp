@@ -1488,6 +1488,15 @@ static void rope(float* v, const float* cos, const float* sin, int64_t d, int rn
     for (int64_t i = 0; i < d; i++) v[i] = rnd ? round_bf16(tmp[i]) : tmp[i];
 }
 
+// The paged K/V rows of one KV head are 2-4 cache lines every n_kv_heads rows, in blocks of 8
+// tokens scattered over the cache: the hardware prefetchers lose the stream at every block. The
+// kernels prefetch each key's row KPF keys ahead and a chunk's V rows while its scores are made.
+constexpr int64_t KPF = 16;
+static inline void kv_prefetch(const void* c, int64_t off, int esz, int64_t rowb) {
+    const char* p = (const char*)c + off * esz;
+    for (int64_t b = 0; b < rowb; b += 64) __builtin_prefetch(p + b, 0, 3);
+}
+
 static inline float cache_at(const void* c, int kind, int64_t idx) {
     return kind == KIND_BF16 ? bf16_to_f32(((const uint16_t*)c)[idx]) : ((const float*)c)[idx];
 }
@@ -1598,6 +1607,9 @@ static void attend_group(const Model& M, const Layer& L, const float* q, int64_t
     const int kind = M.cache_kind;
     const void* kc = L.k_cache;
     const void* vc = L.v_cache;
+    const int esz = kind == KIND_BF16 ? 2 : 4;
+    const int64_t rowb = d * esz;
+    auto kv_off = [&](int64_t t) { return (((table[t >> bshift] << bshift) + (t & (bs - 1))) * nkv + kvh) * d; };
     alignas(64) float accm[HG][d];
     alignas(64) float s[HG][KC];
     float m[HG], l[HG];
@@ -1616,6 +1628,8 @@ static void attend_group(const Model& M, const Layer& L, const float* q, int64_t
             for (int64_t j = 0; j < n; j++) {
                 const int64_t t = c0 + j;
                 const int64_t off = (((table[t >> bshift] << bshift) + (t & (bs - 1))) * nkv + kvh) * d;
+                kv_prefetch(vc, off, esz, rowb);  // this chunk's V rows, read after its softmax
+                if (t + KPF < ctx) kv_prefetch(kc, kv_off(t + KPF), esz, rowb);
                 __m512 kv[DV];
                 for (int i = 0; i < DV; i++) kv[i] = cache_vec(kc, kind, off + 16 * i);
                 __m512 a[4];
@@ -1707,6 +1721,9 @@ static void attend_group8(const Model& M, const Layer& L, const float* q, int64_
     constexpr int KC = 64;
     const int64_t bs = M.block_size, nkv = M.n_kv_heads;
     const int kind = M.cache_kind;
+    const int esz = kind == KIND_BF16 ? 2 : 4;
+    const int64_t rowb = d * esz;
+    auto kv_off = [&](int64_t t) { return ((table[t / bs] * bs + t % bs) * nkv + kvh) * d; };
     alignas(32) float accm[HG][d];
     alignas(32) float s[HG][KC];
     int64_t offs[KC];
@@ -1723,6 +1740,9 @@ static void attend_group8(const Model& M, const Layer& L, const float* q, int64_
             offs[j] = ((table[t / bs] * bs + t % bs) * nkv + kvh) * d;
         }
         for (int64_t j = 0; j < n; j++) {
+            kv_prefetch(L.v_cache, offs[j], esz, rowb);  // this chunk's V rows, read after its softmax
+            if (j + KPF < n) kv_prefetch(L.k_cache, offs[j + KPF], esz, rowb);
+            else if (c0 + j + KPF < ctx) kv_prefetch(L.k_cache, kv_off(c0 + j + KPF), esz, rowb);
             __m256 a0[HG], a1[HG];
             for (int h = 0; h < HG; h++) a0[h] = a1[h] = _mm256_setzero_ps();
             for (int i = 0; i < DV; i += 2) {
