@@ -393,3 +393,39 @@ def test_bad_step_input_is_refused_not_read_out_of_bounds(tiny_llama, lib):
     meta.context_lens_tensor = torch.tensor([99])
     with pytest.raises(RuntimeError, match="context length outside the block table"):
         step(torch.tensor([5]), torch.tensor([0]), meta, e.runner.kv_caches)
+
+
+@pytest.mark.parametrize("cache", ["float32", "bfloat16"])
+def test_prefill_attention_matches_the_torch_reference(lib, cache):
+    """The torch path's attention on the native kernels (NativePagedAttention): whole prompts, a
+    chunk after cached positions and a decode row in one step, against TorchPagedAttention."""
+    from llmcore.runtime.attention import AttentionMetadata, TorchPagedAttention
+
+    g = torch.Generator().manual_seed(7)
+    bs, kvh, h, d, nblocks = 8, 2, 6, 64, 64
+    dtype = getattr(torch, cache)
+    # (tokens already cached, new tokens): a whole prompt, a chunk after 21 cached, a decode row
+    seqs = [(0, 37), (21, 19), (40, 1)]
+    perm = torch.randperm(nblocks, generator=g).tolist()
+    tables, starts, slots, at = [], [], [], 0
+    for cached, new in seqs:
+        n = (cached + new + bs - 1) // bs
+        tables.append(perm[:n])
+        perm = perm[n:]
+        starts.append(at)
+        at += new
+        slots += [tables[-1][p // bs] * bs + p % bs for p in range(cached, cached + new)]
+    T = at
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slots), query_starts=starts, query_lens=[n for _, n in seqs],
+                             context_lens=[c + n for c, n in seqs], block_tables=tables)
+    q = torch.randn(T, h, d, generator=g).to(dtype)
+    k = torch.randn(T, kvh, d, generator=g).to(dtype)
+    v = torch.randn(T, kvh, d, generator=g).to(dtype)
+    caches = [(torch.randn(nblocks, bs, kvh, d, generator=g) * 0.5).to(dtype) for _ in range(2)]
+    outs = []
+    for backend in (TorchPagedAttention(), native.NativePagedAttention(lib, 2)):
+        kc, vc = caches[0].clone(), caches[1].clone()
+        meta.extra.clear()
+        outs.append(backend.forward(q, k, v, kc, vc, meta, d ** -0.5).double())
+    tol = 1e-5 if cache == "float32" else 2e-2  # bf16: the reference's own rounding of scores and output
+    assert (outs[0] - outs[1]).abs().max().item() < tol

@@ -7,7 +7,8 @@ mixed batches and prompt logprobs stay on the torch path. Projection weights the
 kernels cover (:func:`panel_kinds`: bf16 and int8 with AVX-512, float32 and int8 with AVX2) are
 repacked in place into 16-row panels (:func:`pack_panels`, decode.cpp "packed weights") and
 their modules become :class:`PanelLinear`, which runs the same native product for the torch
-path (prefill): one copy of each weight, read as sequential streams. Why a kernel of our own:
+path (prefill): one copy of each weight, read as sequential streams. The torch path's attention
+runs on the step's paged-attention kernel too (:class:`NativePagedAttention`). Why a kernel of our own:
 docs/benchmarks.md ("native decode") has the measurements; in short, torch's bf16/int8
 matrix-vector products reach a third to a half of the memory bandwidth a decode step is
 bound by, and the step pays ~20 dispatches per layer.
@@ -50,6 +51,7 @@ from torch import nn
 from llmcore.models.llama import LlamaForCausalLM
 from llmcore.quantization.awq import Int4Linear
 from llmcore.quantization.int8 import Int8Embedding, Int8Linear
+from llmcore.runtime.attention import TorchPagedAttention
 from llmcore_cpu.cpuinfo import cpu_id
 from llmcore_cpu.toolchain import ISA_FLAGS, find_compiler, isa_setting, native_setting
 
@@ -126,6 +128,10 @@ def _library(isa: str) -> ctypes.CDLL:
     lib.llmcore_attention.restype = ctypes.c_int
     lib.llmcore_attention.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    lib.llmcore_prefill_attention.restype = ctypes.c_int
+    lib.llmcore_prefill_attention.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
     lib.llmcore_native_features.restype = ctypes.c_int
     lib.llmcore_struct_layout.restype = ctypes.c_char_p
     return lib
@@ -448,6 +454,51 @@ class PanelEmbedding(nn.Module):
         return (rows.to(self.dtype) * self.scale[ids].unsqueeze(-1)).to(self.dtype)
 
 
+class NativePagedAttention(TorchPagedAttention):
+    """The torch path's attention (prefill and mixed steps) on the decode step's kernels.
+
+    New K/V go into the cache as in :class:`TorchPagedAttention`; then every prompt row attends to
+    its sequence's cached positions up to its own (``llmcore_prefill_attention``: one task per
+    row and KV head, the paged-attention kernel of the decode step, float32 accumulation), in
+    place of a gather and one SDPA call per sequence. Decode-only batches and caches the kernels
+    do not cover go to the torch reference."""
+
+    name = "native"
+
+    def __init__(self, lib: ctypes.CDLL, threads: int | None) -> None:
+        self.lib, self.threads = lib, threads
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        num_blocks, bs, kvh, d = k_cache.shape
+        if (meta.decode_only or k_cache.dtype not in (torch.float32, torch.bfloat16) or d > 512 or d % 2
+                or bs > 256 or bs & (bs - 1) or q.shape[1] % kvh):
+            return super().forward(q, k, v, k_cache, v_cache, meta, scale)
+        k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+        rows = meta.extra.get("native_prefill_rows")
+        if rows is None:  # once per step, for every layer
+            width = max(len(t) for t in meta.block_tables)
+            tables = torch.zeros(len(meta.block_tables), width, dtype=torch.int64)
+            for i, t in enumerate(meta.block_tables):
+                tables[i, :len(t)] = torch.tensor(t, dtype=torch.int64)
+            seq = torch.repeat_interleave(torch.arange(len(meta.query_lens)), torch.tensor(meta.query_lens))
+            ctx = torch.cat([torch.arange(cl - ql + 1, cl + 1) for ql, cl in zip(meta.query_lens, meta.context_lens)])
+            rows = meta.extra["native_prefill_rows"] = (tables, seq.contiguous(), ctx.to(torch.int64).contiguous())
+        tables, seq, ctx = rows
+        M = _Model(head_dim=d, n_kv_heads=kvh, block_size=bs, attn_scale=scale,
+                   cache_kind=_KINDS[k_cache.dtype])
+        L = _Layer(k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr())
+        qf = q.float().contiguous()
+        out = torch.empty_like(qf)
+        rc = self.lib.llmcore_prefill_attention(ctypes.addressof(M), ctypes.addressof(L), qf.data_ptr(),
+                                                q.shape[0], q.shape[1], tables.data_ptr(), tables.shape[1],
+                                                seq.data_ptr(), ctx.data_ptr(), out.data_ptr(),
+                                                self.threads or torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"native prefill attention refused its input: {ERRORS.get(rc, rc)}")
+        return out.to(q.dtype)
+
+
 class NativeDecode:
     """``decode_graph`` for :class:`~llmcore.runtime.runner.TorchModelRunner` (see the runner)."""
 
@@ -628,4 +679,5 @@ def install(runner, threads: int | None = None, pack: bool | None = None) -> Nat
     if pack is None:
         pack = os.environ.get("LLMCORE_CPU_PANELS", "1") != "0"
     runner.decode_graph = NativeDecode(runner.model, runner.block_size, threads, pack)
+    runner.backend = runner.model.backend = NativePagedAttention(runner.decode_graph.lib, threads)
     return runner.decode_graph

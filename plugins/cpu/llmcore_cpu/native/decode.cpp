@@ -2024,3 +2024,25 @@ extern "C" int llmcore_attention(const Model* M, const Layer* L, const float* q,
     attend_any(*M, *L, q, kvh, table, ctx, out, nh);
     return 0;
 }
+
+// Attention of the prompt rows of a prefill (or mixed) step, after their K/V are in the cache: row
+// t (query heads nh, q and out [T, nh, head_dim] float32) attends to the first row_ctx[t] positions
+// of sequence row_seq[t] (its block table: tables + row_seq[t] * table_width), causal by
+// construction. One task per (row, KV head), the decode kernels' attend_any: a prompt's K/V rows
+// stay in L2 while its rows are computed. Same checks as the decode step.
+extern "C" int llmcore_prefill_attention(const Model* M, const Layer* L, const float* q, int64_t T, int64_t nh,
+                                         const int64_t* tables, int64_t table_width, const int64_t* row_seq,
+                                         const int64_t* row_ctx, float* out, int32_t threads) {
+    const int64_t NKV = M->n_kv_heads, D = M->head_dim;
+    if (D > 512 || (D & 1) || M->block_size > 256 || NKV < 1 || nh % NKV) return -1;
+    for (int64_t t = 0; t < T; t++)
+        if (row_ctx[t] < 1 || row_ctx[t] > table_width * M->block_size) return -4;
+    const int64_t rep = nh / NKV;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t task = 0; task < T * NKV; task++) {
+        const int64_t t = task / NKV, g = task % NKV;
+        attend_any(*M, *L, q + (t * nh + g * rep) * D, g, tables + row_seq[t] * table_width, row_ctx[t],
+                   out + (t * nh + g * rep) * D, rep);
+    }
+    return 0;
+}
