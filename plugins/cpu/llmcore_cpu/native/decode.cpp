@@ -505,9 +505,12 @@ static void q4_dequant_row(const Linear& L, int64_t r, float* out) {
 // AVX-512 build runs this too. The offsets multiply the exact float sum of each block (xsum),
 // four rows in one FMA, so the only rounding added is the activations' (half a step of amax/127
 // per element).
-// how far ahead the nibbles (blocks of 64 bytes) and the group parameters are prefetched (8 and
-// 16 measured alike; 0 for the groups was slower)
-constexpr int64_t Q4_PF_BLOCKS = 8, Q4_PF_GROUPS = 8;
+// how far ahead the nibbles (blocks of 64 bytes) and the group parameters are prefetched: 4 KB of
+// nibbles. On the AVX-512 EPYC (Zen 5) the loop waited on the nibble loads at 8 blocks (perf: half
+// its samples); int4 single stream, median of 5 x 256 tokens: 8 blocks 163-175 tok/s, 32 188-206,
+// 64 224-230, 128 220-225 (the AVX2 build: 159-173 -> 184-210 at 64). 8 and 16 measured alike on
+// the Zen 3 VM with the slower 256-bit kernel.
+constexpr int64_t Q4_PF_BLOCKS = 64, Q4_PF_GROUPS = 64;
 template <int GK>
 static inline void q4_group4(const void* gp, int64_t g, __m128& s, __m128& o) {
     if constexpr (GK == KIND_BF16) {
@@ -569,6 +572,47 @@ static inline void tile_q4q8_4x1(const uint8_t* w, const void* gp, int64_t k, in
 }
 #undef Q4Q8_PAIR
 #define HAVE_Q4Q8 1
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// The same product with AVX-512 VNNI: a block's 64-byte line (four rows' 16 bytes) is one vector,
+// its low and high nibbles multiply the block's activations 0-15 and 16-31 broadcast to each row's
+// 128-bit lane, and vpdpbusd sums four unsigned 4-bit x signed 8-bit products per int32 lane
+// (lanes 4i..4i+3 are row i), so a block of four rows is two vpdpbusd and one FMA by the rows'
+// scales x dx where the 256-bit tile took ~22 instructions. Same integer sums; the float sums
+// group eight products per lane where the 256-bit tile grouped four.
+template <int GK>
+static inline void tile_q4q8_4x1_512(const uint8_t* w, const void* gp, int64_t k, int64_t group,
+                                     const int8_t* xq, const float* xscale, const float* xsum, float* out) {
+    const __m512i m = _mm512_set1_epi8(15);
+    const __m512i rowlane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc = _mm512_setzero_ps();
+    __m128 ov = _mm_setzero_ps();
+    const int64_t bpg = group / 32;  // blocks per group
+    for (int64_t g = 0, t = 0; t < k; g++) {
+        __m128 s4, o4;
+        q4_group4<GK>(gp, g, s4, o4);
+        _mm_prefetch((const char*)gp + (g + Q4_PF_GROUPS) * (GK == KIND_BF16 ? 16 : 32), _MM_HINT_T0);
+        const __m512 s16 = _mm512_permutexvar_ps(rowlane, _mm512_castps128_ps512(s4));
+        for (int64_t j = 0; j < bpg; j++, t += 32) {
+            const uint8_t* wb = w + 2 * t;  // this block's 64 bytes
+            _mm_prefetch((const char*)(wb + 64 * Q4_PF_BLOCKS), _MM_HINT_T0);
+            const __m512i v = _mm512_loadu_si512(wb);
+            const __m512i lo = _mm512_and_si512(v, m), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
+            const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(xq + t)));
+            const __m512i xhi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(xq + t + 16)));
+            const __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s16, _mm512_set1_ps(xscale[t / 32])), acc);
+            ov = _mm_fmadd_ps(o4, _mm_set1_ps(xsum[t / 32]), ov);
+        }
+    }
+    // rows 0, 1 in the low 256 bits, 2, 3 in the high: four lanes per row summed as in tile_q4q8_4x1
+    const __m256 h = _mm256_hadd_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));  // r0 r0 r2 r2 | r1 r1 r3 r3
+    const __m256 h2 = _mm256_hadd_ps(h, h);  // r0 r2 r0 r2 | r1 r3 r1 r3
+    const __m128 r = _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1));
+    _mm_storeu_ps(out, _mm_add_ps(r, ov));
+}
+#define HAVE_Q4Q8_512 1
+#endif
 #endif
 
 // Any other case, and builds without AVX2 + FMA: scalar loops on float32 activations (with AVX2
@@ -735,12 +779,21 @@ static inline void tile(const Linear& L, int64_t r, const Act& x, int64_t b, flo
                     const int64_t o = b * k;
                     const uint8_t* w = (const uint8_t*)L.w + r * (k / 2);
                     const int64_t g0 = r * (k / L.group) * 2;  // the tile's first group element
+#ifdef HAVE_Q4Q8_512
+                    if (L.group_kind == KIND_BF16)
+                        tile_q4q8_4x1_512<KIND_BF16>(w, (const uint16_t*)L.groups + g0, k, L.group, x.q8 + o,
+                                                     x.q8scale + o / 32, x.q8sum + o / 32, out);
+                    else
+                        tile_q4q8_4x1_512<KIND_F32>(w, (const float*)L.groups + g0, k, L.group, x.q8 + o,
+                                                    x.q8scale + o / 32, x.q8sum + o / 32, out);
+#else
                     if (L.group_kind == KIND_BF16)
                         tile_q4q8_4x1<KIND_BF16>(w, (const uint16_t*)L.groups + g0, k, L.group, x.q8 + o,
                                                  x.q8scale + o / 32, x.q8sum + o / 32, out);
                     else
                         tile_q4q8_4x1<KIND_F32>(w, (const float*)L.groups + g0, k, L.group, x.q8 + o,
                                                 x.q8scale + o / 32, x.q8sum + o / 32, out);
+#endif
                     break;
                 }
             }
