@@ -990,6 +990,9 @@ static inline void ptile_bf16(const Linear& L, int64_t p, const Act& x, int64_t 
 }
 
 #ifdef HAVE_I16_DOT
+// One or two batch rows read NR panels as NR streams and wait on them: each panel's line this
+// many lines ahead is prefetched
+constexpr int64_t I8_PF_LINES = 32;
 // the same for int8 panels and int16 activations as byte planes (tile_i8b_'s arithmetic)
 template <int NR, int MB>
 static inline void ptile_i8(const Linear& L, int64_t p, const Act& x, int64_t b, float* y, int64_t ys,
@@ -1003,7 +1006,10 @@ static inline void ptile_i8(const Linear& L, int64_t p, const Act& x, int64_t b,
         for (int j = 0; j < MB; j++) lo[i][j] = hi[i][j] = _mm512_setzero_si512();
     for (int64_t kk = 0; kk < k4; kk++) {
         __m512i wv[NR];
-        for (int i = 0; i < NR; i++) wv[i] = _mm512_loadu_si512(w + i * ps + kk * 64);
+        for (int i = 0; i < NR; i++) {
+            if constexpr (MB <= 2) _mm_prefetch((const char*)(w + i * ps + (kk + I8_PF_LINES) * 64), _MM_HINT_T0);
+            wv[i] = _mm512_loadu_si512(w + i * ps + kk * 64);
+        }
         for (int j = 0; j < MB; j++) {
             const __m512i l = _mm512_set1_epi32(load_i32(xlo + j * k + 4 * kk));
             const __m512i h = _mm512_set1_epi32(load_i32(xhi + j * k + 4 * kk));
