@@ -156,8 +156,8 @@ def test_q4_products_match_float64(lib, m, n, k, g):
     ref = x.double() @ wd.double().T + bias.double()
     y = q4(x)
     tol = 1e-5 * k ** 0.5 * ref.abs().max().item() + 1e-5
-    if m <= 2 and native.vector_kernels():
-        # one or two batch rows: activations as int8 per block of 32 (decode.cpp tile_q4q8_4x1),
+    if m <= native.q4_integer_rows() and native.vector_kernels():
+        # up to q4_integer_rows() batch rows: activations as int8 per block of 32 (decode.cpp tile_q4q8_4x1),
         # half a step of amax/127 per element times |q * scale| (the offsets take exact sums)
         dx = (x.view(m, k // 32, 32).abs().amax(-1) / 127).repeat_interleave(32, 1).double()
         rows = native.q4_rows(nibbles, groups)[1]  # [n, k/g, 2], row-major
@@ -315,10 +315,10 @@ def test_bfloat16_and_int8_are_as_close_to_float32_as_the_torch_path(smollm_dir,
 
 def test_int4_runs_natively_on_the_torch_paths_weights(smollm_dir, lib):
     """int4 layers (and awq's: the same Int4Linear) run in the step's 4-bit layout, read back from
-    torch's int4pack tensors, which go: one copy of the weights. With three or more rows the
-    products are float32 (the torch path's tokens and logprobs; only the summation order
-    differs); one or two rows take int8 activations per block of 32 (decode.cpp tile_q4q8_4x1,
-    llama.cpp's scheme): measured single stream against the float32 model, mean |delta| 0.033
+    torch's int4pack tensors, which go: one copy of the weights. Above q4_integer_rows() rows
+    (2, or 64 with AVX-512 VNNI) the products are float32 (the torch path's tokens and logprobs;
+    only the summation order differs); up to it they take int8 activations per block of 32
+    (decode.cpp tile_q4q8_4x1, llama.cpp's scheme): measured single stream against the float32 model, mean |delta| 0.033
     nats (the torch path's int4: 0.018), largest 0.18, partings at near-ties up to 0.16 nats."""
     from llmcore.quantization.handler import weight_bytes
 
@@ -334,11 +334,20 @@ def test_int4_runs_natively_on_the_torch_paths_weights(smollm_dir, lib):
     assert weight_bytes(model) == weight_bytes(plain.runner.model)
     prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4, 5,", "Once upon a time,"]
     a, b = _logprob_trace(fast, prompts, 12), _logprob_trace(plain, prompts, 12)
-    agree, deltas = _compare(a, b, tie=0.01)
-    assert sum(agree) == 48 and max(deltas) < 0.01, (agree, max(deltas))
+    if native.q4_integer_rows() < 4:  # four rows and the prompts in float32: the torch path's results
+        agree, deltas = _compare(a, b, tie=0.01)
+        assert sum(agree) == 48 and max(deltas) < 0.01, (agree, max(deltas))
+    else:  # AVX-512 VNNI: prompts and batches up to 64 rows on int8 activations too. Their error
+        # reaches every prompt token's K/V, and "def fibonacci(n):" parts at its second token (a
+        # 0.23-nat gap on the torch path); the perplexity bound of tests/quantization/test_quality.py
+        # (int4 on 64-token windows) holds it. Here: the agreeing tokens as close as single stream.
+        agree, deltas = _compare(a, b, tie=float("inf"))
+        assert sum(agree) >= 24 and sum(deltas) / len(deltas) < 0.06 and max(deltas) < 0.3, (agree, deltas)
     single = [_logprob_trace(fast, [p], 12)[0] for p in prompts[:2]]
-    agree, deltas = _compare(single, b[:2], tie=0.25)
-    assert sum(deltas) / len(deltas) < 0.06 and max(deltas) < 0.3, (agree, deltas)
+    vnni = native.q4_integer_rows() >= 4  # the prompt on int8 activations too (above): measured
+    # mean 0.071 over the 6 agreeing tokens, largest 0.22
+    agree, deltas = _compare(single, b[:2], tie=float("inf") if vnni else 0.25)
+    assert sum(deltas) / len(deltas) < (0.1 if vnni else 0.06) and max(deltas) < 0.3, (agree, deltas)
 
 
 def test_layers_without_a_native_kernel_use_the_torch_path(smollm_dir, caplog, lib):
@@ -429,3 +438,17 @@ def test_prefill_attention_matches_the_torch_reference(lib, cache):
         outs.append(backend.forward(q, k, v, kc, vc, meta, d ** -0.5).double())
     tol = 1e-5 if cache == "float32" else 2e-2  # bf16: the reference's own rounding of scores and output
     assert (outs[0] - outs[1]).abs().max().item() < tol
+
+
+def test_attention_kernel_benchmark_runs(lib):
+    """benchmarks/cpu_attention_kernel.py (the figures in docs/cpu.md) at a tiny shape."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_attention_kernel.py"
+    out = subprocess.run([sys.executable, str(script), "--rows", "2", "--context", "20", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "best" in out.stdout and "GB/s" in out.stdout

@@ -133,6 +133,7 @@ def _library(isa: str) -> ctypes.CDLL:
                                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
     lib.llmcore_native_features.restype = ctypes.c_int
+    lib.llmcore_q4_integer_rows.restype = ctypes.c_int
     lib.llmcore_struct_layout.restype = ctypes.c_char_p
     return lib
 
@@ -140,6 +141,13 @@ def _library(isa: str) -> ctypes.CDLL:
 def features() -> dict[str, bool]:
     f = library().llmcore_native_features()
     return {"avx512": bool(f & 1), "avx512_bf16": bool(f & 2), "avx512_vnni int8": bool(f & 4), "avx2": bool(f & 8)}
+
+
+def q4_integer_rows() -> int:
+    """Batch rows up to which this build's 4-bit products quantize the activations to int8 per
+    block of 32 (llama.cpp's Q4_1 x Q8 scheme); more rows are dequantized and multiplied in float32.
+    2 (single-stream decode) in general, 64 with AVX-512 VNNI (prefill chunks and batched decode)."""
+    return int(library().llmcore_q4_integer_rows())
 
 
 def vector_kernels() -> bool:

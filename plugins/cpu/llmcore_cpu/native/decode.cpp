@@ -611,8 +611,62 @@ static inline void tile_q4q8_4x1_512(const uint8_t* w, const void* gp, int64_t k
     const __m128 r = _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1));
     _mm_storeu_ps(out, _mm_add_ps(r, ov));
 }
+// The same for NB batch rows at once (prefill, batched decode up to Q4_INT_ROWS rows): a block's
+// line, its nibble masks and the group's scales are shared by the NB rows, whose broadcasts,
+// vpdpbusd and FMAs are their own. out[n * 4 + i]: batch row n, weight row i.
+template <int GK, int NB>
+static inline void tile_q4q8_4xn_512(const uint8_t* w, const void* gp, int64_t k, int64_t group,
+                                     const int8_t* xq, const float* xscale, const float* xsum, float* out) {
+    const __m512i m = _mm512_set1_epi8(15);
+    const __m512i rowlane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const int64_t ks = k / 32;  // a batch row's stride in xscale and xsum
+    __m512 acc[NB];
+    __m128 ov[NB];
+#pragma GCC unroll 4
+    for (int n = 0; n < NB; n++) {
+        acc[n] = _mm512_setzero_ps();
+        ov[n] = _mm_setzero_ps();
+    }
+    const int64_t bpg = group / 32;
+    for (int64_t g = 0, t = 0; t < k; g++) {
+        __m128 s4, o4;
+        q4_group4<GK>(gp, g, s4, o4);
+        const __m512 s16 = _mm512_permutexvar_ps(rowlane, _mm512_castps128_ps512(s4));
+        for (int64_t j = 0; j < bpg; j++, t += 32) {
+            const __m512i v = _mm512_loadu_si512(w + 2 * t);
+            const __m512i lo = _mm512_and_si512(v, m), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
+#pragma GCC unroll 4
+            for (int n = 0; n < NB; n++) {
+                const int8_t* xr = xq + n * k + t;
+                const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)xr));
+                const __m512i xhi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(xr + 16)));
+                const __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
+                acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s16, _mm512_set1_ps(xscale[n * ks + t / 32])),
+                                         acc[n]);
+                ov[n] = _mm_fmadd_ps(o4, _mm_set1_ps(xsum[n * ks + t / 32]), ov[n]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int n = 0; n < NB; n++) {
+        const __m256 h = _mm256_hadd_ps(_mm512_castps512_ps256(acc[n]), _mm512_extractf32x8_ps(acc[n], 1));
+        const __m256 h2 = _mm256_hadd_ps(h, h);
+        const __m128 r = _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1));
+        _mm_storeu_ps(out + 4 * n, _mm_add_ps(r, ov[n]));
+    }
+}
 #define HAVE_Q4Q8_512 1
 #endif
+#endif
+
+// Batch rows up to which 4-bit products run the integer tiles once per batch row (the tile's lines
+// stay in L1 across the rows), above which rows_q4 dequantizes to float32 once for all of them.
+// With VNNI the integer tile is cheap enough to repeat: a 40-token int4 prompt took ~145 ms
+// dequantized (the row-major float32 tiles), where eetq's took ~37.
+#if defined(HAVE_Q4Q8_512)
+constexpr int64_t Q4_INT_ROWS = 64;
+#else
+constexpr int64_t Q4_INT_ROWS = 2;
 #endif
 
 // Any other case, and builds without AVX2 + FMA: scalar loops on float32 activations (with AVX2
@@ -1212,7 +1266,38 @@ static void rows_block(const Linear& L, int64_t r0, int64_t r1, const Act& x, in
     const int BT = 4;
     float out[R * BT];
     int64_t r = r0;
-    if (L.kind == KIND_Q4 && B > 2) return rows_q4(L, r0, r1, x, B, y, ys, roff, mode, rnd);
+    if (L.kind == KIND_Q4 && B > Q4_INT_ROWS) return rows_q4(L, r0, r1, x, B, y, ys, roff, mode, rnd);
+#ifdef HAVE_Q4Q8
+    if (L.kind == KIND_Q4 && x.q8) {  // the integer tiles, each four-row tile over every batch row (from L1)
+        float out4[16];
+        for (; r + 4 <= r1; r += 4) {
+            int64_t b = 0;
+#ifdef HAVE_Q4Q8_512
+            const uint8_t* w = (const uint8_t*)L.w + r * (L.k / 2);
+            const int64_t g0 = r * (L.k / L.group) * 2;  // the tile's first group element
+            for (; b + 4 <= B; b += 4) {
+                if (L.group_kind == KIND_BF16)
+                    tile_q4q8_4xn_512<KIND_BF16, 4>(w, (const uint16_t*)L.groups + g0, L.k, L.group, x.q8 + b * L.k,
+                                                    x.q8scale + b * L.k / 32, x.q8sum + b * L.k / 32, out4);
+                else
+                    tile_q4q8_4xn_512<KIND_F32, 4>(w, (const float*)L.groups + g0, L.k, L.group, x.q8 + b * L.k,
+                                                   x.q8scale + b * L.k / 32, x.q8sum + b * L.k / 32, out4);
+                for (int n = 0; n < 4; n++) emit4(L, r, b + n, _mm_loadu_ps(out4 + 4 * n), y, ys, roff, mode, rnd);
+            }
+#endif
+            for (; b < B; b++) {
+                tile<4, 1>(L, r, x, b, out4);
+                emit4(L, r, b, _mm_loadu_ps(out4), y, ys, roff, mode, rnd);
+            }
+        }
+        for (; r < r1; r++)
+            for (int64_t b = 0; b < B; b++) {
+                tile<1, 1>(L, r, x, b, out);
+                emit(L, r, b, out[0], y, ys, roff, mode, rnd);
+            }
+        return;
+    }
+#endif
 #if defined(__AVX512F__)
     if (L.packed) {  // __init__.py packs only what these kernels cover, n and chunks in whole panels
 #ifdef HAVE_I16_DOT
@@ -1375,7 +1460,7 @@ static Act with_quant(const Linear& L, const Act& x, int64_t B) {
     }
 #endif
 #ifdef HAVE_Q4Q8
-    if (L.kind == KIND_Q4 && B <= 2) {  // the direct tiles (rows_q4 takes more batch rows, in float32)
+    if (L.kind == KIND_Q4 && B <= Q4_INT_ROWS) {  // the integer tiles (rows_q4 takes more batch rows, in float32)
         static thread_local std::vector<int8_t> q;
         static thread_local std::vector<float> qs;
         if ((int64_t)q.size() < B * L.k) q.resize(B * L.k);
@@ -2032,6 +2117,9 @@ extern "C" int llmcore_native_features(void) {
 #endif
     return f;
 }
+
+// Batch rows up to which 4-bit products take int8 activations (Q4_INT_ROWS), for tests and docs.
+extern "C" int llmcore_q4_integer_rows(void) { return (int)Q4_INT_ROWS; }
 
 // For the layout test: every field of the structs the ctypes Structures mirror, one line each,
 // "struct field offset size", then "struct - sizeof size". A field added, moved or retyped on
