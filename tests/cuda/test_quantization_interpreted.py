@@ -62,7 +62,11 @@ def force_triton(monkeypatch):
 def engines(folder, method, monkeypatch, **kw):
     from llmcore_cuda.testing import cpu_runner  # imports triton (optional)
 
-    ref = Engine(model=str(folder), device="cpu", dtype="float32", quantization=method, progress=False, **kw)
+    # 4-bit: the CPU's torch path as the reference (float32 products, as the CUDA kernels): the native
+    # step's 4-bit products take int8 activations (up to 64 rows with AVX-512 VNNI, docs/cpu.md)
+    native = method not in ("int4", "awq")
+    ref = Engine(model=str(folder), device="cpu", dtype="float32", quantization=method, progress=False,
+                 native_decode=native, **kw)
     eng = Engine(model=str(folder), device="cpu", dtype="float32", quantization=method, progress=False, **kw)
     with monkeypatch.context() as m:
         force_triton(m)
