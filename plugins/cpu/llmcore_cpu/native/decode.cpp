@@ -574,46 +574,25 @@ static inline void tile_q4q8_4x1(const uint8_t* w, const void* gp, int64_t k, in
 #define HAVE_Q4Q8 1
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// The same product with AVX-512 VNNI: a block's 64-byte line (four rows' 16 bytes) is one vector,
-// its low and high nibbles multiply the block's activations 0-15 and 16-31 broadcast to each row's
-// 128-bit lane, and vpdpbusd sums four unsigned 4-bit x signed 8-bit products per int32 lane
-// (lanes 4i..4i+3 are row i), so a block of four rows is two vpdpbusd and one FMA by the rows'
-// scales x dx where the 256-bit tile took ~22 instructions. Same integer sums; the float sums
-// group eight products per lane where the 256-bit tile grouped four.
+// The 4-bit product with AVX-512 VNNI for one batch row: tile_q4q8_4xn_512 below.
+template <int GK, int NB>
+static inline void tile_q4q8_4xn_512(const uint8_t* w, const void* gp, int64_t k, int64_t group,
+                                     const int8_t* xq, const float* xscale, const float* xsum, float* out);
 template <int GK>
 static inline void tile_q4q8_4x1_512(const uint8_t* w, const void* gp, int64_t k, int64_t group,
                                      const int8_t* xq, const float* xscale, const float* xsum, float* out) {
-    const __m512i m = _mm512_set1_epi8(15);
-    const __m512i rowlane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    __m512 acc = _mm512_setzero_ps();
-    __m128 ov = _mm_setzero_ps();
-    const int64_t bpg = group / 32;  // blocks per group
-    for (int64_t g = 0, t = 0; t < k; g++) {
-        __m128 s4, o4;
-        q4_group4<GK>(gp, g, s4, o4);
-        _mm_prefetch((const char*)gp + (g + Q4_PF_GROUPS) * (GK == KIND_BF16 ? 16 : 32), _MM_HINT_T0);
-        const __m512 s16 = _mm512_permutexvar_ps(rowlane, _mm512_castps128_ps512(s4));
-        for (int64_t j = 0; j < bpg; j++, t += 32) {
-            const uint8_t* wb = w + 2 * t;  // this block's 64 bytes
-            _mm_prefetch((const char*)(wb + 64 * Q4_PF_BLOCKS), _MM_HINT_T0);
-            const __m512i v = _mm512_loadu_si512(wb);
-            const __m512i lo = _mm512_and_si512(v, m), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
-            const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(xq + t)));
-            const __m512i xhi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(xq + t + 16)));
-            const __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s16, _mm512_set1_ps(xscale[t / 32])), acc);
-            ov = _mm_fmadd_ps(o4, _mm_set1_ps(xsum[t / 32]), ov);
-        }
-    }
-    // rows 0, 1 in the low 256 bits, 2, 3 in the high: four lanes per row summed as in tile_q4q8_4x1
-    const __m256 h = _mm256_hadd_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));  // r0 r0 r2 r2 | r1 r1 r3 r3
-    const __m256 h2 = _mm256_hadd_ps(h, h);  // r0 r2 r0 r2 | r1 r3 r1 r3
-    const __m128 r = _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1));
-    _mm_storeu_ps(out, _mm_add_ps(r, ov));
+    tile_q4q8_4xn_512<GK, 1>(w, gp, k, group, xq, xscale, xsum, out);
 }
-// The same for NB batch rows at once (prefill, batched decode up to Q4_INT_ROWS rows): a block's
-// line, its nibble masks and the group's scales are shared by the NB rows, whose broadcasts,
-// vpdpbusd and FMAs are their own. out[n * 4 + i]: batch row n, weight row i.
+
+// The 4-bit product with AVX-512 VNNI, for NB batch rows at once (one: single-stream decode; four:
+// prompts and batched decode up to Q4_INT_ROWS rows). A block's 64-byte line (four rows' 16 bytes)
+// is one vector, its low and high nibbles multiply the block's activations 0-15 and 16-31
+// broadcast to each row's 128-bit lane, and vpdpbusd sums four unsigned 4-bit x signed 8-bit
+// products per int32 lane (lanes 4i..4i+3 are row i): a block of four rows is two vpdpbusd and
+// one FMA by the rows' scales x dx per batch row, where the 256-bit tile took ~22 instructions.
+// The line, its nibble masks and the group's scales are shared by the NB rows. Same integer sums
+// as the 256-bit tile; the float sums group eight products per lane where it grouped four.
+// out[n * 4 + i]: batch row n, weight row i.
 template <int GK, int NB>
 static inline void tile_q4q8_4xn_512(const uint8_t* w, const void* gp, int64_t k, int64_t group,
                                      const int8_t* xq, const float* xscale, const float* xsum, float* out) {
@@ -631,8 +610,10 @@ static inline void tile_q4q8_4xn_512(const uint8_t* w, const void* gp, int64_t k
     for (int64_t g = 0, t = 0; t < k; g++) {
         __m128 s4, o4;
         q4_group4<GK>(gp, g, s4, o4);
+        _mm_prefetch((const char*)gp + (g + Q4_PF_GROUPS) * (GK == KIND_BF16 ? 16 : 32), _MM_HINT_T0);
         const __m512 s16 = _mm512_permutexvar_ps(rowlane, _mm512_castps128_ps512(s4));
         for (int64_t j = 0; j < bpg; j++, t += 32) {
+            _mm_prefetch((const char*)(w + 2 * t + 64 * Q4_PF_BLOCKS), _MM_HINT_T0);
             const __m512i v = _mm512_loadu_si512(w + 2 * t);
             const __m512i lo = _mm512_and_si512(v, m), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
 #pragma GCC unroll 4
