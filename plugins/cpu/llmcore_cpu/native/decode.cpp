@@ -1752,7 +1752,7 @@ static void attend_group(const Model& M, const Layer& L, const float* q, int64_t
                 for (int i = 0; i < DV; i++) qv[h][i] = _mm512_loadu_ps(q + h * d + 16 * i);
             for (int64_t j = 0; j < n; j++) {
                 const int64_t t = c0 + j;
-                const int64_t off = (((table[t >> bshift] << bshift) + (t & (bs - 1))) * nkv + kvh) * d;
+                const int64_t off = kv_off(t);
                 kv_prefetch(vc, off, esz, rowb);  // this chunk's V rows, read after its softmax
                 if (t + KPF < ctx) kv_prefetch(kc, kv_off(t + KPF), esz, rowb);
                 __m512 kv[DV];
@@ -1791,7 +1791,7 @@ static void attend_group(const Model& M, const Layer& L, const float* q, int64_t
             }
             for (int64_t j = 0; j < n; j++) {
                 const int64_t t = c0 + j;
-                const int64_t off = (((table[t >> bshift] << bshift) + (t & (bs - 1))) * nkv + kvh) * d;
+                const int64_t off = kv_off(t);
                 __m512 vv[DV];
                 for (int i = 0; i < DV; i++) vv[i] = cache_vec(vc, kind, off + 16 * i);
                 for (int h = 0; h < HG; h++) {
@@ -1862,7 +1862,7 @@ static void attend_group8(const Model& M, const Layer& L, const float* q, int64_
         const int64_t n = ctx - c0 < KC ? ctx - c0 : KC;
         for (int64_t j = 0; j < n; j++) {
             const int64_t t = c0 + j;
-            offs[j] = ((table[t / bs] * bs + t % bs) * nkv + kvh) * d;
+            offs[j] = kv_off(t);
         }
         for (int64_t j = 0; j < n; j++) {
             kv_prefetch(L.v_cache, offs[j], esz, rowb);  // this chunk's V rows, read after its softmax
