@@ -150,6 +150,17 @@ def q4_integer_rows() -> int:
     return int(library().llmcore_q4_integer_rows())
 
 
+def int8_activations() -> bool:
+    """Whether int8 (eetq) weights in panels multiply more than two batch rows as int8 activations
+    per block of 64 (AVX-512 VNNI; ``LLMCORE_CPU_INT8_ACTIVATIONS``: 1, the default, or 0 to keep
+    int16 activations per row at half the speed)."""
+    value = os.environ.get("LLMCORE_CPU_INT8_ACTIVATIONS", "1")
+    if value not in ("0", "1"):
+        raise NativeUnavailable(f"LLMCORE_CPU_INT8_ACTIVATIONS={value!r}: use 1 (int8 activations per block of "
+                                "64 at more than two batch rows, the default) or 0 (int16 per row)")
+    return value == "1"
+
+
 def vector_kernels() -> bool:
     """Whether the build has vector kernels (AVX-512, or AVX2 + FMA), not only the portable loops."""
     feats = features()
@@ -164,7 +175,7 @@ P = ctypes.c_void_p
 class _Linear(ctypes.Structure):
     _fields_ = [("w", P), ("scale", P), ("bias", P), ("rowsum", P), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("kind", ctypes.c_int32), ("packed", ctypes.c_int32), ("groups", P), ("group", ctypes.c_int32),
-                ("group_kind", ctypes.c_int32)]
+                ("group_kind", ctypes.c_int32), ("bsum", P)]
 
 
 class _Layer(ctypes.Structure):
@@ -210,6 +221,20 @@ class _Keep:
         if w.dtype != torch.int8:
             return None
         t = w.sum(dim=1, dtype=torch.int32).contiguous()
+        self.tensors.append(t)
+        return t.data_ptr()
+
+    def block_sums(self, w: torch.Tensor) -> int | None:
+        """For a row-major int8 weight [n, k] about to be packed, where this build multiplies int8
+        panels by int8 activations per block of 64 (AVX-512 VNNI, k % 64 == 0): 128 x the sum of
+        each block of 64 of a row, in panel order [n/16][k/64][16] (decode.cpp ptile_i8q's
+        correction term, ``Linear.bsum``); else None."""
+        n, k = w.shape
+        if w.dtype != torch.int8 or k % 64 or n % PANEL or not features()["avx512_vnni int8"]:
+            return None
+        if not int8_activations():
+            return None
+        t = (w.view(n // PANEL, PANEL, k // 64, 64).sum(-1, dtype=torch.int32) * 128).transpose(1, 2).contiguous()
         self.tensors.append(t)
         return t.data_ptr()
 
@@ -598,6 +623,7 @@ class NativeDecode:
             module = getattr(owner, attr)
             if not _packable(L, gate_up):
                 return
+            L.bsum = self.keep.block_sums(module.weight.detach())
             panels = pack_panels(module.weight.detach())
             bias = getattr(module, "bias", None)
             bias = None if bias is None else bias.detach()
@@ -621,6 +647,7 @@ class NativeDecode:
             # one table for the embedding (rows) and the output projection (panels): pack it and
             # read rows out of the panels (decode.cpp embed_packed, PanelEmbedding)
             scale = getattr(emb, "scale", None)
+            head.bsum = self.keep.block_sums(embed_weight)
             panels = pack_panels(embed_weight)
             self.struct.embed_packed = 1
             model.logits_proj = PanelLinear(self.lib, _mark_packed(head), panels, scale, None, self.keep.tensors,
@@ -686,6 +713,7 @@ def install(runner, threads: int | None = None, pack: bool | None = None) -> Nat
                                 "torch's (LLMCORE_CPU_NATIVE=1 uses them anyway)")
     if pack is None:
         pack = os.environ.get("LLMCORE_CPU_PANELS", "1") != "0"
+    int8_activations()  # a bad LLMCORE_CPU_INT8_ACTIVATIONS is refused here, before any weight is packed
     runner.decode_graph = NativeDecode(runner.model, runner.block_size, threads, pack)
     runner.backend = runner.model.backend = NativePagedAttention(runner.decode_graph.lib, threads)
     return runner.decode_graph
