@@ -125,8 +125,12 @@ class TorchModelRunner:
         self.num_kv_blocks = 0
         # a device may install a compiled decode step: called as
         # ``decode_graph(input_ids, positions, meta, kv_caches) -> float32 logits [B, vocab]``
-        # for batches where every sequence decodes one token and samples it
+        # for batches where every sequence decodes one token and samples it, and one for batches
+        # with prompt rows: ``rows_graph(input_ids, positions, meta, kv_caches, logit_rows) ->
+        # float32 logits [len(logit_rows), vocab]`` (the rows to sample, increasing). Neither runs
+        # a batch that wants prompt logprobs (those need every row's hidden state).
         self.decode_graph = None
+        self.rows_graph = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -227,9 +231,14 @@ class TorchModelRunner:
                 and all(s.sample and not s.want_prompt_logprobs for s in batch.seqs)):
             logits = self.decode_graph(input_ids, positions, meta, self.kv_caches)
             return list(self.sampler(logits, batch.seqs))
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
         results: list[SampleResult | None] = [None] * len(batch.seqs)
         sample_idx = [i for i, s in enumerate(batch.seqs) if s.sample]
+        if self.rows_graph is not None and not any(s.want_prompt_logprobs for s in batch.seqs):
+            logits = self.rows_graph(input_ids, positions, meta, self.kv_caches, [logit_rows[i] for i in sample_idx])
+            for i, res in zip(sample_idx, self.sampler(logits, [batch.seqs[i] for i in sample_idx])):
+                results[i] = res
+            return results
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if sample_idx:
             rows = torch.tensor([logit_rows[i] for i in sample_idx], device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows)).float()

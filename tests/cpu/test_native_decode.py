@@ -194,6 +194,9 @@ def test_panels_are_one_copy_and_give_the_row_major_results(smollm_dir, quantiza
     _need_panels(dtype)
     kw = dict(model=str(smollm_dir), device="cpu", dtype="bfloat16" if native.features()["avx512"] else "float32",
               progress=False, quantization=quantization, num_kv_blocks=64, max_model_len=128)
+    # int16 activations at every row count, as the row-major int8 tiles take (int8 activations per
+    # block of 64 have their own tests: test_panel_products_match_float64, tests/quantization)
+    monkeypatch.setenv("LLMCORE_CPU_INT8_ACTIVATIONS", "0")
     monkeypatch.setenv("LLMCORE_CPU_PANELS", "0")
     plain = Engine(**kw)
     monkeypatch.setenv("LLMCORE_CPU_PANELS", "1")
@@ -265,6 +268,35 @@ def test_greedy_matches_transformers_float32(arch, tmp_path_factory, lib):
     assert step.calls >= 15
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(model_dir, prompt, 16), f"{arch}, prompt of {len(prompt)}"
+
+
+@pytest.mark.parametrize("row_slice", [1024, 5])
+def test_prompt_rows_through_the_native_layers_match_the_torch_forward(tiny_llama, lib, monkeypatch, row_slice):
+    """Steps with prompt rows (chunks of 8 tokens mixed with decode rows) run through
+    NativeDecode.forward_rows: float32 logprobs as the torch forward's (LLMCORE_CPU_NATIVE_PROMPTS=0)
+    up to summation order, a prompt with cached positions (the shared prefix) included. Slices of 5
+    rows cut prompts across foreign calls (a slice attends to the K/V the slices before it wrote)."""
+    kw = dict(model=str(tiny_llama), device="cpu", dtype="float32", progress=False, num_kv_blocks=64,
+              block_size=8, max_num_batched_tokens=8)
+    prompts = [list(range(200, 230)), list(range(200, 212)) + [7, 8, 9], [40, 41, 42], list(range(300, 311))]
+    fast = Engine(**kw)
+    assert fast.runner.rows_graph is not None
+    fast.runner.decode_graph.ROW_SLICE = row_slice
+    monkeypatch.setenv("LLMCORE_CPU_NATIVE_PROMPTS", "0")
+    plain = Engine(**kw)
+    assert plain.runner.rows_graph is None and plain.runner.decode_graph is not None
+    calls = []
+    rows_graph = fast.runner.rows_graph
+    fast.runner.rows_graph = lambda *a: calls.append(len(a[0])) or rows_graph(*a)
+    a, b = _logprob_trace(fast, prompts, 6), _logprob_trace(plain, prompts, 6)
+    assert calls and max(calls) == 8  # full 8-token steps went through forward_rows
+    for (ta, la), (tb, lb) in zip(a, b):
+        assert ta == tb
+        for da, db in zip(la, lb):
+            assert da.keys() == db.keys() and all(abs(da[t] - db[t]) < 1e-4 for t in da)
+    monkeypatch.setenv("LLMCORE_CPU_NATIVE_PROMPTS", "2")
+    with pytest.raises(native.NativeUnavailable, match="LLMCORE_CPU_NATIVE_PROMPTS='2': use 1 .* or 0"):
+        native.native_prompts()
 
 
 def _logprob_trace(engine, prompts, n):

@@ -2,8 +2,9 @@
 
 A decode batch (every sequence one token) runs as one foreign call that does every layer:
 the weights are read where the torch model holds them (no copy of a weight matrix), the KV
-cache is the runner's, and the result is the float32 logits the sampler takes. Prefill,
-mixed batches and prompt logprobs stay on the torch path. Projection weights the panel
+cache is the runner's, and the result is the float32 logits the sampler takes. Prefill and
+mixed batches run the same layers (:meth:`NativeDecode.forward_rows`); prompt logprobs stay on
+the torch path. Projection weights the panel
 kernels cover (:func:`panel_kinds`: bf16 and int8 with AVX-512, float32 and int8 with AVX2) are
 repacked in place into 16-row panels (:func:`pack_panels`, decode.cpp "packed weights") and
 their modules become :class:`PanelLinear`, which runs the same native product for the torch
@@ -60,7 +61,8 @@ log = logging.getLogger("llmcore.cpu")
 SOURCE = Path(__file__).with_name("decode.cpp")
 KIND_F32, KIND_BF16, KIND_I8, KIND_Q4 = 0, 1, 2, 3
 ERRORS = {-1: "head_dim > 512, odd head_dim or block_size > 256", -2: "token id outside the vocabulary",
-          -3: "position beyond the RoPE table (max_model_len)", -4: "context length outside the block table"}
+          -3: "position beyond the RoPE table (max_model_len)", -4: "context length outside the block table",
+          -5: "a row's sequence outside the block tables", -6: "logit rows not increasing row indices"}
 
 
 class NativeUnavailable(RuntimeError):
@@ -122,6 +124,11 @@ def _library(isa: str) -> ctypes.CDLL:
     lib.llmcore_decode_step.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
+    lib.llmcore_forward_rows.restype = ctypes.c_int
+    lib.llmcore_forward_rows.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
     lib.llmcore_linear.restype = ctypes.c_int
     lib.llmcore_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_int32]
@@ -158,6 +165,17 @@ def int8_activations() -> bool:
     if value not in ("0", "1"):
         raise NativeUnavailable(f"LLMCORE_CPU_INT8_ACTIVATIONS={value!r}: use 1 (int8 activations per block of "
                                 "64 at more than two batch rows, the default) or 0 (int16 per row)")
+    return value == "1"
+
+
+def native_prompts() -> bool:
+    """Whether steps with prompt rows run through the native layers too (``NativeDecode.forward_rows``;
+    ``LLMCORE_CPU_NATIVE_PROMPTS``: 1, the default, or 0 for the torch forward on the native
+    products and attention). Steps that want prompt logprobs take the torch forward either way."""
+    value = os.environ.get("LLMCORE_CPU_NATIVE_PROMPTS", "1")
+    if value not in ("0", "1"):
+        raise NativeUnavailable(f"LLMCORE_CPU_NATIVE_PROMPTS={value!r}: use 1 (prompt rows through the native "
+                                "layers, the default) or 0 (the torch forward)")
     return value == "1"
 
 
@@ -533,7 +551,12 @@ class NativePagedAttention(TorchPagedAttention):
 
 
 class NativeDecode:
-    """``decode_graph`` for :class:`~llmcore.runtime.runner.TorchModelRunner` (see the runner)."""
+    """``decode_graph`` for :class:`~llmcore.runtime.runner.TorchModelRunner` (see the runner):
+    decode steps (``__call__``) and, unless ``LLMCORE_CPU_NATIVE_PROMPTS=0``, steps with prompt
+    rows (:meth:`forward_rows`)."""
+
+    #: rows per foreign call of :meth:`forward_rows` (work buffers: ~27 KB a row for SmolLM2)
+    ROW_SLICE = 1024
 
     def __init__(self, model: nn.Module, block_size: int, threads: int | None = None, pack: bool = True) -> None:
         check_model(model)
@@ -592,6 +615,7 @@ class NativeDecode:
         self._caches_key: tuple | None = None
         self._work: dict[str, torch.Tensor] = {}
         self._work_rows = self._work_threads = 0
+        self._no_rows = torch.zeros(1, dtype=torch.long)  # out_rows of a slice with no logit rows
         self.calls = 0
 
     def _swap_q4(self, model: nn.Module) -> int:
@@ -701,6 +725,43 @@ class NativeDecode:
         self.calls += 1
         return logits
 
+    def forward_rows(self, input_ids, positions, meta, kv_caches, logit_rows: list[int]) -> torch.Tensor:
+        """A step with prompt rows (prefill chunks, alone or mixed with decode rows) through the
+        native layers (decode.cpp ``llmcore_forward_rows``): float32 logits [len(logit_rows), vocab]
+        for the rows asked for (increasing). Rows go through in slices of at most
+        :attr:`ROW_SLICE` (a slice's rows attend to the K/V the slices before it wrote), so the
+        work buffers stay bounded whatever the step's token budget."""
+        self._bind_caches(kv_caches)
+        tables = meta.block_tables
+        width = max(len(t) for t in tables)
+        table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        row_seq = torch.repeat_interleave(torch.arange(len(tables)), torch.tensor(meta.query_lens))
+        ids, pos = input_ids.contiguous(), positions.contiguous()
+        slots = meta.slot_mapping.contiguous()
+        ctx = pos + 1
+        out_rows = torch.tensor(logit_rows, dtype=torch.long)
+        logits = torch.empty(len(logit_rows), self.vocab, dtype=torch.float32)
+        threads = self.threads or torch.get_num_threads()
+        n = ids.shape[0]
+        done = 0
+        for r0 in range(0, n, self.ROW_SLICE):
+            r1 = min(n, r0 + self.ROW_SLICE)
+            mine = out_rows[(out_rows >= r0) & (out_rows < r1)] - r0
+            n_out = mine.numel()
+            # an empty tensor's pointer may be null, which the step reads as "every row"
+            rows_ptr = mine.data_ptr() if n_out else self._no_rows.data_ptr()
+            work = self._buffers(r1 - r0, threads)
+            rc = self.lib.llmcore_forward_rows(
+                ctypes.addressof(self.struct), r1 - r0, ids[r0:].data_ptr(), pos[r0:].data_ptr(),
+                slots[r0:].data_ptr(), table_t.data_ptr(), width, len(tables), row_seq[r0:].data_ptr(),
+                ctx[r0:].data_ptr(), n_out, rows_ptr, ctypes.addressof(work),
+                logits[done:].data_ptr() if n_out else None, threads)
+            if rc != 0:
+                raise RuntimeError(f"native step refused its input: {ERRORS.get(rc, rc)}")
+            done += n_out
+        self.calls += 1
+        return logits
+
 
 def install(runner, threads: int | None = None, pack: bool | None = None) -> NativeDecode:
     """Give ``runner`` the native decode step; raises :class:`NativeUnavailable` with the reason.
@@ -714,6 +775,9 @@ def install(runner, threads: int | None = None, pack: bool | None = None) -> Nat
     if pack is None:
         pack = os.environ.get("LLMCORE_CPU_PANELS", "1") != "0"
     int8_activations()  # a bad LLMCORE_CPU_INT8_ACTIVATIONS is refused here, before any weight is packed
+    prompts = native_prompts()
     runner.decode_graph = NativeDecode(runner.model, runner.block_size, threads, pack)
     runner.backend = runner.model.backend = NativePagedAttention(runner.decode_graph.lib, threads)
+    if prompts:
+        runner.rows_graph = runner.decode_graph.forward_rows
     return runner.decode_graph

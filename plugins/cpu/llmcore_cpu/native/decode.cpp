@@ -2079,21 +2079,18 @@ static Act norm_rows(const Model& M, const float* x, const float* w, int64_t B, 
     return Act{h, hh, H};
 }
 
-// One task per (row, KV head): RoPE + K/V write for the head, then its group of query heads.
-// A decode row only reads its own sequence's slots, and the slot it writes is in a block no
-// other row writes (a shared prefix block is copied before it is written), so tasks are independent.
-static void attention_task(const Model& M, const Layer& L, int64_t b, int64_t g, const int64_t* pos,
-                           const int64_t* slots, const int64_t* tables, int64_t table_width,
-                           const int64_t* ctx_lens, const Work* W, int rnd) {
+// One task per (row, KV head), in two halves: RoPE + K/V write for the head (write_kv), then its
+// group of query heads attends over the row's sequence (attend_rows). A decode step runs both in
+// one task: a decode row only reads its own sequence's slots, and the slot it writes is in a block
+// no other row writes (a shared prefix block is copied before it is written). Rows of one prompt
+// read each other's slots, so a step with prompt rows writes every row's K/V first (a barrier).
+static void write_kv(const Model& M, const Layer& L, int64_t b, int64_t g, const int64_t* pos,
+                     const int64_t* slots, const Work* W, int rnd) {
     const int64_t D = M.head_dim, NH = M.n_heads, NKV = M.n_kv_heads, QKV = (NH + 2 * NKV) * D;
-    const int64_t rep = NH / NKV;
-    float* q = W->qkv + b * QKV;
-    float* k = q + NH * D + g * D;
-    float* v = q + (NH + NKV) * D + g * D;
-    const float* c = M.rope_cos + pos[b] * D;
-    const float* s = M.rope_sin + pos[b] * D;
+    float* k = W->qkv + b * QKV + NH * D + g * D;
+    float* v = W->qkv + b * QKV + (NH + NKV) * D + g * D;
     if (L.k_norm) rmsnorm_row(k, L.k_norm, D, M.eps, rnd, k, nullptr);
-    rope(k, c, s, D, rnd);
+    rope(k, M.rope_cos + pos[b] * D, M.rope_sin + pos[b] * D, D, rnd);
     const int64_t base = (slots[b] * NKV + g) * D;
     for (int64_t i = 0; i < D; i++) {
         if (M.cache_kind == KIND_BF16) {
@@ -2104,13 +2101,20 @@ static void attention_task(const Model& M, const Layer& L, int64_t b, int64_t g,
             ((float*)L.v_cache)[base + i] = v[i];
         }
     }
+}
+
+static void attend_rows(const Model& M, const Layer& L, int64_t b, int64_t g, const int64_t* pos,
+                        const int64_t* table, int64_t ctx, const Work* W, int rnd) {
+    const int64_t D = M.head_dim, NH = M.n_heads, NKV = M.n_kv_heads, QKV = (NH + 2 * NKV) * D;
+    const int64_t rep = NH / NKV;
+    float* q = W->qkv + b * QKV;
     for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
         float* qh = q + h * D;
         if (L.q_norm) rmsnorm_row(qh, L.q_norm, D, M.eps, rnd, qh, nullptr);
-        rope(qh, c, s, D, rnd);
+        rope(qh, M.rope_cos + pos[b] * D, M.rope_sin + pos[b] * D, D, rnd);
     }
     float* o = W->att + b * NH * D + g * rep * D;
-    attend_any(M, L, q + g * rep * D, g, tables + b * table_width, ctx_lens[b], o, rep);
+    attend_any(M, L, q + g * rep * D, g, table, ctx, o, rep);
     uint16_t* oh = W->att_h + b * NH * D + g * rep * D;
     for (int64_t i = 0; i < rep * D; i++) {
         if (rnd) o[i] = round_bf16(o[i]);
@@ -2118,11 +2122,15 @@ static void attention_task(const Model& M, const Layer& L, int64_t b, int64_t g,
     }
 }
 
-// Returns 0, or a negative code for an argument the step cannot take.
-extern "C" int llmcore_decode_step(const Model* Mp, int64_t B, const int64_t* ids, const int64_t* pos,
-                                   const int64_t* slots, const int64_t* tables, int64_t table_width,
-                                   const int64_t* ctx_lens, const Work* W, float* logits, int32_t threads) {
-    const Model& M = *Mp;
+// Every layer for B rows, then the logits of the rows asked for. Row b is token ids[b] at position
+// pos[b], its K/V written to slots[b]; it attends to the first ctx_lens[b] positions of the block
+// table tables + seq(b) * table_width, seq(b) = row_seq ? row_seq[b] : b (one table per row for a
+// decode step; rows of one prompt share their sequence's). logits [n_out, vocab] for rows
+// out_rows[0..n_out) (increasing), or for every row when out_rows is null.
+static int forward_rows(const Model& M, int64_t B, const int64_t* ids, const int64_t* pos, const int64_t* slots,
+                        const int64_t* tables, int64_t table_width, int64_t n_tables, const int64_t* row_seq,
+                        const int64_t* ctx_lens, int64_t n_out, const int64_t* out_rows, const Work* W,
+                        float* logits, int32_t threads) {
     const int64_t H = M.hidden, D = M.head_dim, NH = M.n_heads, NKV = M.n_kv_heads, I = M.inter;
     const int64_t QKV = (NH + 2 * NKV) * D;
     if (D > 512 || M.block_size > 256 || (D & 1) || NH % NKV) return -1;
@@ -2130,6 +2138,14 @@ extern "C" int llmcore_decode_step(const Model* Mp, int64_t B, const int64_t* id
         if (ids[b] < 0 || ids[b] >= M.vocab) return -2;
         if (pos[b] < 0 || pos[b] >= M.max_pos) return -3;
         if (ctx_lens[b] < 1 || ctx_lens[b] > table_width * M.block_size) return -4;
+        if (row_seq && (row_seq[b] < 0 || row_seq[b] >= n_tables)) return -5;
+    }
+    if (out_rows) {
+        if (n_out < 0 || n_out > B) return -6;
+        for (int64_t i = 0; i < n_out; i++)
+            if (out_rows[i] < i || out_rows[i] >= B || (i && out_rows[i] <= out_rows[i - 1])) return -6;
+    } else {
+        n_out = B;
     }
     const int rnd = M.round_bf16;
     float* x = W->x;
@@ -2152,8 +2168,9 @@ extern "C" int llmcore_decode_step(const Model* Mp, int64_t B, const int64_t* id
     }
     const Act att = {W->att, W->att_h, NH * D};
     const Act act = {W->act, W->act_h, I};
-    // five barriers per layer: after the qkv product, the attention, the o product, the
-    // gate/up product and the down product (each `omp for` ends in one)
+    auto table = [&](int64_t b) { return tables + (row_seq ? row_seq[b] : b) * table_width; };
+    // five barriers per layer (six with prompt rows): after the qkv product, (the K/V writes,) the
+    // attention, the o product, the gate/up product and the down product (each `omp for` ends in one)
 #pragma omp parallel num_threads(threads)
     {
         const int tid = omp_get_thread_num();
@@ -2162,18 +2179,54 @@ extern "C" int llmcore_decode_step(const Model* Mp, int64_t B, const int64_t* id
             const Layer& L = M.layers[li];
             Act hin = norm_rows(M, x, L.in_norm, B, W, tid, rnd);
             linear_par(L.qkv, hin, B, W->qkv, QKV, OUT_STORE, rnd);
+            if (row_seq) {
+#pragma omp for schedule(static)
+                for (int64_t t = 0; t < B * NKV; t++) write_kv(M, L, t / NKV, t % NKV, pos, slots, W, rnd);
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < B * NKV; t++)
-                attention_task(M, L, t / NKV, t % NKV, pos, slots, tables, table_width, ctx_lens, W, rnd);
+                for (int64_t t = 0; t < B * NKV; t++)
+                    attend_rows(M, L, t / NKV, t % NKV, pos, table(t / NKV), ctx_lens[t / NKV], W, rnd);
+            } else {
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t t = 0; t < B * NKV; t++) {
+                    write_kv(M, L, t / NKV, t % NKV, pos, slots, W, rnd);
+                    attend_rows(M, L, t / NKV, t % NKV, pos, table(t / NKV), ctx_lens[t / NKV], W, rnd);
+                }
+            }
             linear_par(L.o, att, B, x, H, OUT_ADD, rnd);
             hin = norm_rows(M, x, L.post_norm, B, W, tid, rnd);
             gate_up_par(L.gate_up, hin, B, scratch, W->act, W->act_h, rnd);
             linear_par(L.down, act, B, x, H, OUT_ADD, rnd);
         }
-        Act hin = norm_rows(M, x, M.final_norm, B, W, tid, rnd);
-        linear_par(M.lm_head, hin, B, logits, M.vocab, OUT_STORE, 0);
+        if (out_rows) {  // the rows asked for, to the front (out_rows[i] >= i: nothing is overwritten unread)
+#pragma omp single
+            for (int64_t i = 0; i < n_out; i++)
+                if (out_rows[i] != i) memcpy(x + i * H, x + out_rows[i] * H, H * sizeof(float));
+        }
+        Act hin = norm_rows(M, x, M.final_norm, n_out, W, tid, rnd);
+        linear_par(M.lm_head, hin, n_out, logits, M.vocab, OUT_STORE, 0);
     }
     return 0;
+}
+
+// Returns 0, or a negative code for an argument the step cannot take.
+extern "C" int llmcore_decode_step(const Model* Mp, int64_t B, const int64_t* ids, const int64_t* pos,
+                                   const int64_t* slots, const int64_t* tables, int64_t table_width,
+                                   const int64_t* ctx_lens, const Work* W, float* logits, int32_t threads) {
+    return forward_rows(*Mp, B, ids, pos, slots, tables, table_width, B, nullptr, ctx_lens, B, nullptr, W, logits,
+                        threads);
+}
+
+// A step with prompt rows (prefill chunks, mixed with decode rows): forward_rows with the rows of
+// each sequence sharing its block table (row_seq) and logits for out_rows only. The rows of a
+// sequence are in position order, and a row attends to ctx_lens[b] = pos[b] + 1 positions (causal).
+extern "C" int llmcore_forward_rows(const Model* Mp, int64_t B, const int64_t* ids, const int64_t* pos,
+                                    const int64_t* slots, const int64_t* tables, int64_t table_width,
+                                    int64_t n_tables, const int64_t* row_seq, const int64_t* ctx_lens,
+                                    int64_t n_out, const int64_t* out_rows, const Work* W, float* logits,
+                                    int32_t threads) {
+    if (!row_seq || !out_rows) return -6;
+    return forward_rows(*Mp, B, ids, pos, slots, tables, table_width, n_tables, row_seq, ctx_lens, n_out, out_rows,
+                        W, logits, threads);
 }
 
 // For the build check and tests: which kernels this build has.
