@@ -1700,6 +1700,22 @@ static void rmsnorm_row(const float* x, const float* w, int64_t n, float eps, in
 
 static void rope(float* v, const float* cos, const float* sin, int64_t d, int rnd) {
     const int64_t h = d / 2;
+#if defined(__AVX512F__)
+    if (h % 16 == 0) {  // the two halves 16 at a time (the scalar loop's bf16 rounding did not vectorise)
+        for (int64_t i = 0; i < h; i += 16) {
+            const __m512 a = _mm512_loadu_ps(v + i), b = _mm512_loadu_ps(v + h + i);
+            __m512 lo = _mm512_fnmadd_ps(b, _mm512_loadu_ps(sin + i), _mm512_mul_ps(a, _mm512_loadu_ps(cos + i)));
+            __m512 hi = _mm512_fmadd_ps(a, _mm512_loadu_ps(sin + h + i), _mm512_mul_ps(b, _mm512_loadu_ps(cos + h + i)));
+            if (rnd) {
+                lo = round_bf16_16(lo);
+                hi = round_bf16_16(hi);
+            }
+            _mm512_storeu_ps(v + i, lo);
+            _mm512_storeu_ps(v + h + i, hi);
+        }
+        return;
+    }
+#endif
     float tmp[512];
     for (int64_t i = 0; i < h; i++) {
         tmp[i] = v[i] * cos[i] - v[i + h] * sin[i];
@@ -2070,9 +2086,17 @@ struct Work {
     uint16_t *att_h, *act_h, *hh;
 };
 
-// Each thread normalises every row into its own buffer: cheaper than a barrier.
+// Few rows: each thread normalises every row into its own buffer, cheaper than a barrier. Many
+// (prompt rows): the rows split over the threads into thread 0's buffer (the omp for's barrier
+// publishes them; every reader of the previous contents has passed a barrier since).
+constexpr int64_t NORM_SPLIT_ROWS = 16;
 static Act norm_rows(const Model& M, const float* x, const float* w, int64_t B, const Work* W, int tid, int rnd) {
     const int64_t H = M.hidden;
+    if (B >= NORM_SPLIT_ROWS) {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) rmsnorm_row(x + b * H, w, H, M.eps, rnd, W->h + b * H, W->hh + b * H);
+        return Act{W->h, W->hh, H};
+    }
     float* h = W->h + (int64_t)tid * B * H;
     uint16_t* hh = W->hh + (int64_t)tid * B * H;
     for (int64_t b = 0; b < B; b++) rmsnorm_row(x + b * H, w, H, M.eps, rnd, h + b * H, hh + b * H);
@@ -2149,23 +2173,6 @@ static int forward_rows(const Model& M, int64_t B, const int64_t* ids, const int
     }
     const int rnd = M.round_bf16;
     float* x = W->x;
-    // embedding rows -> residual stream
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t i = 0; i < H; i++) {
-            float v;
-            int64_t at = ids[b] * H + i;
-            if (M.embed_packed) {  // row r, column i of [n/16][H/g][16][g] panels
-                const int64_t g = M.embed_kind == KIND_I8 ? 4 : M.embed_kind == KIND_BF16 ? 2 : 1, r = ids[b];
-                at = ((r / 16) * (H / g) + i / g) * 16 * g + (r % 16) * g + i % g;
-            }
-            if (M.embed_kind == KIND_BF16) v = bf16_to_f32(((const uint16_t*)M.embed)[at]);
-            else if (M.embed_kind == KIND_I8) {
-                v = (float)((const int8_t*)M.embed)[at] * M.embed_scale[ids[b]];
-                if (rnd) v = round_bf16(v);
-            } else v = ((const float*)M.embed)[at];
-            x[b * H + i] = v;
-        }
-    }
     const Act att = {W->att, W->att_h, NH * D};
     const Act act = {W->act, W->act_h, I};
     auto table = [&](int64_t b) { return tables + (row_seq ? row_seq[b] : b) * table_width; };
@@ -2173,6 +2180,24 @@ static int forward_rows(const Model& M, int64_t B, const int64_t* ids, const int
     // attention, the o product, the gate/up product and the down product (each `omp for` ends in one)
 #pragma omp parallel num_threads(threads)
     {
+        // embedding rows -> residual stream
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t i = 0; i < H; i++) {
+                float v;
+                int64_t at = ids[b] * H + i;
+                if (M.embed_packed) {  // row r, column i of [n/16][H/g][16][g] panels
+                    const int64_t g = M.embed_kind == KIND_I8 ? 4 : M.embed_kind == KIND_BF16 ? 2 : 1, r = ids[b];
+                    at = ((r / 16) * (H / g) + i / g) * 16 * g + (r % 16) * g + i % g;
+                }
+                if (M.embed_kind == KIND_BF16) v = bf16_to_f32(((const uint16_t*)M.embed)[at]);
+                else if (M.embed_kind == KIND_I8) {
+                    v = (float)((const int8_t*)M.embed)[at] * M.embed_scale[ids[b]];
+                    if (rnd) v = round_bf16(v);
+                } else v = ((const float*)M.embed)[at];
+                x[b * H + i] = v;
+            }
+        }
         const int tid = omp_get_thread_num();
         float* scratch = W->scratch + (int64_t)tid * B * 128;
         for (int64_t li = 0; li < M.n_layers; li++) {
