@@ -8,7 +8,8 @@ Same requests for every engine (token-id prompts, so no tokenizer or chat templa
   once (useful tok/s). The same requests as benchmarks/cpu_mixed_profile.py.
 
 Greedy, EOS ignored, a warm-up generate before timing, one line per workload
-(``RESULT engine workload tok/s seconds``). Run engines one after another, never at once on a
+(``RESULT engine workload tok/s seconds``; for llmcore, W1 also against the machine's plain-read
+bandwidth: ``ROOFLINE``). Run engines one after another, never at once on a
 small machine, and interleave rounds (A B B A):
 
     .venv/bin/python benchmarks/cpu_peer_workloads.py --engine llmcore
@@ -66,7 +67,42 @@ def llmcore_runner(args):
                             [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in reqs])
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
+    run.engine = eng  # for the W1 roofline line
     return label, run
+
+
+def read_bandwidth(threads: int = 2) -> float:
+    """GB/s of a plain read on this machine: the best of five sums over 1 GiB of float32 (torch,
+    ``threads`` threads), the ceiling a single-stream decode step (every weight read once) meets."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(1 << 28)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def w1_roofline(engine, request: tuple[list[int], int], wall: float) -> str:
+    """W1's decode against the read roofline: the bytes a decode step reads (every weight once) x
+    decode tok/s, the decode's time being W1's wall less its prompt's (timed alone, best of 3)."""
+    from llmcore import SamplingParams
+    from llmcore.quantization.handler import weight_bytes
+
+    prompt, n = request
+    first = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        first = min(first, time.perf_counter() - t0)
+    tok_s = (n - 1) / (wall - first)
+    gb = weight_bytes(engine.runner.model) / 1e9
+    roof = read_bandwidth()
+    return (f"ROOFLINE W1 decode {tok_s:.1f} tok/s x {gb * 1e3:.0f} MB of weights a token = {tok_s * gb:.1f} GB/s, "
+            f"{tok_s * gb / roof:.0%} of a {roof:.1f} GB/s plain read (best of five 1 GiB sums, 2 threads)")
 
 
 def vllm_runner(args):
@@ -140,6 +176,8 @@ def main() -> None:
         tokens = run(all_w[name])
         wall = time.perf_counter() - t0
         print(f"RESULT {label} | {name} | {tokens / wall:.1f} tok/s | {wall:.1f} s", flush=True)
+        if name == "W1" and hasattr(run, "engine"):
+            print(w1_roofline(run.engine, all_w["W1"][0], wall), flush=True)
 
 
 if __name__ == "__main__":

