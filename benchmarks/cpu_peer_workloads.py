@@ -71,19 +71,23 @@ def llmcore_runner(args):
     return label, run
 
 
-def read_bandwidth(threads: int = 2) -> float:
-    """GB/s of a plain read on this machine: the best of five sums over 1 GiB of float32 (torch,
-    ``threads`` threads), the ceiling a single-stream decode step (every weight read once) meets."""
+def read_bandwidth(threads: int = 2) -> tuple[float, float, float]:
+    """GB/s of a plain read on this machine, (median, lowest, highest) of seven sums over 1 GiB of
+    float32 (torch, ``threads`` threads): the ceiling a single-stream decode step (every weight read
+    once) meets. The median, since on a shared VM single sums swing (35-72 GB/s seen on the EPYC;
+    the step's own product streamed a 226 MB bf16 matrix at 41-47)."""
+    import statistics
+
     import torch
 
     torch.set_num_threads(threads)
     x = torch.ones(1 << 28)
-    best = float("inf")
-    for _ in range(5):
+    rates = []
+    for _ in range(7):
         t0 = time.perf_counter()
         x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
+        rates.append(x.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(rates), min(rates), max(rates)
 
 
 def w1_roofline(engine, request: tuple[list[int], int], wall: float) -> str:
@@ -100,9 +104,10 @@ def w1_roofline(engine, request: tuple[list[int], int], wall: float) -> str:
         first = min(first, time.perf_counter() - t0)
     tok_s = (n - 1) / (wall - first)
     gb = weight_bytes(engine.runner.model) / 1e9
-    roof = read_bandwidth()
+    roof, low, high = read_bandwidth()
     return (f"ROOFLINE W1 decode {tok_s:.1f} tok/s x {gb * 1e3:.0f} MB of weights a token = {tok_s * gb:.1f} GB/s, "
-            f"{tok_s * gb / roof:.0%} of a {roof:.1f} GB/s plain read (best of five 1 GiB sums, 2 threads)")
+            f"{tok_s * gb / roof:.0%} of a {roof:.1f} GB/s plain read (median of seven 1 GiB sums, 2 threads; "
+            f"{low:.1f}-{high:.1f})")
 
 
 def vllm_runner(args):
