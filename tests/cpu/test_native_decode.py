@@ -270,13 +270,20 @@ def test_greedy_matches_transformers_float32(arch, tmp_path_factory, lib):
         assert out.outputs[0].token_ids == hf_greedy(model_dir, prompt, 16), f"{arch}, prompt of {len(prompt)}"
 
 
-@pytest.mark.parametrize("row_slice", [1024, 5])
-def test_prompt_rows_through_the_native_layers_match_the_torch_forward(tiny_llama, lib, monkeypatch, row_slice):
+@pytest.mark.parametrize("head_dim,row_slice", [(16, 1024), (16, 5), (64, 1024), (64, 5)])
+def test_prompt_rows_through_the_native_layers_match_the_torch_forward(tmp_path_factory, lib, monkeypatch,
+                                                                        head_dim, row_slice):
     """Steps with prompt rows (chunks of 8 tokens mixed with decode rows) run through
     NativeDecode.forward_rows: float32 logprobs as the torch forward's (LLMCORE_CPU_NATIVE_PROMPTS=0)
     up to summation order, a prompt with cached positions (the shared prefix) included. Slices of 5
-    rows cut prompts across foreign calls (a slice attends to the K/V the slices before it wrote)."""
-    kw = dict(model=str(tiny_llama), device="cpu", dtype="float32", progress=False, num_kv_blocks=64,
+    rows cut prompts across foreign calls (a slice attends to the K/V the slices before it wrote).
+    head_dim 64 with AVX-512: prompt rows attend in blocks of 8 rows x 2 heads (decode.cpp
+    attend_block); head_dim 16: row by row (the generic loop)."""
+    from llmcore.testing.models import make_random_model
+
+    shape = dict(hidden_size=64 * head_dim // 16, num_attention_heads=4, num_key_value_heads=2)
+    model_dir = make_random_model(tmp_path_factory.mktemp(f"hd{head_dim}") / "m", arch="llama", seed=3, **shape)
+    kw = dict(model=str(model_dir), device="cpu", dtype="float32", progress=False, num_kv_blocks=64,
               block_size=8, max_num_batched_tokens=8)
     prompts = [list(range(200, 230)), list(range(200, 212)) + [7, 8, 9], [40, 41, 42], list(range(300, 311))]
     fast = Engine(**kw)

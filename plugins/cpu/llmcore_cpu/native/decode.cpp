@@ -2075,6 +2075,130 @@ static void attend_any(const Model& M, const Layer& L, const float* q, int64_t k
     for (int64_t h = 0; h < nh; h++) attend(M, L, q + h * M.head_dim, kvh, table, ctx, out + h * M.head_dim);
 }
 
+#if defined(__AVX512F__)
+// Prompt rows attend in blocks: the nq <= 16 query vectors of a block (consecutive rows of one
+// sequence x the query heads of KV head kvh) sit in the 16 lanes, transposed, so a key's scores
+// for all of them are head_dim FMAs by the key's broadcast elements: no horizontal sums
+// (attend_group spends ~13 shuffles a key on up to four heads) and each K and V row is widened
+// once for the block. Query l (q[l], out[l]) attends to the first qctx[l] positions. Lanes past
+// nq repeat query 0 and are dropped.
+template <int DV>
+static void attend_block(const Model& M, const Layer& L, const float* const* q, const int64_t* qctx, int nq,
+                         int64_t kvh, const int64_t* table, float* const* out) {
+    constexpr int64_t d = DV * 16;
+    constexpr int KC = 16;                      // keys per chunk (one score vector each)
+    constexpr int G = DV >= 16 ? 1 : 24 / DV;   // queries per pass of the P x V products
+    const int64_t bs = M.block_size, nkv = M.n_kv_heads;
+    const int bshift = __builtin_ctzll((unsigned long long)bs);
+    const int kind = M.cache_kind;
+    auto kv_off = [&](int64_t t) { return (((table[t >> bshift] << bshift) + (t & (bs - 1))) * nkv + kvh) * d; };
+    alignas(64) float qt[d][16];
+    alignas(64) float kf[KC][d], vf[KC][d], p[KC][16], accm[16][d];
+    alignas(64) int32_t ctx32[16];
+    alignas(64) float cr[16], lsum[16];
+    int64_t cmax = 0;
+    for (int l = 0; l < 16; l++) {
+        const int src = l < nq ? l : 0;
+        ctx32[l] = (int32_t)qctx[src];
+        if (qctx[src] > cmax) cmax = qctx[src];
+        for (int64_t i = 0; i < d; i++) qt[i][l] = q[src][i] * M.attn_scale;
+    }
+    for (int l = 0; l < nq; l++)
+        for (int64_t i = 0; i < d; i++) accm[l][i] = 0.f;
+    const __m512i ctxv = _mm512_load_si512(ctx32);
+    __m512 m = _mm512_set1_ps(-INFINITY), lv = _mm512_setzero_ps();
+    for (int64_t c0 = 0; c0 < cmax; c0 += KC) {
+        const int n = cmax - c0 < KC ? (int)(cmax - c0) : KC;
+        for (int j = 0; j < n; j++) {
+            const int64_t off = kv_off(c0 + j);
+            for (int i = 0; i < DV; i++) {
+                _mm512_store_ps(&kf[j][16 * i], cache_vec(L.k_cache, kind, off + 16 * i));
+                _mm512_store_ps(&vf[j][16 * i], cache_vec(L.v_cache, kind, off + 16 * i));
+            }
+        }
+        __m512 sc[KC];
+        for (int j = 0; j < KC; j++) sc[j] = _mm512_setzero_ps();
+        if (n == KC) {  // a whole chunk: sixteen independent sums, no per-key test in the loop
+            for (int64_t i = 0; i < d; i++) {
+                const __m512 qi = _mm512_load_ps(qt[i]);
+                for (int j = 0; j < KC; j++) sc[j] = _mm512_fmadd_ps(qi, _mm512_set1_ps(kf[j][i]), sc[j]);
+            }
+        } else {
+            for (int64_t i = 0; i < d; i++) {
+                const __m512 qi = _mm512_load_ps(qt[i]);
+                for (int j = 0; j < n; j++) sc[j] = _mm512_fmadd_ps(qi, _mm512_set1_ps(kf[j][i]), sc[j]);
+            }
+        }
+        __m512 mx = m;
+        __mmask16 valid[KC];
+        for (int j = 0; j < n; j++) {
+            valid[j] = _mm512_cmpgt_epi32_mask(ctxv, _mm512_set1_epi32((int32_t)(c0 + j)));
+            mx = _mm512_mask_max_ps(mx, valid[j], mx, sc[j]);
+        }
+        const __m512 corr = exp16(_mm512_sub_ps(m, mx));  // m = -inf on the first chunk: ~0
+        lv = _mm512_mul_ps(lv, corr);
+        for (int j = 0; j < n; j++) {
+            const __m512 pj = _mm512_maskz_mov_ps(valid[j], exp16(_mm512_sub_ps(sc[j], mx)));
+            lv = _mm512_add_ps(lv, pj);
+            _mm512_store_ps(p[j], pj);
+        }
+        m = mx;
+        _mm512_store_ps(cr, corr);
+        for (int q0 = 0; q0 < nq; q0 += G) {
+            const int g = nq - q0 < G ? nq - q0 : G;
+            __m512 acc[G][DV];
+            for (int a = 0; a < G; a++)
+                if (a < g) {
+                    const __m512 cv = _mm512_set1_ps(cr[q0 + a]);
+                    for (int i = 0; i < DV; i++) acc[a][i] = _mm512_mul_ps(_mm512_load_ps(&accm[q0 + a][16 * i]), cv);
+                }
+            for (int j = 0; j < n; j++) {
+                __m512 vv[DV];
+                for (int i = 0; i < DV; i++) vv[i] = _mm512_load_ps(&vf[j][16 * i]);
+                for (int a = 0; a < G; a++)
+                    if (a < g) {
+                        const __m512 pv = _mm512_set1_ps(p[j][q0 + a]);
+                        for (int i = 0; i < DV; i++) acc[a][i] = _mm512_fmadd_ps(pv, vv[i], acc[a][i]);
+                    }
+            }
+            for (int a = 0; a < G; a++)
+                if (a < g)
+                    for (int i = 0; i < DV; i++) _mm512_store_ps(&accm[q0 + a][16 * i], acc[a][i]);
+        }
+    }
+    _mm512_store_ps(lsum, lv);
+    for (int l = 0; l < nq; l++) {
+        const __m512 inv = _mm512_set1_ps(1.f / lsum[l]);
+        for (int i = 0; i < DV; i++) _mm512_storeu_ps(out[l] + 16 * i, _mm512_mul_ps(_mm512_load_ps(&accm[l][16 * i]), inv));
+    }
+}
+#endif
+
+// Rows per attention block of prompt rows (attend_block): 16 query lanes over the KV group's heads;
+// 1 where the build or head_dim has no block kernel
+static int64_t block_rows(const Model& M) {
+#if defined(__AVX512F__)
+    const int64_t rep = M.n_heads / M.n_kv_heads;
+    if ((M.head_dim == 64 || M.head_dim == 128 || M.head_dim == 256) && rep <= 8) return 16 / rep;
+#endif
+    (void)M;
+    return 1;
+}
+
+static void attend_block_any(const Model& M, const Layer& L, const float* const* q, const int64_t* qctx, int nq,
+                             int64_t kvh, const int64_t* table, float* const* out) {
+#if defined(__AVX512F__)
+    switch (M.head_dim) {
+        case 64: return attend_block<4>(M, L, q, qctx, nq, kvh, table, out);
+        case 128: return attend_block<8>(M, L, q, qctx, nq, kvh, table, out);
+        case 256: return attend_block<16>(M, L, q, qctx, nq, kvh, table, out);
+        default: break;
+    }
+#endif
+    for (int l = 0; l < nq; l++) attend_any(M, L, q[l], kvh, table, qctx[l], out[l], 1);
+}
+
+
 // ------------------------------------------------------------------ the step
 
 // Work buffers (float32 unless noted), sized by the caller for B rows and T threads:
@@ -2127,6 +2251,17 @@ static void write_kv(const Model& M, const Layer& L, int64_t b, int64_t g, const
     }
 }
 
+// row b's attention output of KV head g's query heads: rounded where bf16 rounds, and its bf16 copy
+static void att_out(const Model& M, int64_t b, int64_t g, const Work* W, int rnd) {
+    const int64_t D = M.head_dim, NH = M.n_heads, rep = NH / M.n_kv_heads;
+    float* o = W->att + b * NH * D + g * rep * D;
+    uint16_t* oh = W->att_h + b * NH * D + g * rep * D;
+    for (int64_t i = 0; i < rep * D; i++) {
+        if (rnd) o[i] = round_bf16(o[i]);
+        oh[i] = f32_to_bf16(o[i]);
+    }
+}
+
 static void attend_rows(const Model& M, const Layer& L, int64_t b, int64_t g, const int64_t* pos,
                         const int64_t* table, int64_t ctx, const Work* W, int rnd) {
     const int64_t D = M.head_dim, NH = M.n_heads, NKV = M.n_kv_heads, QKV = (NH + 2 * NKV) * D;
@@ -2137,13 +2272,32 @@ static void attend_rows(const Model& M, const Layer& L, int64_t b, int64_t g, co
         if (L.q_norm) rmsnorm_row(qh, L.q_norm, D, M.eps, rnd, qh, nullptr);
         rope(qh, M.rope_cos + pos[b] * D, M.rope_sin + pos[b] * D, D, rnd);
     }
-    float* o = W->att + b * NH * D + g * rep * D;
-    attend_any(M, L, q + g * rep * D, g, table, ctx, o, rep);
-    uint16_t* oh = W->att_h + b * NH * D + g * rep * D;
-    for (int64_t i = 0; i < rep * D; i++) {
-        if (rnd) o[i] = round_bf16(o[i]);
-        oh[i] = f32_to_bf16(o[i]);
-    }
+    attend_any(M, L, q + g * rep * D, g, table, ctx, W->att + b * NH * D + g * rep * D, rep);
+    att_out(M, b, g, W, rnd);
+}
+
+// Rows [b0, b1) of one sequence (consecutive positions) for KV head g: their query heads in one
+// attend_block (block_rows() rows at most), or attend_rows for a single row.
+static void attend_block_rows(const Model& M, const Layer& L, int64_t b0, int64_t b1, int64_t g, const int64_t* pos,
+                              const int64_t* table, const int64_t* ctx_lens, const Work* W, int rnd) {
+    if (b1 - b0 == 1) return attend_rows(M, L, b0, g, pos, table, ctx_lens[b0], W, rnd);
+    const int64_t D = M.head_dim, NH = M.n_heads, NKV = M.n_kv_heads, QKV = (NH + 2 * NKV) * D;
+    const int64_t rep = NH / NKV;
+    const float* qs[16];
+    float* os[16];
+    int64_t qc[16];
+    int nq = 0;
+    for (int64_t b = b0; b < b1; b++)
+        for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
+            float* qh = W->qkv + b * QKV + h * D;
+            if (L.q_norm) rmsnorm_row(qh, L.q_norm, D, M.eps, rnd, qh, nullptr);
+            rope(qh, M.rope_cos + pos[b] * D, M.rope_sin + pos[b] * D, D, rnd);
+            qs[nq] = qh;
+            os[nq] = W->att + b * NH * D + h * D;
+            qc[nq++] = ctx_lens[b];
+        }
+    attend_block_any(M, L, qs, qc, nq, g, table, os);
+    for (int64_t b = b0; b < b1; b++) att_out(M, b, g, W, rnd);
 }
 
 // Every layer for B rows, then the logits of the rows asked for. Row b is token ids[b] at position
@@ -2176,6 +2330,17 @@ static int forward_rows(const Model& M, int64_t B, const int64_t* ids, const int
     const Act att = {W->att, W->att_h, NH * D};
     const Act act = {W->act, W->act_h, I};
     auto table = [&](int64_t b) { return tables + (row_seq ? row_seq[b] : b) * table_width; };
+    // with prompt rows, attention goes by blocks of up to block_rows(M) consecutive rows of one
+    // sequence at consecutive positions (attend_block_rows): their starts, then B
+    std::vector<int64_t> blk;
+    if (row_seq) {
+        const int64_t R = block_rows(M);
+        for (int64_t b = 0; b < B; b++)
+            if (b == 0 || row_seq[b] != row_seq[b - 1] || pos[b] != pos[b - 1] + 1 || b - blk.back() == R)
+                blk.push_back(b);
+        blk.push_back(B);
+    }
+    const int64_t nblk = row_seq ? (int64_t)blk.size() - 1 : 0;
     // five barriers per layer (six with prompt rows): after the qkv product, (the K/V writes,) the
     // attention, the o product, the gate/up product and the down product (each `omp for` ends in one)
 #pragma omp parallel num_threads(threads)
@@ -2208,8 +2373,10 @@ static int forward_rows(const Model& M, int64_t B, const int64_t* ids, const int
 #pragma omp for schedule(static)
                 for (int64_t t = 0; t < B * NKV; t++) write_kv(M, L, t / NKV, t % NKV, pos, slots, W, rnd);
 #pragma omp for schedule(dynamic, 1)
-                for (int64_t t = 0; t < B * NKV; t++)
-                    attend_rows(M, L, t / NKV, t % NKV, pos, table(t / NKV), ctx_lens[t / NKV], W, rnd);
+                for (int64_t t = 0; t < nblk * NKV; t++) {
+                    const int64_t b0 = blk[t / NKV];
+                    attend_block_rows(M, L, b0, blk[t / NKV + 1], t % NKV, pos, table(b0), ctx_lens, W, rnd);
+                }
             } else {
 #pragma omp for schedule(dynamic, 1)
                 for (int64_t t = 0; t < B * NKV; t++) {
