@@ -1465,25 +1465,37 @@ static inline int64_t chunk_rows(int64_t n, int64_t B, int packed) {
     return c < 16 ? 16 : c;
 }
 
-// int8 and 4-bit weights: each thread quantizes the activations for itself (no barrier; B x k is small)
+// Many rows quantized once for all the threads: the rows split over the threads into one
+// thread's buffers of qn and sn elements (copyprivate hands every thread the pointers; the omp
+// for's barrier publishes the rows). quant(b, q, s) writes row b.
+template <typename Q, typename F>
+static void quant_shared(int64_t B, int64_t qn, int64_t sn, Q*& qp, float*& sp, F quant) {
+    static thread_local std::vector<Q> q;
+    static thread_local std::vector<float> qs;
+    Q* qloc = nullptr;
+    float* sloc = nullptr;
+#pragma omp single copyprivate(qloc, sloc)
+    {
+        if ((int64_t)q.size() < qn) q.resize(qn);
+        if ((int64_t)qs.size() < sn) qs.resize(sn);
+        qloc = q.data();
+        sloc = qs.data();
+    }
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) quant(b, qloc, sloc);
+    qp = qloc;
+    sp = sloc;
+}
+
+// int8 and 4-bit weights: each thread quantizes the activations for itself (no barrier; B x k is
+// small), except where quant_shared splits many rows over the threads
 static Act with_quant(const Linear& L, const Act& x, int64_t B) {
 #ifdef HAVE_I16_DOT
-    if (L.kind == KIND_I8 && L.packed && L.bsum && B > 2) {
-        // int8 per block of 64 for ptile_i8q, the rows split over the threads into one thread's
-        // buffers (as the AVX2 int16 rows below)
-        static thread_local std::vector<uint8_t> q;
-        static thread_local std::vector<float> qs;
-        uint8_t* qp = nullptr;
-        float* sp = nullptr;
-#pragma omp single copyprivate(qp, sp)
-        {
-            if ((int64_t)q.size() < B * L.k) q.resize(B * L.k);
-            if ((int64_t)qs.size() < B * L.k / 64) qs.resize(B * L.k / 64);
-            qp = q.data();
-            sp = qs.data();
-        }
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) quant_row_b64(x, b, L.k, qp, sp);
+    if (L.kind == KIND_I8 && L.packed && L.bsum && B > 2) {  // int8 per block of 64 for ptile_i8q
+        uint8_t* qp;
+        float* sp;
+        quant_shared<uint8_t>(B, B * L.k, B * L.k / 64, qp, sp,
+                              [&](int64_t b, uint8_t* q, float* sc) { quant_row_b64(x, b, L.k, q, sc); });
         Act a = x;
         a.qb = qp;
         a.qbscale = sp;
@@ -1505,13 +1517,12 @@ static Act with_quant(const Linear& L, const Act& x, int64_t B) {
 #if defined(HAVE_AVX2_ONLY)
     if (L.kind == KIND_I8 && L.packed) {
         // one or two rows: each thread quantizes them itself (no barrier); more: the rows split
-        // over the threads into one thread's buffers (copyprivate hands every thread the pointers;
-        // the omp for's barrier publishes the rows). A 64-row quantization done by every thread
-        // cost ~25% of a 64 x 576 x 1536 product.
+        // over the threads (quant_shared). A 64-row quantization done by every thread cost ~25%
+        // of a 64 x 576 x 1536 product.
         static thread_local std::vector<int16_t> q;
         static thread_local std::vector<float> qs;
-        int16_t* qp = nullptr;
-        float* sp = nullptr;
+        int16_t* qp;
+        float* sp;
         if (B <= 2) {
             if ((int64_t)q.size() < B * L.k) q.resize(B * L.k);
             if ((int64_t)qs.size() < B) qs.resize(B);
@@ -1519,15 +1530,8 @@ static Act with_quant(const Linear& L, const Act& x, int64_t B) {
             sp = qs.data();
             for (int64_t b = 0; b < B; b++) quant_row16(x, b, L.k, qp, sp);
         } else {
-#pragma omp single copyprivate(qp, sp)
-            {
-                if ((int64_t)q.size() < B * L.k) q.resize(B * L.k);
-                if ((int64_t)qs.size() < B) qs.resize(B);
-                qp = q.data();
-                sp = qs.data();
-            }
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < B; b++) quant_row16(x, b, L.k, qp, sp);
+            quant_shared<int16_t>(B, B * L.k, B, qp, sp,
+                                  [&](int64_t b, int16_t* q16, float* sc) { quant_row16(x, b, L.k, q16, sc); });
         }
         Act a = x;
         a.q16 = qp;
