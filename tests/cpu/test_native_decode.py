@@ -483,7 +483,8 @@ def test_bad_step_input_is_refused_not_read_out_of_bounds(tiny_llama, lib):
 @pytest.mark.parametrize("cache", ["float32", "bfloat16"])
 def test_prefill_attention_matches_the_torch_reference(lib, cache):
     """The torch path's attention on the native kernels (NativePagedAttention): whole prompts, a
-    chunk after cached positions and a decode row in one step, against TorchPagedAttention."""
+    chunk after cached positions and a decode row in one step, against TorchPagedAttention. With
+    AVX-512 the prompts' rows attend in blocks of 5 rows x 3 heads (decode.cpp attend_block)."""
     from llmcore.runtime.attention import AttentionMetadata, TorchPagedAttention
 
     g = torch.Generator().manual_seed(7)

@@ -2178,15 +2178,21 @@ static void attend_block(const Model& M, const Layer& L, const float* const* q, 
 }
 #endif
 
-// Rows per attention block of prompt rows (attend_block): 16 query lanes over the KV group's heads;
-// 1 where the build or head_dim has no block kernel
-static int64_t block_rows(const Model& M) {
+// Attention blocks of prompt rows (attend_block): the starts of runs of consecutive rows of one
+// sequence whose contexts grow by one, at most 16 / rep rows each (16 query lanes over a KV group's
+// rep heads; one row where the build or head_dim has no block kernel), then T
+static std::vector<int64_t> prompt_blocks(const Model& M, int64_t rep, int64_t T, const int64_t* row_seq,
+                                          const int64_t* ctx) {
+    int64_t R = 1;
 #if defined(__AVX512F__)
-    const int64_t rep = M.n_heads / M.n_kv_heads;
-    if ((M.head_dim == 64 || M.head_dim == 128 || M.head_dim == 256) && rep <= 8) return 16 / rep;
+    if ((M.head_dim == 64 || M.head_dim == 128 || M.head_dim == 256) && rep <= 8) R = 16 / rep;
 #endif
-    (void)M;
-    return 1;
+    std::vector<int64_t> blk;
+    for (int64_t t = 0; t < T; t++)
+        if (t == 0 || row_seq[t] != row_seq[t - 1] || ctx[t] != ctx[t - 1] + 1 || t - blk.back() == R)
+            blk.push_back(t);
+    blk.push_back(T);
+    return blk;
 }
 
 static void attend_block_any(const Model& M, const Layer& L, const float* const* q, const int64_t* qctx, int nq,
@@ -2280,8 +2286,8 @@ static void attend_rows(const Model& M, const Layer& L, int64_t b, int64_t g, co
     att_out(M, b, g, W, rnd);
 }
 
-// Rows [b0, b1) of one sequence (consecutive positions) for KV head g: their query heads in one
-// attend_block (block_rows() rows at most), or attend_rows for a single row.
+// Rows [b0, b1) of one sequence (a prompt_blocks block) for KV head g: their query heads in one
+// attend_block, or attend_rows for a single row.
 static void attend_block_rows(const Model& M, const Layer& L, int64_t b0, int64_t b1, int64_t g, const int64_t* pos,
                               const int64_t* table, const int64_t* ctx_lens, const Work* W, int rnd) {
     if (b1 - b0 == 1) return attend_rows(M, L, b0, g, pos, table, ctx_lens[b0], W, rnd);
@@ -2334,16 +2340,9 @@ static int forward_rows(const Model& M, int64_t B, const int64_t* ids, const int
     const Act att = {W->att, W->att_h, NH * D};
     const Act act = {W->act, W->act_h, I};
     auto table = [&](int64_t b) { return tables + (row_seq ? row_seq[b] : b) * table_width; };
-    // with prompt rows, attention goes by blocks of up to block_rows(M) consecutive rows of one
-    // sequence at consecutive positions (attend_block_rows): their starts, then B
-    std::vector<int64_t> blk;
-    if (row_seq) {
-        const int64_t R = block_rows(M);
-        for (int64_t b = 0; b < B; b++)
-            if (b == 0 || row_seq[b] != row_seq[b - 1] || pos[b] != pos[b - 1] + 1 || b - blk.back() == R)
-                blk.push_back(b);
-        blk.push_back(B);
-    }
+    // with prompt rows, attention goes by blocks of consecutive rows (attend_block_rows)
+    const std::vector<int64_t> blk =
+        row_seq ? prompt_blocks(M, NH / NKV, B, row_seq, ctx_lens) : std::vector<int64_t>{};
     const int64_t nblk = row_seq ? (int64_t)blk.size() - 1 : 0;
     // five barriers per layer (six with prompt rows): after the qkv product, (the K/V writes,) the
     // attention, the o product, the gate/up product and the down product (each `omp for` ends in one)
@@ -2501,8 +2500,9 @@ extern "C" int llmcore_attention(const Model* M, const Layer* L, const float* q,
 // Attention of the prompt rows of a prefill (or mixed) step, after their K/V are in the cache: row
 // t (query heads nh, q and out [T, nh, head_dim] float32) attends to the first row_ctx[t] positions
 // of sequence row_seq[t] (its block table: tables + row_seq[t] * table_width), causal by
-// construction. One task per (row, KV head), the decode kernels' attend_any: a prompt's K/V rows
-// stay in L2 while its rows are computed. Same checks as the decode step.
+// construction. One task per (prompt_blocks block, KV head), as in forward_rows: attend_block for a
+// run of a prompt's rows, the decode kernels' attend_any for a lone row; a prompt's K/V rows stay
+// in L2 while its rows are computed. Same checks as the decode step.
 extern "C" int llmcore_prefill_attention(const Model* M, const Layer* L, const float* q, int64_t T, int64_t nh,
                                          const int64_t* tables, int64_t table_width, const int64_t* row_seq,
                                          const int64_t* row_ctx, float* out, int32_t threads) {
@@ -2511,11 +2511,27 @@ extern "C" int llmcore_prefill_attention(const Model* M, const Layer* L, const f
     for (int64_t t = 0; t < T; t++)
         if (row_ctx[t] < 1 || row_ctx[t] > table_width * M->block_size) return -4;
     const int64_t rep = nh / NKV;
+    const std::vector<int64_t> blk = prompt_blocks(*M, rep, T, row_seq, row_ctx);  // as forward_rows
+    const int64_t nblk = (int64_t)blk.size() - 1;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t task = 0; task < T * NKV; task++) {
-        const int64_t t = task / NKV, g = task % NKV;
-        attend_any(*M, *L, q + (t * nh + g * rep) * D, g, tables + row_seq[t] * table_width, row_ctx[t],
-                   out + (t * nh + g * rep) * D, rep);
+    for (int64_t task = 0; task < nblk * NKV; task++) {
+        const int64_t t0 = blk[task / NKV], t1 = blk[task / NKV + 1], g = task % NKV;
+        const int64_t* table = tables + row_seq[t0] * table_width;
+        if (t1 - t0 == 1) {
+            attend_any(*M, *L, q + (t0 * nh + g * rep) * D, g, table, row_ctx[t0], out + (t0 * nh + g * rep) * D, rep);
+            continue;
+        }
+        const float* qs[16];
+        float* os[16];
+        int64_t qc[16];
+        int nq = 0;
+        for (int64_t t = t0; t < t1; t++)
+            for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
+                qs[nq] = q + (t * nh + h) * D;
+                os[nq] = out + (t * nh + h) * D;
+                qc[nq++] = row_ctx[t];
+            }
+        attend_block_any(*M, *L, qs, qc, nq, g, table, os);
     }
     return 0;
 }
